@@ -1,0 +1,73 @@
+"""Shared plumbing for the bench suites: timing, machine facts, JSON results."""
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+
+def timeit(fn, repeat=5, warmup=1):
+    """Run ``fn`` warmup+repeat times; return the list of wall seconds of the counted runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def summary(samples):
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": list(samples)}
+
+
+def machine():
+    """What ran the benchmark: enough to tell two result files apart."""
+    info = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for mod in ("numpy", "h5py", "torch", "mpi4py", "cupy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: recorded as absent
+            info[mod] = None
+    try:
+        info["git"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=os.path.dirname(OUT_DIR),
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = None
+    return info
+
+
+def write_results(suite, results, command=None, out_dir=None):
+    """Write ``{machine, command, results}`` to ``<out_dir>/<suite>.json``; return the path."""
+    out_dir = out_dir or os.environ.get("MPIRT_BENCH_OUT", OUT_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{suite}.json")
+    doc = {"suite": suite, "machine": machine(), "command": command or " ".join(sys.argv), "results": results}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def table(rows, headers):
+    """A GitHub-markdown table, for the console and RESULTS.md."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)

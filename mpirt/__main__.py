@@ -1,0 +1,3 @@
+from mpirt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The one command-line entry: ``mpirt`` and ``python -m mpirt``.
+
+Thin on purpose: each command lives in the module that owns its logic, which
+registers its sub-parser here; that module is imported only to build the parser
+and must keep heavy imports (mpi4py, h5py, torch) inside its functions.
+"""
+
+import argparse
+import importlib
+import sys
+
+from mpirt import __version__
+from mpirt.errors import MpirtError
+
+# Modules that register sub-commands, in the order `mpirt --help` lists them.
+COMMAND_MODULES = (
+    "mpirt.info",
+    "mpirt.data.commands",
+    "mpirt.comm.launch",
+    "mpirt.jobs.commands",
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="mpirt", description="Elastic message-passing runtime (MPI/ULFM, HDF5, PyTorch).")
+    parser.add_argument("--version", action="version", version=f"mpirt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def _resolve(handler):
+    if callable(handler):
+        return handler
+    module, _, func = handler.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(_resolve(args.handler)(args) or 0)
+    except MpirtError as exc:
+        sys.stderr.write(f"mpirt {args.command}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"mpirt {args.command}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,85 @@
+"""Lazy access to mpi4py and what the MPI library can do about faults.
+
+Nothing here runs at import: ``MPI()`` imports mpi4py (which initialises MPI)
+only when a job asks for it.
+"""
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+
+
+def MPI():  # noqa: N802 - reads like the module it returns
+    """Import and return ``mpi4py.MPI`` (initialises MPI on first call)."""
+    import mpi4py
+
+    # mpi4py's default, explicitly: collectives on the main thread, the ULFM
+    # failure detector in its own thread, so MPI_THREAD_MULTIPLE is requested.
+    mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI as _MPI
+
+    return _MPI
+
+
+def library_version():
+    """The MPI library's version string, without initialising MPI."""
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI as _MPI
+
+    return _MPI.Get_library_version().strip().splitlines()[0]
+
+
+def venv_tool(name):
+    """``name`` (mpiexec, ompi_info) next to the running interpreter, else on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.access(here, os.X_OK) else shutil.which(name)
+
+
+@functools.lru_cache(maxsize=None)
+def ompi_info():
+    """``ompi_info --parsable`` as a dict of its first value per key ({} when not Open MPI)."""
+    tool = venv_tool("ompi_info")
+    if not tool:
+        return {}
+    try:
+        out = subprocess.run([tool, "--parsable"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    info = {}
+    for line in out.splitlines():
+        key, _, value = line.rpartition(":")
+        info.setdefault(key, value)
+    return info
+
+
+def ulfm_compiled():
+    """True when the MPI library was built with ULFM (Open MPI's ``ft_mpi_support``)."""
+    return ompi_info().get("options:ft_mpi_support") == "yes"
+
+
+def cuda_aware():
+    """True when Open MPI reports CUDA support compiled in."""
+    info = ompi_info()
+    return "--with-cuda" in info.get("config:cli", "") and "--without-cuda" not in info.get("config:cli", "")
+
+
+def ft_launch_problem(environ=None):
+    """Why fault tolerance is off in this process, or None when it is on.
+
+    Open MPI passes ``--with-ft ulfm`` to the ranks as ``OMPI_MCA_mpi_ft_enable=1``;
+    with the shared-memory BTL a killed rank hangs every survivor (FACTS.md), so
+    only ``tcp,self`` counts as fault tolerant.
+    """
+    env = os.environ if environ is None else environ
+    if "OMPI_COMM_WORLD_SIZE" not in env and "PMIX_RANK" not in env:
+        return "not launched by Open MPI's mpiexec"
+    if env.get("OMPI_MCA_mpi_ft_enable", "0") not in ("1", "true"):
+        return "mpiexec was run without '--with-ft ulfm' (use 'mpirt launch')"
+    btl = env.get("OMPI_MCA_btl", "")
+    if "sm" in btl.replace("self", "").split(",") or not btl:
+        return "the shared-memory BTL is on; a dead rank would hang the others (use '--mca btl tcp,self')"
+    return None

@@ -1,0 +1,41 @@
+"""Every ``MPIRT_*`` environment variable, named once.
+
+CLI flags override these; the variables exist so that batch scripts and
+``mpiexec -x`` can configure ranks that mpirt did not start itself.
+"""
+
+import os
+
+ENV_PREFIX = "MPIRT_"
+
+FAULTS = "MPIRT_FAULTS"  # fault-injection specs, ';'-separated
+REQUIRE_GPU = "MPIRT_REQUIRE_GPU"  # tests: "no GPU, skipped" becomes a failure
+REQUIRE_SLURM = "MPIRT_REQUIRE_SLURM"  # tests: "no Slurm, skipped" becomes a failure
+CHECKPOINT_KEY = "MPIRT_CHECKPOINT_KEY"  # HMAC key for signed checkpoints
+KERNEL_BACKEND = "MPIRT_KERNEL_BACKEND"  # cupy | torch | numpy | auto
+HANG_TIMEOUT = "MPIRT_HANG_TIMEOUT"  # seconds without progress before a rank is declared hung
+MPIEXEC = "MPIRT_MPIEXEC"  # the mpiexec to launch with (default: next to sys.executable)
+LOG_LEVEL = "MPIRT_LOG_LEVEL"
+FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
+
+KNOWN = {
+    FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE,
+}
+
+
+def env_flag(name: str) -> bool:
+    """True when the variable is set to something other than '', '0', 'no', 'false'."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "no", "false", "off")
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        from mpirt.errors import UsageError
+
+        raise UsageError(f"{name}={raw!r} is not a number") from None

@@ -1,0 +1,49 @@
+"""The exception hierarchy of mpirt.
+
+Recovery is decided by exception type (as in Horovod's ``HorovodInternalError``
+vs ``HostsUpdatedInterrupt``): the elastic loops catch :class:`RecoverableError`
+in one place and rebuild the membership; everything else is fatal.
+
+Errors a user can cause carry an exit status: 2 for usage, 1 for bad data or a
+failed run. The CLI prints them as one line, never a traceback.
+"""
+
+
+class MpirtError(Exception):
+    """Base of every error mpirt raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(MpirtError):
+    """A wrong flag, a missing argument, an inconsistent option set."""
+
+    exit_code = 2
+
+
+class DataError(MpirtError):
+    """An input or data-set file is missing, unreadable, or fails validation."""
+
+
+class CheckpointError(MpirtError):
+    """A checkpoint is missing, truncated, foreign, or fails its checks."""
+
+
+class TamperedCheckpointError(CheckpointError):
+    """A checkpoint's checksum or HMAC signature does not match its contents."""
+
+
+class JobError(MpirtError):
+    """A job cannot go on (for example fewer ranks than ``--min-ranks``)."""
+
+
+class RecoverableError(MpirtError):
+    """The membership changed under a collective; survivors can recover in place."""
+
+
+class ProcessFailure(RecoverableError):
+    """A peer died or was declared hung (ULFM ``ERR_PROC_FAILED``/``ERR_REVOKED``)."""
+
+
+class MembershipChange(RecoverableError):
+    """Ranks are leaving or joining at a unit boundary; re-sync, do not redo."""

@@ -1,0 +1,147 @@
+"""Run commands as a user would, under real ``mpiexec``, bounded and leaving nothing behind.
+
+Every launched process tree is tagged through its environment (``MPIRT_TEST_TAG``):
+mpiexec passes the environment on to prted, to the ranks and to ranks spawned
+later, so after a job the tag finds every process it left, wherever it was
+re-parented. :func:`assert_no_leftovers` kills those and fails the test.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+
+VENV_BIN = os.path.dirname(sys.executable)
+MPIRT = os.path.join(VENV_BIN, "mpirt")
+MPIEXEC = os.path.join(VENV_BIN, "mpiexec")
+TAG_VAR = "MPIRT_TEST_TAG"
+# Bound on every launched job: generous for a 2-core machine running 8 oversubscribed ranks.
+DEFAULT_TIMEOUT = 120
+
+_TAGGED_LINE = re.compile(r"^\[\d+,(\d+)\]<(stdout|stderr)>: ?(.*)$")
+
+
+def base_env(tag, extra=None):
+    env = dict(os.environ)
+    env[TAG_VAR] = tag
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if os.geteuid() == 0:
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@dataclass
+class Result:
+    args: list
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    ranks: dict = field(default_factory=dict)  # rank -> its lines (with --output tag)
+
+    @property
+    def output(self):
+        return self.stdout + self.stderr
+
+    def check(self, code=0):
+        assert not self.timed_out, f"timed out: {self.args}\n{self.output[-4000:]}"
+        assert self.returncode == code, (
+            f"exit {self.returncode} != {code}: {' '.join(map(str, self.args))}\n"
+            f"--- stdout ---\n{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}"
+        )
+        return self
+
+
+def tagged_processes(tag):
+    """Every live process whose environment carries ``tag``."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(TAG_VAR) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def kill_tagged(tag):
+    """SIGKILL every process of the tag (SIGSTOPped ones included); return their command lines."""
+    procs = tagged_processes(tag)
+    names = []
+    for proc in procs:
+        try:
+            names.append(" ".join(proc.cmdline()[:4]))
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(procs, timeout=10)
+    return names
+
+
+def assert_no_leftovers(tag):
+    """Fail if anything the job started is still alive (after killing it, so the next test is clean)."""
+    left = kill_tagged(tag)
+    assert not left, f"processes left behind: {left}"
+
+
+def run(args, *, timeout=DEFAULT_TIMEOUT, env=None, cwd=None, input=None, tag=None, check_leftovers=True):
+    """Run ``args`` in a new session, bounded by ``timeout``; kill the whole tree on expiry."""
+    tag = tag or uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [str(a) for a in args], stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        env=base_env(tag, env), start_new_session=True,
+    )
+    timed_out = False
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_tagged(tag)
+        out, err = proc.communicate()
+    result = Result(list(args), proc.returncode, out, err, timed_out)
+    if check_leftovers:
+        assert_no_leftovers(tag)
+    return result
+
+
+def run_cli(*args, **kwargs):
+    """Run ``mpirt ARGS...`` exactly as a user types it."""
+    return run([MPIRT, *args], **kwargs)
+
+
+FT_FLAGS = ["--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--mca", "coll", "^han"]
+
+
+def mpirun(n, args, *, timeout=DEFAULT_TIMEOUT, ft=True, slots=None, env=None, cwd=None, **kwargs):
+    """Run ``args`` on ``n`` ranks under the venv's real mpiexec, output tagged per rank.
+
+    Args:
+        n: number of ranks.
+        args: the command each rank runs (e.g. ``[sys.executable, script]``).
+        ft: add the ULFM flags that work on this machine (FACTS.md).
+        slots: total slots on localhost (more than ``n`` leaves room for spawned ranks).
+    """
+    cmd = [MPIEXEC, "-n", str(n), "--oversubscribe", "--output", "tag"]
+    if slots:
+        cmd += ["--host", f"localhost:{slots}"]
+    if ft:
+        cmd += FT_FLAGS
+    result = run(cmd + [str(a) for a in args], timeout=timeout, env=env, cwd=cwd, **kwargs)
+    for stream in (result.stdout, result.stderr):
+        for line in stream.splitlines():
+            m = _TAGGED_LINE.match(line)
+            if m:
+                result.ranks.setdefault(int(m.group(1)), []).append(m.group(3))
+    return result
