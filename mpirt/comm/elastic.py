@@ -1,0 +1,139 @@
+"""``ElasticComm``: a communicator that survives its members (ULFM).
+
+Wraps, does not hide, mpi4py: ``.comm`` is the live ``MPI.Comm`` (a ``Dup`` with
+errors returned). Failures surface as :class:`mpirt.errors.ProcessFailure`;
+``recover()`` is Revoke, Shrink, Agree, and gives the next view's communicator.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import time
+
+from mpirt.comm import mpi
+from mpirt.errors import JobError, ProcessFailure
+from mpirt.log import get_logger
+
+log = get_logger("mpirt.comm")
+
+
+def _failure_classes(MPI):
+    names = ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+    return {getattr(MPI, n) for n in names if hasattr(MPI, n)}
+
+
+class ElasticComm:
+    """The current view's communicator plus the means to rebuild it.
+
+    Args:
+        comm: the communicator to duplicate (default ``MPI.COMM_WORLD``).
+    """
+
+    def __init__(self, comm=None, dup=True):
+        self.MPI = mpi.MPI()
+        base = self.MPI.COMM_WORLD if comm is None else comm
+        self.comm = base.Dup() if dup else base
+        self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
+        self._failures = _failure_classes(self.MPI)
+        self.ft_problem = mpi.ft_launch_problem() if self.MPI.Comm.Get_parent() == self.MPI.COMM_NULL else None
+
+    @property
+    def rank(self):
+        return self.comm.Get_rank()
+
+    @property
+    def size(self):
+        return self.comm.Get_size()
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Turn MPI process-failure and revoked errors into :class:`ProcessFailure`."""
+        try:
+            yield
+        except self.MPI.Exception as exc:
+            if exc.Get_error_class() in self._failures:
+                raise ProcessFailure(f"MPI: {exc.Get_error_string()}") from exc
+            raise
+
+    def revoke(self):
+        """Interrupt every pending operation of every member (idempotent)."""
+        with contextlib.suppress(self.MPI.Exception, NotImplementedError):
+            self.comm.Revoke()
+
+    def shrink(self):
+        """Revoke, then Shrink to the survivors; return the seconds each part took.
+
+        Shrink is itself fault tolerant but a failure during it can surface as an
+        error: retry on the same (revoked) communicator until it succeeds.
+        """
+        t0 = time.perf_counter()
+        self.revoke()
+        t1 = time.perf_counter()
+        while True:
+            try:
+                new = self.comm.Shrink()
+                break
+            except self.MPI.Exception as exc:
+                if exc.Get_error_class() not in self._failures:
+                    raise
+        t2 = time.perf_counter()
+        self._replace(new)
+        return {"revoke_s": t1 - t0, "shrink_s": t2 - t1}
+
+    def agree(self, flag=True):
+        """Fault-tolerant consensus: True only if every live member passed True."""
+        with self.guard():
+            return bool(self.comm.Agree(1 if flag else 0))
+
+    def _replace(self, new):
+        old, self.comm = self.comm, new
+        self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
+        # A revoked communicator can still be freed locally; failing to is harmless.
+        with contextlib.suppress(self.MPI.Exception):
+            old.Free()
+
+    def merge_spawned(self, argv, count, root=0):
+        """Collective: spawn ``count`` processes running ``argv`` and merge them in (joiners last)."""
+        with self.guard():
+            inter = self.comm.Spawn(argv[0], args=list(argv[1:]), maxprocs=count, root=root)
+            merged = inter.Merge(high=False)
+            inter.Disconnect()
+        self._replace(merged)
+
+    @classmethod
+    def from_parent(cls):
+        """For a spawned joiner: merge with the parent job; None when not spawned."""
+        MPI = mpi.MPI()
+        parent = MPI.Comm.Get_parent()
+        if parent == MPI.COMM_NULL:
+            return None
+        merged = parent.Merge(high=True)
+        parent.Disconnect()
+        # No Dup here: the parents adopt the merged communicator as it is, and
+        # a Dup would be a collective they never enter.
+        return cls(merged, dup=False)
+
+    def identity(self):
+        """(host, pid) of this process, exchanged at each view so hung peers can be killed."""
+        return socket.gethostname(), os.getpid()
+
+    def close(self):
+        """Free the communicator (MPI itself is finalized, or not, at exit: see ``mpi.MPI``)."""
+        with contextlib.suppress(self.MPI.Exception):
+            self.comm.Free()
+
+
+def kill_local(pids_by_host):
+    """SIGKILL failed members that run on this host (a hung rank must not wake up and commit)."""
+    host = socket.gethostname()
+    for h, pid in pids_by_host:
+        if h == host and pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def require_min(size, min_ranks):
+    if size < min_ranks:
+        raise JobError(f"only {size} rank(s) left, fewer than --min-ranks {min_ranks}; stopping "
+                       f"(committed work is kept: rerun with --resume)")

@@ -1,0 +1,113 @@
+"""Deterministic fault injection: ``--inject-fault SPEC`` (repeatable) and ``MPIRT_FAULTS``.
+
+SPEC is ``ACTION:key=value:...``:
+  kill:member=M:step=S       SIGKILL itself when S units are committed
+  hang:member=M:step=S       SIGSTOP itself (the failure detector must notice)
+  leave:member=M:step=S      SIGTERM itself (graceful leave)
+  join:count=C:step=S        the coordinator spawns C new ranks
+  ...:shard=K                instead of step: when the member takes shard K
+  ...:phase=commit           with shard=K: after the result is written, before it is committed
+``member=coordinator`` means whoever coordinates at that moment.
+"""
+
+import os
+import signal
+from dataclasses import dataclass
+
+from mpirt.config import FAULTS
+from mpirt.errors import UsageError
+
+ACTIONS = ("kill", "hang", "leave", "join")
+SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "leave": signal.SIGTERM}
+
+
+@dataclass(frozen=True)
+class Fault:
+    index: int  # position in the plan: names the fault in the events log ("fired" once)
+    action: str
+    member: object = None  # int member id, "coordinator", or None (join)
+    step: int = None
+    shard: int = None
+    count: int = 1
+    phase: str = "take"
+
+    def __str__(self):
+        parts = [self.action]
+        for key in ("member", "count", "step", "shard"):
+            value = getattr(self, key)
+            if value is not None and not (key == "count" and self.action != "join"):
+                parts.append(f"{key}={value}")
+        if self.phase != "take":
+            parts.append(f"phase={self.phase}")
+        return ":".join(parts)
+
+
+def parse(spec, index=0):
+    """Parse one SPEC; raise UsageError naming what is wrong."""
+    fields = spec.strip().split(":")
+    action = fields[0]
+    if action not in ACTIONS:
+        raise UsageError(f"fault '{spec}': action must be one of {', '.join(ACTIONS)}")
+    kv = {}
+    for item in fields[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("member", "step", "shard", "count", "phase"):
+            raise UsageError(f"fault '{spec}': '{item}' is not member=, step=, shard=, count= or phase=")
+        kv[key] = value
+    try:
+        member = kv.get("member")
+        if member is not None and member != "coordinator":
+            member = int(member)
+        fault = Fault(
+            index=index, action=action, member=member,
+            step=int(kv["step"]) if "step" in kv else None,
+            shard=int(kv["shard"]) if "shard" in kv else None,
+            count=int(kv.get("count", 1)), phase=kv.get("phase", "take"),
+        )
+    except ValueError:
+        raise UsageError(f"fault '{spec}': member, step, shard and count take integers") from None
+    if (fault.step is None) == (fault.shard is None):
+        raise UsageError(f"fault '{spec}': give exactly one trigger, step= or shard=")
+    if action == "join":
+        if fault.member is not None or fault.count < 1:
+            raise UsageError(f"fault '{spec}': join takes count=C (>= 1) and no member")
+    elif fault.member is None:
+        raise UsageError(f"fault '{spec}': {action} needs member=M or member=coordinator")
+    if fault.phase not in ("take", "commit"):
+        raise UsageError(f"fault '{spec}': phase is 'take' or 'commit'")
+    return fault
+
+
+class FaultPlan:
+    """The faults of a run, from the CLI specs plus ``MPIRT_FAULTS`` (';'-separated)."""
+
+    def __init__(self, specs=(), environ=None):
+        env = os.environ if environ is None else environ
+        all_specs = list(specs) + [s for s in env.get(FAULTS, "").split(";") if s.strip()]
+        self.faults = [parse(s, i) for i, s in enumerate(all_specs)]
+        self.fired = set()
+
+    def __bool__(self):
+        return bool(self.faults)
+
+    def due(self, *, member, is_coordinator, step=None, shard=None, phase="take", actions=ACTIONS):
+        """The faults that fire now for this member (each fires once)."""
+        hits = []
+        for f in self.faults:
+            if f.index in self.fired or f.action not in actions or f.phase != phase:
+                continue
+            if f.action == "join":
+                if not is_coordinator:
+                    continue
+            elif not (f.member == member or (f.member == "coordinator" and is_coordinator)):
+                continue
+            if f.step is not None and step is not None and step >= f.step and phase == "take":
+                hits.append(f)
+            elif f.shard is not None and shard is not None and shard == f.shard:
+                hits.append(f)
+        return hits
+
+
+def strike(fault):
+    """Do a kill/hang/leave fault to this very process."""
+    os.kill(os.getpid(), SIGNALS[fault.action])

