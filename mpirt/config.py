@@ -17,10 +17,12 @@ HANG_TIMEOUT = "MPIRT_HANG_TIMEOUT"  # seconds without progress before a rank is
 MPIEXEC = "MPIRT_MPIEXEC"  # the mpiexec to launch with (default: next to sys.executable)
 LOG_LEVEL = "MPIRT_LOG_LEVEL"
 FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
+STATUS_FILE = "MPIRT_STATUS_FILE"  # set by `mpirt launch`: where the job reports its exit code
+RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, STATUS_FILE, RESUME,
 }
 
 

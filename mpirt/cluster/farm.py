@@ -16,8 +16,9 @@ import time
 from mpirt.cluster.ledger import CommitStore, ShardLedger
 from mpirt.cluster.membership import EventsLog, View
 from mpirt.comm import faults as faultlib
+from mpirt.comm import status
 from mpirt.comm.elastic import ElasticComm, kill_local, require_min
-from mpirt.errors import ProcessFailure
+from mpirt.errors import JobError, ProcessFailure
 from mpirt.log import get_logger, set_identity
 
 log = get_logger("mpirt.farm")
@@ -66,6 +67,8 @@ class Farm:
                 os.unlink(self.store.path(shard))
             if os.path.exists(self.store.log_path):
                 os.unlink(self.store.log_path)
+        if self.ec.rank == 0:
+            status.started()
         members = list(range(self.ec.size))
         self.view = View(id=-1, members=members, hosts=[], next_member=len(members))
         self.member = self.ec.rank
@@ -176,8 +179,8 @@ class Farm:
         result = self.job.map(shard)
         tmp = self.store.temp_path(shard)
         self.job.write_part(tmp, shard, result)
-        self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, shard=shard, phase="commit"),
-                   shard=shard, phase="commit")
+        self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step, shard=shard,
+                                   phase="commit"), shard=shard, phase="commit")
         return self.store.commit(shard, tmp)
 
     def _work(self):
@@ -266,6 +269,7 @@ class Farm:
     def _finish(self, ledger, parked):
         paths = [self.store.path(k) for k in range(ledger.n_shards)]
         summary = self.job.reduce(paths)
+        self.store.remove_temps()  # left by writers killed before their commit
         with self.ec.guard():
             for src in parked:
                 self.ec.comm.send(("stop",), dest=src, tag=TAG_REPLY)
@@ -285,6 +289,13 @@ def run_shard_job(job, **options):
     """
     farm = Farm(job, **options)
     try:
-        return farm.run()
+        summary = farm.run()
+    except JobError as exc:
+        if farm.ec is not None and farm.ec.rank == 0:
+            status.finished(exc.exit_code)
+        raise
     finally:
         farm.close()
+    if summary is not None:
+        status.finished(0)
+    return summary

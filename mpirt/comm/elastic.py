@@ -7,6 +7,7 @@ errors returned). Failures surface as :class:`mpirt.errors.ProcessFailure`;
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import time
@@ -95,8 +96,14 @@ class ElasticComm:
 
     def merge_spawned(self, argv, count, root=0):
         """Collective: spawn ``count`` processes running ``argv`` and merge them in (joiners last)."""
+        # Joiners run without the detector thread and finalize normally: a spawned
+        # job that exits without MPI_Finalize makes mpiexec fail the whole run,
+        # and with the thread MPI_Finalize hangs (see mpi.MPI). Their liveness is
+        # then watched while they are inside MPI calls.
+        env = shutil.which("env") or "/usr/bin/env"
+        args = ["OMPI_MCA_mpi_ft_detector_thread=false", *argv]
         with self.guard():
-            inter = self.comm.Spawn(argv[0], args=list(argv[1:]), maxprocs=count, root=root)
+            inter = self.comm.Spawn(env, args=args, maxprocs=count, root=root)
             merged = inter.Merge(high=False)
             inter.Disconnect()
         self._replace(merged)

@@ -6,7 +6,7 @@ SPEC is ``ACTION:key=value:...``:
   leave:member=M:step=S      SIGTERM itself (graceful leave)
   join:count=C:step=S        the coordinator spawns C new ranks
   ...:shard=K                instead of step: when the member takes shard K
-  ...:phase=commit           with shard=K: after the result is written, before it is committed
+  ...:phase=commit           after the result is written, before it is committed
 ``member=coordinator`` means whoever coordinates at that moment.
 """
 
@@ -101,7 +101,7 @@ class FaultPlan:
                     continue
             elif not (f.member == member or (f.member == "coordinator" and is_coordinator)):
                 continue
-            if f.step is not None and step is not None and step >= f.step and phase == "take":
+            if f.step is not None and step is not None and step >= f.step:
                 hits.append(f)
             elif f.shard is not None and shard is not None and shard == f.shard:
                 hits.append(f)

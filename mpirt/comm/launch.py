@@ -9,12 +9,15 @@ timeout. Without ULFM the job runs in restart mode: relaunched on failure, up to
 ``--max-restarts`` times, resuming from what it committed.
 """
 
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
-from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, env_float
+from mpirt.comm import status
+from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, RESUME, STATUS_FILE, env_float
 from mpirt.errors import UsageError
 
 DEFAULT_HANG_TIMEOUT = 6.0
@@ -102,7 +105,7 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
     for key in sorted(k for k in env if k.startswith("MPIRT_")):
         cmd += ["-x", key]
-    cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT]
+    cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT, "-x", STATUS_FILE]
     return cmd + resolve_command(command)
 
 
@@ -128,9 +131,26 @@ def run(args):
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    if ft == "ulfm":
-        return subprocess.call(cmd, env=env)
-    return _run_restarting(cmd, env, args.max_restarts, log)
+    with tempfile.TemporaryDirectory(prefix="mpirt-launch-") as tmp:
+        env[STATUS_FILE] = os.path.join(tmp, "status")
+        if ft == "ulfm":
+            return _run_once(cmd, env, log)
+        return _run_restarting(cmd, env, args.max_restarts, log)
+
+
+def _run_once(cmd, env, log):
+    """Run mpiexec; the job's own status, when it wrote one, overrides mpiexec's."""
+    path = env[STATUS_FILE]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    code = subprocess.call(cmd, env=env)
+    reported = status.read(path)
+    if reported is None:
+        return code
+    if reported == "running":
+        log.error("the job ended without finishing: every rank that could coordinate it was lost")
+        return code or 1
+    return reported
 
 
 def _run_restarting(cmd, env, max_restarts, log):
@@ -138,9 +158,9 @@ def _run_restarting(cmd, env, max_restarts, log):
     env = dict(env)
     for attempt in range(max_restarts + 1):
         if attempt:
-            env["MPIRT_RESUME"] = "1"
+            env[RESUME] = "1"
             log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
-        code = subprocess.call(cmd, env=env)
+        code = _run_once(cmd, env, log)
         if code == 0:
             return 0
     log.error("restart mode: giving up after %d restarts (last exit status %d)", max_restarts, code)

@@ -21,7 +21,7 @@ def MPI():  # noqa: N802 - reads like the module it returns
     # With Open MPI's failure-detector thread on, MPI_Finalize hangs (seen every
     # time, failure or not, while holding the GIL); every result is committed
     # before a process exits, so it leaves without finalizing (ULFM tolerates that).
-    if os.environ.get("OMPI_MCA_mpi_ft_detector_thread", "") in ("1", "true"):
+    if os.environ.get("OMPI_MCA_mpi_ft_detector_thread", "").lower() in ("1", "true"):
         mpi4py.rc.finalize = False
     from mpi4py import MPI as _MPI
 
