@@ -55,7 +55,8 @@ def main():
     try:
         summary = run_shard_job(Squares(args.shards, args.out, argv), parts_dir=args.out + ".parts",
                                 events_path=args.out + ".events", faults=FaultPlan(args.inject_fault),
-                                min_ranks=args.min_ranks, resume=args.resume)
+                                min_ranks=args.min_ranks,
+                                resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
     except MpirtError as exc:
         print(f"squares: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

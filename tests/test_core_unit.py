@@ -1,0 +1,115 @@
+"""Unit tests of the elastic core's pieces (no MPI)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpirt.cluster.ledger import CommitStore, ShardLedger
+from mpirt.comm import faults, launch
+from mpirt.comm.mpi import ft_launch_problem
+from mpirt.errors import UsageError
+
+
+def test_import_has_no_side_effects():
+    code = ("import sys, mpirt, mpirt.cli, mpirt.comm.launch, mpirt.cluster.farm, mpirt.kernels;"
+            "bad = [m for m in ('mpi4py.MPI', 'h5py', 'torch', 'cupy') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_fault_specs_parse():
+    plan = faults.FaultPlan(["kill:member=2:step=3", "hang:member=coordinator:shard=5",
+                             "join:count=2:step=4", "leave:member=1:step=0:phase=commit"], environ={})
+    kinds = [(f.action, f.member, f.step, f.shard, f.count, f.phase) for f in plan.faults]
+    assert kinds == [("kill", 2, 3, None, 1, "take"), ("hang", "coordinator", None, 5, 1, "take"),
+                     ("join", None, 4, None, 2, "take"), ("leave", 1, 0, None, 1, "commit")]
+    assert str(plan.faults[0]) == "kill:member=2:step=3"
+
+
+def test_fault_specs_from_environment():
+    plan = faults.FaultPlan([], environ={"MPIRT_FAULTS": "kill:member=1:step=2; join:count=1:step=3"})
+    assert [f.action for f in plan.faults] == ["kill", "join"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("explode:member=1:step=2", "action must be one of"),
+    ("kill:member=1", "exactly one trigger"),
+    ("kill:step=2", "needs member="),
+    ("kill:member=x:step=2", "take integers"),
+    ("kill:member=1:step=2:color=red", "is not member="),
+    ("join:member=1:step=2", "join takes count"),
+])
+def test_bad_fault_specs_name_the_problem(spec, words):
+    with pytest.raises(UsageError, match=words):
+        faults.parse(spec)
+
+
+def test_faults_fire_once_and_only_for_their_member():
+    plan = faults.FaultPlan(["kill:member=2:step=3", "kill:member=coordinator:step=1", "join:count=1:step=2"],
+                            environ={})
+    assert plan.due(member=2, is_coordinator=False, step=2) == []
+    assert [f.index for f in plan.due(member=2, is_coordinator=False, step=3)] == [0]
+    assert [f.index for f in plan.due(member=0, is_coordinator=True, step=5)] == [1, 2]
+    plan.fired.add(1)
+    assert [f.index for f in plan.due(member=0, is_coordinator=True, step=5)] == [2]
+
+
+def test_ledger_leases_largest_first_and_returns_leases_of_the_dead():
+    ledger = ShardLedger([10, 30, 20, 30], done={3})
+    assert ledger.lease(1) == 1 and ledger.lease(2) == 2
+    ledger.release({1})
+    assert ledger.lease(5) == 1, "a returned shard goes first"
+    assert ledger.lease(5) == 0 and ledger.lease(5) is None
+    assert ledger.commit(0) and ledger.commit(1) and ledger.commit(2)
+    assert not ledger.commit(2), "second commit is reported"
+    assert ledger.finished
+
+
+def test_commit_store_is_create_if_absent(tmp_path):
+    store = CommitStore(str(tmp_path / "parts"))
+    first = store.temp_path(7)
+    open(first, "w").write("a")
+    assert store.commit(7, first)
+    second = store.temp_path(7)
+    open(second, "w").write("b")
+    assert not store.commit(7, second), "a second commit must not replace the first"
+    assert open(store.path(7)).read() == "a"
+    assert store.committed() == {7}
+    assert not [n for n in os.listdir(store.dir) if n.endswith(".tmp")]
+
+
+def test_launch_line_has_the_fault_tolerance_flags():
+    cmd = launch.build_command(["mpirt", "wordcount", "d.h5"], n=4, spare=2, cores=2, environ={},
+                               mpiexec="/x/mpiexec", hang_timeout=4)
+    line = " ".join(cmd)
+    assert cmd[:3] == ["/x/mpiexec", "-n", "4"]
+    for part in ("--host localhost:6", "--oversubscribe", "--with-ft ulfm", "--mca btl tcp,self",
+                 "--mca coll ^han", "--mca mpi_ft_detector true", "--mca mpi_ft_detector_timeout 4",
+                 "--mca mpi_ft_detector_period 1"):
+        assert part in line, part
+    assert cmd[-5:] == [sys.executable, "-m", "mpirt", "wordcount", "d.h5"]
+
+
+def test_launch_inside_slurm_uses_the_allocation():
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3"}
+    cmd = launch.build_command(["true"], environ=env, mpiexec="mpiexec", cores=2)
+    assert cmd[:3] == ["mpiexec", "-n", "3"] and "--host" not in cmd and "--oversubscribe" not in cmd
+
+
+def test_restart_mode_has_no_ulfm_flags():
+    cmd = launch.build_command(["true"], n=2, ft="restart", environ={}, mpiexec="mpiexec", cores=4)
+    assert "--with-ft" not in cmd and "tcp,self" not in cmd
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "not launched"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "without '--with-ft ulfm'"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1"}, "shared-memory BTL"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1", "OMPI_MCA_btl": "sm,tcp,self"}, "shared-memory"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1", "OMPI_MCA_btl": "tcp,self"}, None),
+])
+def test_fault_tolerance_problems_are_named(env, expected):
+    problem = ft_launch_problem(env)
+    assert (problem is None) if expected is None else (expected in problem)
