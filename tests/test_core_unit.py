@@ -89,6 +89,7 @@ def test_launch_line_has_the_fault_tolerance_flags():
                  "--mca coll ^han", "--mca mpi_ft_detector true", "--mca mpi_ft_detector_timeout 4",
                  "--mca mpi_ft_detector_period 1"):
         assert part in line, part
+    assert "mpi_ft_detector_thread" not in line, "the detector thread makes MPI_Finalize hang"
     assert cmd[-5:] == [sys.executable, "-m", "mpirt", "wordcount", "d.h5"]
 
 

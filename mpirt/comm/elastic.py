@@ -7,12 +7,14 @@ errors returned). Failures surface as :class:`mpirt.errors.ProcessFailure`;
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
+import sys
+import threading
 import time
 
 from mpirt.comm import mpi
+from mpirt.config import HANG_TIMEOUT, env_float
 from mpirt.errors import JobError, ProcessFailure
 from mpirt.log import get_logger
 
@@ -37,6 +39,7 @@ class ElasticComm:
         self.comm = base.Dup() if dup else base
         self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
         self._failures = _failure_classes(self.MPI)
+        self._pump = _ProgressPump.start(self.MPI)
         self.ft_problem = mpi.ft_launch_problem() if self.MPI.Comm.Get_parent() == self.MPI.COMM_NULL else None
 
     @property
@@ -96,14 +99,8 @@ class ElasticComm:
 
     def merge_spawned(self, argv, count, root=0):
         """Collective: spawn ``count`` processes running ``argv`` and merge them in (joiners last)."""
-        # Joiners run without the detector thread and finalize normally: a spawned
-        # job that exits without MPI_Finalize makes mpiexec fail the whole run,
-        # and with the thread MPI_Finalize hangs (see mpi.MPI). Their liveness is
-        # then watched while they are inside MPI calls.
-        env = shutil.which("env") or "/usr/bin/env"
-        args = ["OMPI_MCA_mpi_ft_detector_thread=false", *argv]
         with self.guard():
-            inter = self.comm.Spawn(env, args=args, maxprocs=count, root=root)
+            inter = self.comm.Spawn(argv[0], args=list(argv[1:]), maxprocs=count, root=root)
             merged = inter.Merge(high=False)
             inter.Disconnect()
         self._replace(merged)
@@ -125,10 +122,65 @@ class ElasticComm:
         """(host, pid) of this process, exchanged at each view so hung peers can be killed."""
         return socket.gethostname(), os.getpid()
 
-    def close(self):
-        """Free the communicator (MPI itself is finalized, or not, at exit: see ``mpi.MPI``)."""
+    def close(self, grace=10.0):
+        """Free the communicator and finalize MPI, bounded by ``grace`` seconds.
+
+        After failures MPI_Finalize has been seen to hang (it holds the GIL, so
+        no Python watchdog can run); every result is committed before this
+        point, so the kernel's alarm ends the process instead of hanging the job.
+        """
+        _ProgressPump.stop()
         with contextlib.suppress(self.MPI.Exception):
             self.comm.Free()
+        if self.MPI.Is_finalized():
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(max(1, int(grace)))
+        with contextlib.suppress(self.MPI.Exception):
+            self.MPI.Finalize()
+        signal.alarm(0)
+
+
+class _ProgressPump:
+    """A thread that enters MPI's progress engine a few times per heartbeat period.
+
+    Open MPI's failure detector (in progress mode) sends heartbeats only while a
+    process is inside MPI; a rank busy computing a long shard would otherwise be
+    declared dead. A stopped or killed process stops pumping too, which is what
+    the detector is for.
+    """
+
+    _thread = None
+    _stop = threading.Event()
+
+    @classmethod
+    def start(cls, MPI):
+        if cls._thread is not None:
+            return cls._thread
+        period = env_float(HANG_TIMEOUT, 6.0) / 10.0
+        if period <= 0:
+            return None
+        comm = MPI.COMM_SELF.Dup()
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+
+        def pump():
+            while not cls._stop.wait(period):
+                try:
+                    comm.Iprobe(source=MPI.ANY_SOURCE, tag=0x7FF)
+                except MPI.Exception:
+                    return
+
+        cls._thread = threading.Thread(target=pump, name="mpirt-progress", daemon=True)
+        cls._thread.start()
+        return cls._thread
+
+    @classmethod
+    def stop(cls):
+        if cls._thread is not None:
+            cls._stop.set()
+            cls._thread.join(timeout=5)
 
 
 def kill_local(pids_by_host):

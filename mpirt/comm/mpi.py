@@ -15,14 +15,9 @@ def MPI():  # noqa: N802 - reads like the module it returns
     """Import and return ``mpi4py.MPI`` (initialises MPI on first call)."""
     import mpi4py
 
-    # mpi4py's default, explicitly: collectives on the main thread, the ULFM
-    # failure detector in its own thread, so MPI_THREAD_MULTIPLE is requested.
+    # mpi4py's default, explicitly: the progress pump (ElasticComm) calls MPI
+    # from a second thread while the main thread computes.
     mpi4py.rc.thread_level = "multiple"
-    # With Open MPI's failure-detector thread on, MPI_Finalize hangs (seen every
-    # time, failure or not, while holding the GIL); every result is committed
-    # before a process exits, so it leaves without finalizing (ULFM tolerates that).
-    if os.environ.get("OMPI_MCA_mpi_ft_detector_thread", "").lower() in ("1", "true"):
-        mpi4py.rc.finalize = False
     from mpi4py import MPI as _MPI
 
     return _MPI

@@ -1,0 +1,111 @@
+"""Per-unit overhead of the elastic task farm against a bare mpi4py master/worker loop.
+
+    python -m bench ledger [--ranks 4] [--units 1000] [--repeat 3]
+
+Both sides do the same work per unit (a small numpy computation and one HDF5
+result file written by the worker); mpirt adds the ledger, create-if-absent
+commits (fsync + link) and the commit log that make recovery and --resume exact.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import table, write_results
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+WORK = r'''
+import numpy as np, h5py
+ROWS = 2000
+def compute(k):
+    x = np.arange(k * ROWS, (k + 1) * ROWS, dtype=np.float64)
+    return np.sort(np.sin(x) * x)
+def write(path, k, r):
+    with h5py.File(path, "w") as f:
+        f["r"] = r
+'''
+
+BARE = WORK + r'''
+import os, sys, time
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+units, out = int(sys.argv[1]), sys.argv[2]
+t0 = time.perf_counter()
+if comm.rank == 0:
+    nxt, stopped, st = 0, 0, MPI.Status()
+    while stopped < comm.size - 1:
+        comm.recv(source=MPI.ANY_SOURCE, tag=1, status=st)
+        if nxt < units:
+            comm.send(nxt, dest=st.Get_source(), tag=2); nxt += 1
+        else:
+            comm.send(None, dest=st.Get_source(), tag=2); stopped += 1
+    print("ELAPSED", time.perf_counter() - t0, flush=True)
+else:
+    done = None
+    while True:
+        comm.send(done, dest=0, tag=1)
+        k = comm.recv(source=0, tag=2)
+        if k is None:
+            break
+        write(os.path.join(out, f"part-{k}.h5"), k, compute(k))
+        done = k
+'''
+
+FARM = WORK + r'''
+import os, sys, time
+from mpirt.cluster.farm import run_shard_job
+from mpirt.jobs.shardjob import ShardJob
+class Job(ShardJob):
+    def __init__(self, n): self.shard_sizes = [1] * n
+    def map(self, k): return compute(k)
+    def write_part(self, path, k, r): write(path, k, r)
+    def reduce(self, paths): return {}
+units, out = int(sys.argv[1]), sys.argv[2]
+t0 = time.perf_counter()
+if run_shard_job(Job(units), parts_dir=out) is not None:
+    print("ELAPSED", time.perf_counter() - t0, flush=True)
+'''
+
+
+def _run(code, n, units, launcher):
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "job.py")
+        with open(script, "w") as f:
+            f.write(code)
+        out = os.path.join(tmp, "out")
+        os.makedirs(out)
+        cmd = launcher(n) + [sys.executable, script, str(units), out]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        line = [x for x in res.stdout.splitlines() if x.startswith("ELAPSED")]
+        if not line:
+            raise RuntimeError(f"{cmd}: {res.stderr[-500:]}")
+        return float(line[0].split()[1])
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench ledger")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--units", type=int, default=1000)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    # Both run on the same fault-tolerant launch line, so only the runtime differs.
+    launcher = lambda n: [sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--"]  # noqa: E731
+    bare, farm = [], []
+    for _ in range(args.repeat):
+        bare.append(_run(BARE, args.ranks, args.units, launcher))
+        farm.append(_run(FARM, args.ranks, args.units, launcher))
+    b, f = statistics.median(bare), statistics.median(farm)
+    rows = [["bare mpi4py master/worker", f"{b:.3f}", f"{1e6 * b / args.units:.0f}", "1.00"],
+            ["mpirt farm (ledger, commits)", f"{f:.3f}", f"{1e6 * f / args.units:.0f}", f"{f / b:.2f}"]]
+    print(f"## Task farm, {args.units} units on {args.ranks} ranks (median of {args.repeat})\n")
+    print(table(rows, ["runtime", "seconds", "us per unit", "time vs bare"]))
+    print("\nwrote", write_results("ledger", {"ranks": args.ranks, "units": args.units, "bare_s": bare, "farm_s": farm}))
+    return 0

@@ -1,0 +1,136 @@
+"""Recovery after a SIGKILL, broken down, at 2/4/8 ranks; hang detection; torchrun restart as baseline.
+
+    python -m bench recovery [--ranks 2 4 8] [--repeat 3] [--hang-timeout 2]
+
+mpirt's side runs the test suite's shard job (tests/jobs/squares.py) under
+``mpirt launch`` with an injected fault and reads the phases from the events log
+and the ledger log. The baseline is torchrun (gloo) restarting its workers after
+one is SIGKILLed, timed from the kill to the first allreduce after the restart.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from bench.common import table, write_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "tests", "jobs", "squares.py")
+MPIRT = [sys.executable, "-m", "mpirt"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mpirt_recovery(n, fault, hang_timeout, shards=200):
+    """One run with ``fault``; returns the phases of the recovery in milliseconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.npy")
+        cmd = MPIRT + ["launch", "-n", str(n), "--hang-timeout", str(hang_timeout), "--", sys.executable, JOB,
+                       out, "--shards", str(shards), "--inject-fault", fault]
+        subprocess.run(cmd, check=True, timeout=300, env=_env(), capture_output=True)
+        events = _read(out + ".events")
+        ledger = _read(out + ".parts/ledger.jsonl") if os.path.exists(out + ".parts/ledger.jsonl") else []
+    fault_t = next(e["time"] for e in events if e["event"] == "fault")
+    view = next(e for e in events if e["event"] == "view" and e["view"] == 1)
+    replan = next(e for e in events if e["event"] == "replan" and e["view"] == 1)
+    first = min(r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered"))
+    b = view["breakdown"]
+    phases = {
+        "detect": (view["error_time"] - fault_t) * 1e3,
+        "revoke+shrink": (b["revoke_s"] + b["shrink_s"]) * 1e3,
+        "agree": (b["agree_s"] + b["sync_s"]) * 1e3,
+        "replan": replan["replan_s"] * 1e3,
+        "first unit": (first - replan["time"]) * 1e3,
+    }
+    phases["total"] = (first - fault_t) * 1e3
+    return phases
+
+
+TORCH_WORKER = r'''
+import os, sys, time, signal, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank(); attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+out = sys.argv[1]
+x = torch.ones(1 << 18)
+for step in range(40):
+    dist.all_reduce(x)
+    if attempt == 0 and rank == 1 and step == 10:
+        with open(out + ".kill", "w") as f: f.write(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    if attempt > 0 and step == 0 and rank == 0:
+        with open(out + ".first", "w") as f: f.write(repr(time.time()))
+dist.destroy_process_group()
+'''
+
+
+def torchrun_restart(n):
+    """Seconds from a worker's SIGKILL to the first allreduce after torchrun restarts the group."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "worker.py")
+        with open(script, "w") as f:
+            f.write(TORCH_WORKER)
+        out = os.path.join(tmp, "t")
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        proc = subprocess.Popen([torchrun, "--standalone", f"--nproc_per_node={n}", "--max_restarts=1",
+                                 "--monitor_interval=0.1", script, out], env=_env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's restart hung (seen at 4 workers)
+            proc.wait()
+        if not os.path.exists(out + ".first"):
+            return None, "restart did not complete"
+        kill = float(open(out + ".kill").read())
+        first = float(open(out + ".first").read())
+    return (first - kill) * 1e3, None
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench recovery")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--hang-timeout", type=float, default=2.0)
+    args = p.parse_args(argv)
+    results = {"kill": {}, "hang": {}, "torchrun": {}}
+    rows = []
+    for n in args.ranks:
+        runs = [mpirt_recovery(n, "kill:member=1:step=20", args.hang_timeout) for _ in range(args.repeat)]
+        results["kill"][n] = runs
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        torch_runs = [torchrun_restart(n) for _ in range(args.repeat)]
+        results["torchrun"][n] = [t for t, _ in torch_runs]
+        ok = [t for t, _ in torch_runs if t is not None]
+        tr = statistics.median(ok) if ok else None
+        rows.append([n] + [f"{med[k]:.1f}" for k in ("detect", "revoke+shrink", "agree", "replan", "first unit",
+                                                       "total")]
+                    + [f"{tr:.0f}" if tr else f"failed ({len(ok)}/{len(torch_runs)})",
+                       f"{tr / med['total']:.0f}x" if tr else "-"])
+    print("## Recovery after SIGKILL of one worker (ms, median of", args.repeat, "runs)\n")
+    print(table(rows, ["ranks", "detect", "revoke+shrink", "agree+sync", "re-plan", "first unit", "mpirt total",
+                       "torchrun restart", "torchrun / mpirt"]))
+    hang_rows = []
+    for n in args.ranks[:2]:
+        runs = [mpirt_recovery(n, "hang:member=1:step=20", args.hang_timeout) for _ in range(args.repeat)]
+        results["hang"][n] = runs
+        det = statistics.median(r["detect"] for r in runs)
+        hang_rows.append([n, f"{args.hang_timeout * 1e3:.0f}", f"{det:.0f}", f"{det / (args.hang_timeout * 1e3):.2f}"])
+    print("\n## Hang (SIGSTOP) detection against the configured bound (ms)\n")
+    print(table(hang_rows, ["ranks", "bound", "detected after", "ratio"]))
+    print("\nwrote", write_results("recovery", results))
+    return 0
