@@ -18,17 +18,21 @@ MPIEXEC = "MPIRT_MPIEXEC"  # the mpiexec to launch with (default: next to sys.ex
 LOG_LEVEL = "MPIRT_LOG_LEVEL"
 FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
 STATUS_FILE = "MPIRT_STATUS_FILE"  # set by `mpirt launch`: where the job reports its exit code
+FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process kills, not node crashes)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, STATUS_FILE, RESUME,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, STATUS_FILE, RESUME, FSYNC,
 }
 
 
-def env_flag(name: str) -> bool:
-    """True when the variable is set to something other than '', '0', 'no', 'false'."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "no", "false", "off")
+def env_flag(name: str, default: bool = False) -> bool:
+    """The variable as a boolean: '0', 'no', 'false', 'off' are false; unset or empty gives ``default``."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return raw not in ("0", "no", "false", "off")
 
 
 def env_float(name: str, default: float) -> float:
