@@ -17,6 +17,10 @@ def atomic_path(path, suffix=".tmp"):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
     os.close(fd)
+    # mkstemp makes the file private; give it the mode a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         fsync_file(tmp)

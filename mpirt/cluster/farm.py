@@ -60,7 +60,7 @@ class Farm:
             self._sync_view(joiner=True)
             return
         self.ec = ElasticComm()
-        if self.ec.rank == 0 and self.ec.ft_problem:
+        if self.ec.rank == 0 and self.ec.ft_problem and self.ec.size > 1:
             log.warning("fault tolerance is off: %s", self.ec.ft_problem)
         if self.ec.rank == 0 and not self.resume:
             for shard in self.store.committed():
@@ -110,6 +110,7 @@ class Farm:
                 breakdown={**(breakdown or {}), "sync_s": time.perf_counter() - t0},
                 error_time=self.error_time,
             )
+        self.error_time = None
 
     def recover(self):
         """Revoke, shrink, learn who is gone, kill what is hung, agree on the next view."""
