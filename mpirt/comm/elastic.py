@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -122,25 +121,11 @@ class ElasticComm:
         """(host, pid) of this process, exchanged at each view so hung peers can be killed."""
         return socket.gethostname(), os.getpid()
 
-    def close(self, grace=10.0):
-        """Free the communicator and finalize MPI, bounded by ``grace`` seconds.
-
-        After failures MPI_Finalize has been seen to hang (it holds the GIL, so
-        no Python watchdog can run); every result is committed before this
-        point, so the kernel's alarm ends the process instead of hanging the job.
-        """
+    def close(self):
+        """Stop the progress pump and free the communicator (MPI is finalized at exit, bounded)."""
         _ProgressPump.stop()
         with contextlib.suppress(self.MPI.Exception):
             self.comm.Free()
-        if self.MPI.Is_finalized():
-            return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(max(1, int(grace)))
-        with contextlib.suppress(self.MPI.Exception):
-            self.MPI.Finalize()
-        signal.alarm(0)
 
 
 class _ProgressPump:

@@ -160,12 +160,14 @@ def _run_once(cmd, env, log):
 def _run_restarting(cmd, env, max_restarts, log):
     """Restart mode: relaunch the whole job after a failure; the job resumes from its commits."""
     env = dict(env)
-    for attempt in range(max_restarts + 1):
-        if attempt:
-            env[RESUME] = "1"
-            log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
-        code = _run_once(cmd, env, log)
+    code = _run_once(cmd, env, log)
+    for attempt in range(1, max_restarts + 1):
         if code == 0:
             return 0
+        env[RESUME] = "1"
+        log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
+        code = _run_once(cmd, env, log)
+    if code == 0:
+        return 0
     log.error("restart mode: giving up after %d restarts (last exit status %d)", max_restarts, code)
     return code

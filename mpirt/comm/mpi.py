@@ -4,9 +4,11 @@ Nothing here runs at import: ``MPI()`` imports mpi4py (which initialises MPI)
 only when a job asks for it.
 """
 
+import atexit
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -18,9 +20,38 @@ def MPI():  # noqa: N802 - reads like the module it returns
     # mpi4py's default, explicitly: the progress pump (ElasticComm) calls MPI
     # from a second thread while the main thread computes.
     mpi4py.rc.thread_level = "multiple"
+    # Finalize ourselves, bounded (see _bounded_finalize), instead of mpi4py's atexit.
+    mpi4py.rc.finalize = False
     from mpi4py import MPI as _MPI
 
+    if not _finalizer_registered:
+        atexit.register(_bounded_finalize, _MPI)
+        _finalizer_registered.append(True)
     return _MPI
+
+
+_finalizer_registered = []
+FINALIZE_GRACE = 5
+
+
+def _bounded_finalize(MPI):
+    """MPI_Finalize, or the kernel ends the process after FINALIZE_GRACE seconds.
+
+    After failures MPI_Finalize has been seen to hang in Open MPI 5 while holding
+    the GIL, so no Python-level watchdog could fire; SIGALRM's default action can.
+    Every result is committed, and the job's status written, before exit.
+    """
+    if MPI.Is_finalized() or not MPI.Is_initialized():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(FINALIZE_GRACE)
+    try:
+        MPI.Finalize()
+    except MPI.Exception:
+        pass
+    signal.alarm(0)
 
 
 def library_version():
