@@ -97,6 +97,9 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
         cmd += ["--host", f"localhost:{n + spare}"]
         if n + spare > cores:
             cmd += ["--oversubscribe"]
+    if n + spare > cores:
+        # Binding to cores refuses to start more ranks than cores ("overload").
+        cmd += ["--bind-to", "none"]
     if os.geteuid() == 0:
         cmd += ["--allow-run-as-root"]
     if ft == "ulfm":
