@@ -11,6 +11,7 @@ one is SIGKILLed, timed from the kill to the first allreduce after the restart.
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -86,6 +87,8 @@ def torchrun_restart(n):
             f.write(TORCH_WORKER)
         out = os.path.join(tmp, "t")
         torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        if not os.path.exists(torchrun):
+            torchrun = shutil.which("torchrun") or torchrun
         proc = subprocess.Popen([torchrun, "--standalone", f"--nproc_per_node={n}", "--max_restarts=1",
                                  "--monitor_interval=0.1", script, out], env=_env(), start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,7 +8,7 @@ import numpy as np
 name = "cupy"
 HERE = os.path.dirname(os.path.abspath(__file__))
 WARPS_PER_BLOCK = 8  # predict.cu's shared table is sized for 8 warps
-CHUNK = 8192  # pack.cu's CHUNK
+CHUNK = 32768  # pack.cu's CHUNK
 _modules = {}
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 

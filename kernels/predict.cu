@@ -21,6 +21,7 @@ __device__ void topk_row(const T* __restrict__ logits, long long n, int C, long 
     float m = NEG_INF, s = 0.f;
     for (int j = lane; j < C; j += 32) {
         float v = to_f(z[j]);
+        if (v == NEG_INF) continue;  // adds nothing; exp(-inf - -inf) would be NaN
         if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else { s += __expf(v - m); }
     }
     for (int off = 16; off > 0; off >>= 1) {

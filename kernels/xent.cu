@@ -22,6 +22,12 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     m = mx;
 }
 
+// Add exp(v) to the running (m, s); a -inf adds nothing (and must not make exp(-inf - -inf) = NaN).
+__device__ __forceinline__ void online(float& m, float& s, float v) {
+    if (v == NEG_INF) return;
+    if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else { s += __expf(v - m); }
+}
+
 template <typename T>
 __device__ void xent_row(const T* __restrict__ logits, const long long* __restrict__ labels,
                          long long n, int C, long long ld, long long ignore_index, float smoothing,
@@ -35,11 +41,33 @@ __device__ void xent_row(const T* __restrict__ logits, const long long* __restri
     const bool ignored = (y == ignore_index);
     float m = NEG_INF, s = 0.f, zsum = 0.f, best = NEG_INF;
     int best_j = 0x7fffffff;
-    for (int j = lane; j < C; j += 32) {
-        float v = to_f(z[j]);
-        if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else { s += __expf(v - m); }
-        zsum += v;
-        if (v > best) { best = v; best_j = j; }
+    // 16-byte loads when the row allows it: 4x (fp32) or 8x (fp16/bf16) fewer memory
+    // instructions in flight per element, which is what keeps a memory-bound kernel fed.
+    constexpr int V = 16 / sizeof(T);
+    // Measured on an H100: a clear gain for 16-bit inputs, a loss for fp32 (which stays scalar).
+    const bool vec = sizeof(T) == 2 && (C % V == 0) && ((ld * sizeof(T)) % 16 == 0)
+                     && ((((unsigned long long)logits) & 15ULL) == 0);
+    if (vec) {
+        const uint4* zv = reinterpret_cast<const uint4*>(z);
+        #pragma unroll 2
+        for (int jv = lane; jv < C / V; jv += 32) {
+            uint4 raw = zv[jv];
+            const T* e = reinterpret_cast<const T*>(&raw);
+            #pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float v = to_f(e[k]);
+                online(m, s, v);
+                zsum += v;
+                if (v > best) { best = v; best_j = jv * V + k; }
+            }
+        }
+    } else {
+        for (int j = lane; j < C; j += 32) {
+            float v = to_f(z[j]);
+            online(m, s, v);
+            zsum += v;
+            if (v > best) { best = v; best_j = j; }
+        }
     }
     for (int off = 16; off > 0; off >>= 1) {
         float m2 = __shfl_xor_sync(0xffffffff, m, off);
@@ -64,6 +92,28 @@ __device__ void xent_row(const T* __restrict__ logits, const long long* __restri
     if (!want_grad) return;
     T* g = grad + row * ldg;
     const float off_target = smoothing / C;
+    if (vec && ((((unsigned long long)grad) & 15ULL) == 0) && ((ldg * sizeof(T)) % 16 == 0)) {
+        const uint4* zv = reinterpret_cast<const uint4*>(z);
+        uint4* gv = reinterpret_cast<uint4*>(g);
+        #pragma unroll 2
+        for (int jv = lane; jv < C / V; jv += 32) {
+            uint4 raw = zv[jv], out;
+            const T* e = reinterpret_cast<const T*>(&raw);
+            T* o = reinterpret_cast<T*>(&out);
+            #pragma unroll
+            for (int k = 0; k < V; ++k) {
+                int j = jv * V + k;
+                float v = 0.f;
+                if (!ignored) {
+                    float q = off_target + (j == (int)y ? 1.f - smoothing : 0.f);
+                    v = (__expf(to_f(e[k]) - lse) - q) * scale;
+                }
+                from_f(&o[k], v);
+            }
+            gv[jv] = out;
+        }
+        return;
+    }
     for (int j = lane; j < C; j += 32) {
         float v = 0.f;
         if (!ignored) {
