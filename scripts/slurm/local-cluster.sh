@@ -112,7 +112,11 @@ stop() {
 }
 
 case "${1:-}" in
-    start) install; configure; start_daemons; wait_idle ;;
+    start)
+        if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && [ -f /etc/slurm/slurm.conf ]; then
+            wait_idle; exit  # already up: leave its state alone
+        fi
+        install; configure; start_daemons; wait_idle ;;
     stop) stop ;;
     status) sinfo ;;
     *) echo "usage: $0 {start|stop|status}" >&2; exit 2 ;;
