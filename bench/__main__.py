@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("kernels", "io", "recovery", "ledger", "allreduce", "scaling")
+SUITES = ("kernels", "io", "recovery", "ledger", "chaos")
 
 
 def main(argv=None):
