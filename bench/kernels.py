@@ -98,7 +98,6 @@ def gpu_suite(repeat):
     dst = cp.empty_like(big)
     t_copy = _gpu_time(lambda: cp.copyto(dst, big), repeat, cp)
     copy_bw = 2 * big.nbytes / med(t_copy)
-    del big, dst
     rows, raw = [], {"memcpy_s": t_copy, "memcpy_GBps": copy_bw / 1e9}
     for dtype in ("float32", "bfloat16"):
         tz = torch.randn(N, C, device="cuda").to(getattr(torch, dtype))

@@ -23,26 +23,18 @@ def atomic_path(path, suffix=".tmp"):
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
-        fsync_file(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        fsync_dir(directory)
+        fsync(directory)  # the rename itself is durable only once the directory entry is on disk
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def fsync_file(path):
+def fsync(path):
+    """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(directory):
-    # The rename itself is durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

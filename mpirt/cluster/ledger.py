@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 
+from mpirt.atomic import fsync
 from mpirt.config import FSYNC, env_flag
 
 _PART = re.compile(r"^shard-(\d{6})\.h5$")
@@ -41,11 +42,7 @@ class CommitStore:
     def commit(self, shard, tmp):
         """Atomically publish ``tmp`` as the shard's result; False if it was committed already."""
         if self.durable:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync(tmp)
         try:
             os.link(tmp, self.path(shard))
             return True
