@@ -129,7 +129,9 @@ class Farm:
         failed = [m for m in old.members if m not in survivors]
         # A hung (SIGSTOPped) rank is only *declared* failed; make it so, so it
         # can never wake up and commit a shard that was handed to someone else.
-        kill_local([old.host_of(m) for m in failed])
+        # Members that left have exited already: their pids are not ours to signal.
+        left = {e["member"] for e in self.events.read() if e.get("event") == "leave"}
+        kill_local([old.host_of(m) for m in failed if m not in left])
         self.view = View(id=old.id, members=survivors, hosts=[old.host_of(m) for m in survivors],
                          next_member=old.next_member)
         require_min(self.ec.size, self.min_ranks)
