@@ -49,9 +49,33 @@ __device__ void xent_row(const T* __restrict__ logits, const long long* __restri
     const bool vec = sizeof(T) == 2 && (C % V == 0) && ((ld * sizeof(T)) % 16 == 0)
                      && ((((unsigned long long)logits) & 15ULL) == 0);
     constexpr int REG = 32;
+    constexpr int VREG = 4;  // 16-bit rows of up to 32 * 4 * V = 1,024 classes: vectors kept in registers
+    const bool vreg = vec && C <= 32 * VREG * V;
     const bool inreg = !vec && C <= 32 * REG;
     float vals[REG];
-    if (inreg) {
+    uint4 raws[VREG];
+    if (vreg) {
+        const uint4* zv = reinterpret_cast<const uint4*>(z);
+        #pragma unroll
+        for (int q = 0; q < VREG; ++q) {
+            const int jv = lane + 32 * q;
+            if (jv < C / V) raws[q] = zv[jv];
+        }
+        #pragma unroll
+        for (int q = 0; q < VREG; ++q) {
+            const int jv = lane + 32 * q;
+            if (jv < C / V) {
+                const T* e = reinterpret_cast<const T*>(&raws[q]);
+                #pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    float v = to_f(e[k]);
+                    online(m, s, v);
+                    zsum += v;
+                    if (v > best) { best = v; best_j = jv * V + k; }
+                }
+            }
+        }
+    } else if (inreg) {
         #pragma unroll
         for (int k = 0; k < REG; ++k) {
             const int j = lane + 32 * k;
@@ -111,6 +135,30 @@ __device__ void xent_row(const T* __restrict__ logits, const long long* __restri
     if (!want_grad) return;
     T* g = grad + row * ldg;
     const float off_target = smoothing / C;
+    if (vreg && ((((unsigned long long)grad) & 15ULL) == 0) && ((ldg * sizeof(T)) % 16 == 0)) {
+        uint4* gv = reinterpret_cast<uint4*>(g);
+        #pragma unroll
+        for (int q = 0; q < VREG; ++q) {
+            const int jv = lane + 32 * q;
+            if (jv < C / V) {
+                const T* e = reinterpret_cast<const T*>(&raws[q]);
+                uint4 out;
+                T* o = reinterpret_cast<T*>(&out);
+                #pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const int j = jv * V + k;
+                    float v = 0.f;
+                    if (!ignored) {
+                        float q2 = off_target + (j == (int)y ? 1.f - smoothing : 0.f);
+                        v = (__expf(to_f(e[k]) - lse) - q2) * scale;
+                    }
+                    from_f(&o[k], v);
+                }
+                gv[jv] = out;
+            }
+        }
+        return;
+    }
     if (inreg) {
         #pragma unroll
         for (int k = 0; k < REG; ++k) {
