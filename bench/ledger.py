@@ -64,6 +64,8 @@ class Job(ShardJob):
     def map(self, k): return compute(k)
     def write_part(self, path, k, r): write(path, k, r)
     def reduce(self, paths): return {}
+from mpirt.comm.mpi import MPI
+MPI()  # MPI_Init before the clock starts, as in the bare loop
 units, out = int(sys.argv[1]), sys.argv[2]
 t0 = time.perf_counter()
 if run_shard_job(Job(units), parts_dir=out) is not None:
