@@ -1,60 +1,102 @@
-"""CLI: ``mpirt prepare {text,npz,digits,synth-text}`` and ``mpirt inspect``."""
+"""CLI: ``mpirt prepare {text,npz,digits,synth-text}`` and ``mpirt inspect``.
 
+Only argparse is imported here; numpy, h5py and scikit-learn are imported by the
+handlers, so ``mpirt --help`` stays fast.
+"""
+
+import argparse
 import os
 
 
 def _power_of_two(text):
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 2 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"{value} is not a power of two (e.g. 1048576 = 2^20)")
+    if value < 2 or value & (value - 1) or value > 1 << 32:
+        raise argparse.ArgumentTypeError(f"{value} is not a power of two between 2 and 2^32 (e.g. 1048576 = 2^20)")
+    return value
+
+
+def _bits(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 32")
+    return value
+
+
+def _int_at_least(lo):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is less than {lo}")
+        return value
+    return parse
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
     return value
 
 
 def _common(p):
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--shards", type=int, metavar="N", help="about N shards per split")
-    g.add_argument("--shard-rows", type=int, metavar="R", help="rows per shard (default 4096)")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F")
-    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F")
+    g.add_argument("--shards", type=_int_at_least(1), metavar="N", help="N shards per split (at most)")
+    g.add_argument("--shard-rows", type=_int_at_least(1), metavar="R",
+                   help="rows per shard (default 4096; rounded up to a whole number of chunks if need be)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F", help="stratified (default 0.1)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.1, metavar="F", help="stratified (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
 
 
 def _text_options(p):
-    p.add_argument("--features", type=_power_of_two, default=1 << 20, metavar="2^K",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--features", type=_power_of_two, metavar="2^K",
                    help="hash buckets, a power of two (default 1048576)")
-    p.add_argument("--hash-seed", type=int, default=0, metavar="S")
+    g.add_argument("--hash-bits", type=_bits, metavar="K", help="2^K hash buckets (same as --features 2^K)")
+    p.add_argument("--hash-seed", type=_int_at_least(0), default=0, metavar="S", help="hash key (default 0)")
     p.add_argument("--bigrams", action="store_true", help="also hash adjacent word pairs")
-    p.add_argument("--workers", type=int, metavar="W", help="tokenising processes (default: cores, at most 4)")
+    p.add_argument("--workers", type=_int_at_least(1), metavar="W",
+                   help="tokenising processes (default: usable cores, at most 8; 1: none)")
 
 
 def add_parser(sub):
-    prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, synth-text)")
+    prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, synth-text)",
+                          description="Make a sharded, checksummed HDF5 data set (docs/dataset-format.md). "
+                                      "The output is written under a temporary name and renamed into place: "
+                                      "an existing OUT.h5 is replaced only when the new one is complete.")
     kinds = prep.add_subparsers(dest="kind", metavar="KIND", parser_class=type(prep), required=True)
     p = kinds.add_parser("text", help="JSONL with text (HTML allowed) and label fields")
     p.add_argument("input", metavar="IN.jsonl")
     p.add_argument("output", metavar="OUT.h5")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="JSON key of the text (default text)")
+    p.add_argument("--label-field", default="label", metavar="NAME", help="JSON key of the label (default label)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (and count them) instead of failing")
     _text_options(p)
     _common(p)
-    p = kinds.add_parser("npz", help="an .npz with arrays X (n, ...) and y (n,)")
+    p = kinds.add_parser("npz", help="an .npz with arrays X (n, ...) and y (n,) of ints or strings")
     p.add_argument("input", metavar="IN.npz")
     p.add_argument("output", metavar="OUT.h5")
     _common(p)
-    p = kinds.add_parser("digits", help="scikit-learn's bundled 8x8 digits (1,797 images)")
+    p = kinds.add_parser("digits", help="scikit-learn's bundled 8x8 digits (1,797 images, features (8, 8) in [0, 1])")
     p.add_argument("output", metavar="OUT.h5")
     _common(p)
     p = kinds.add_parser("synth-text", help="generated noisy HTML documents, any number of rows")
     p.add_argument("output", metavar="OUT.h5")
-    p.add_argument("--rows", type=int, required=True, metavar="N")
-    p.add_argument("--classes", type=int, default=4, metavar="C")
-    p.add_argument("--jsonl", metavar="FILE", help="also write the raw documents as JSONL")
+    p.add_argument("--rows", type=_int_at_least(1), required=True, metavar="N")
+    p.add_argument("--classes", type=_int_at_least(2), default=4, metavar="C", help="(default 4)")
+    p.add_argument("--jsonl", metavar="FILE", help="also write the generated documents as JSONL")
     _text_options(p)
     _common(p)
     prep.set_defaults(handler="mpirt.data.commands:run_prepare")
@@ -65,57 +107,46 @@ def add_parser(sub):
     p.set_defaults(handler="mpirt.data.commands:run_inspect")
 
 
-def run_prepare(args):
-    from mpirt.data import prepare
+def _check_output(path):
     from mpirt.errors import UsageError
 
-    opts = prepare.Options(args.shards, args.shard_rows, args.val_fraction, args.test_fraction, args.seed)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
+    out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise UsageError(f"{args.output}: directory {out_dir} does not exist")
-    if args.kind == "text":
-        result = prepare.prepare_text(args.input, args.output, opts, text_field=args.text_field,
-                                      label_field=args.label_field, n_features=args.features,
-                                      hash_seed=args.hash_seed, bigrams=args.bigrams, skip_bad=args.skip_bad,
-                                      workers=args.workers)
-    elif args.kind == "synth-text":
-        from mpirt.data.synth import SynthText
+        raise UsageError(f"{path}: directory {out_dir} does not exist (create it first)")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory; give a file name for the data set")
 
-        if args.rows < 1 or args.classes < 2:
-            raise UsageError("synth-text needs --rows >= 1 and --classes >= 2")
-        gen = SynthText(classes=args.classes, seed=args.seed)
-        blocks = _tee_jsonl(gen.jsonl_lines(args.rows, prepare.BLOCK), args.jsonl)
-        result = prepare.prepare_text(f"synth-text({args.rows})", args.output, opts, n_features=args.features,
-                                      hash_seed=args.hash_seed, bigrams=args.bigrams, workers=args.workers,
-                                      blocks=blocks, n_estimate=args.rows)
-    elif args.kind == "npz":
-        X, y = prepare.load_npz(args.input)
-        result = prepare.prepare_dense(X, y, args.output, opts, source=args.input)
-    else:
-        X, y, names = prepare.load_digits_images()
-        result = prepare.prepare_dense(X, y, args.output, opts, class_names=names, source="sklearn digits")
+
+def run_prepare(args):
+    from mpirt.data import dense, prepare
+    from mpirt.errors import DataError
+
+    opts = prepare.Options(args.shards, args.shard_rows, args.val_fraction, args.test_fraction, args.seed)
+    _check_output(args.output)
+    if getattr(args, "jsonl", None):
+        _check_output(args.jsonl)
+    text = {}
+    if args.kind in ("text", "synth-text"):
+        text = dict(n_features=args.features or (1 << (args.hash_bits or 20)), hash_seed=args.hash_seed,
+                    bigrams=args.bigrams, workers=args.workers)
+    try:
+        if args.kind == "text":
+            result = prepare.prepare_text(args.input, args.output, opts, text_field=args.text_field,
+                                          label_field=args.label_field, skip_bad=args.skip_bad, **text)
+        elif args.kind == "synth-text":
+            result = prepare.prepare_text("synth-text", args.output, opts, synth=(args.rows, args.classes, args.seed),
+                                          jsonl_out=args.jsonl, **text)
+        elif args.kind == "npz":
+            result = dense.prepare_npz(args.input, args.output, opts)
+        else:
+            result = dense.prepare_digits(args.output, opts)
+    except OSError as exc:  # disk full, permission denied, an unreadable input: one line, not a traceback
+        raise DataError(f"{exc.filename or args.output}: {exc.strerror or exc}") from None
     rows = result["rows"]
     skipped = f", {result['skipped']} bad lines skipped" if result["skipped"] else ""
     print(f"{args.output}: {rows['train']} train, {rows['val']} val, {rows['test']} test rows, "
           f"{len(result['classes'])} classes{skipped}")
     return 0
-
-
-def _tee_jsonl(blocks, path):
-    """Number the generated lines like a file's, and copy them to ``path`` when asked."""
-    from mpirt.atomic import atomic_path
-
-    line = 1
-    if not path:
-        for lines in blocks:
-            yield line, lines
-            line += len(lines)
-        return
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for lines in blocks:
-            f.write(b"\n".join(lines) + b"\n")
-            yield line, lines
-            line += len(lines)
 
 
 def run_inspect(args):
@@ -128,10 +159,13 @@ def run_inspect(args):
         print(json.dumps(summary, indent=1))
         return 0
     shape = summary["feature_shape"]
+    classes = summary["classes"]
     print(f"{args.path}: {summary['feature_kind']}, {summary['n_features']} features"
-          + (f" {tuple(shape)}" if shape else "") + f", {len(summary['classes'])} classes: "
-          + ", ".join(summary["classes"][:10]) + (" ..." if len(summary["classes"]) > 10 else ""))
+          + (f" {tuple(shape)}" if shape else "") + f", {len(classes)} classes: "
+          + ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else ""))
     for name, s in summary["splits"].items():
-        print(f"  {name:<5} {s['rows']:>9} rows  {s['shards']:>5} shards  per class {s['per_class'][:10]}")
-    print("OK: checksums, shard table, labels and features verified")
+        extra = f"  {s['tokens']:>11} tokens" if "tokens" in s else ""
+        print(f"  {name:<5} {s['rows']:>9} rows  {s['shards']:>5} shards of chunks of {s['chunk_rows']}{extra}"
+              f"  per class {s['per_class'][:10]}" + (" ..." if len(s["per_class"]) > 10 else ""))
+    print(f"OK: {args.path}: schema, shard table, checksums, labels and features verified")
     return 0

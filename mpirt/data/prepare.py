@@ -1,99 +1,108 @@
-"""``mpirt prepare``: text (JSONL), npz and digits into the data-set format, streaming.
+"""``mpirt prepare text`` / ``synth-text``: JSONL (or generated documents) into a hashed-token data set.
 
-Text goes through blocks of lines: parse, clean HTML, tokenise, hash (in a pool
-of worker processes, results taken in input order so the output is the same
-for any number of workers), then stratified into splits and appended.
+Streaming: blocks of lines go through a pool of worker processes (parse, clean HTML,
+tokenise, hash; see :mod:`mpirt.data.textpipe`), come back in input order, are
+assigned to splits by the streaming stratifier and appended to the writer. Memory is
+bounded by the blocks in flight and one chunk per split, whatever the input size.
+The output is written under a temporary name and renamed into place when complete.
 """
 
-import json
-import multiprocessing as mp
+import math
 import os
-from collections import deque
 
 import numpy as np
 
 from mpirt.atomic import atomic_path
-from mpirt.data.format import DENSE, SPLITS, TOKENS
+from mpirt.data.dense import prepare_dense, prepare_digits, prepare_npz  # noqa: F401 (one home for prepare_*)
+from mpirt.data.format import DEFAULT_SHARD_ROWS, SPLITS, TOKENS
 from mpirt.data.split import Stratifier
+from mpirt.data.textpipe import (SYNTH_BLOCK_ROWS, TextParams, default_workers, file_blocks, ordered_map,
+                                 process_file_block, process_synth_block)
 from mpirt.errors import DataError, UsageError
-
-BLOCK = 4096
 
 
 class Options:
-    """What every prepare command shares (validated once)."""
+    """What every prepare command shares, validated once.
+
+    Args:
+        shards: shards per split (at most; the last may be larger), or None.
+        shard_rows: rows per shard (default 4096), or None. Not both.
+        val_fraction, test_fraction: stratified shares of val and test.
+        seed: seeds the split (and, for synth-text, the documents).
+    """
 
     def __init__(self, shards=None, shard_rows=None, val_fraction=0.1, test_fraction=0.1, seed=0):
         if shards is not None and shard_rows is not None:
             raise UsageError("give --shards or --shard-rows, not both")
         if (shards is not None and shards < 1) or (shard_rows is not None and shard_rows < 1):
             raise UsageError("--shards and --shard-rows must be >= 1")
-        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise UsageError("--val-fraction and --test-fraction must be in [0, 1) and leave rows for training")
+        for name, f in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+            if not (math.isfinite(f) and 0 <= f < 1):
+                raise UsageError(f"{name} must be in [0, 1), not {f}")
+        if val_fraction + test_fraction >= 1:
+            raise UsageError("--val-fraction and --test-fraction must add up to less than 1 and leave rows "
+                             "for training")
         self.shards, self.shard_rows = shards, shard_rows
-        self.fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.val_fraction, self.test_fraction, self.seed = float(val_fraction), float(test_fraction), int(seed)
+        self.fractions = (1.0 - self.val_fraction - self.test_fraction, self.val_fraction, self.test_fraction)
 
-    def shard_rows_per_split(self, n_estimate):
+    def stratifier(self):
+        return Stratifier(self.val_fraction, self.test_fraction, self.seed)
+
+    def plan(self, split_rows, exact=False):
+        """Rows per shard and most shards per split, from the (estimated) rows of each split.
+
+        Args:
+            split_rows: dict split -> rows expected.
+            exact: the counts are exact; a split smaller than a shard then gets chunks of its own
+                size, not a mostly empty one (a dense chunk can be megabytes).
+
+        Returns:
+            (shard_rows, max_shards): dicts split -> int, and split -> int or None.
+        """
         if self.shards is None:
-            rows = self.shard_rows or 4096
-            return {s: rows for s in SPLITS}
-        return {s: max(1, -(-int(round(n_estimate * f)) // self.shards)) for s, f in zip(SPLITS, self.fractions)}
+            rows = self.shard_rows or DEFAULT_SHARD_ROWS
+            return {s: min(rows, max(int(split_rows[s]), 1)) if exact else rows for s in SPLITS}, None
+        return ({s: max(1, -(-int(split_rows[s]) // self.shards)) for s in SPLITS},
+                {s: self.shards for s in SPLITS})
+
+    def estimate(self, n_rows):
+        """Expected rows per split of ``n_rows`` input rows."""
+        return {s: round(n_rows * f) for s, f in zip(SPLITS, self.fractions)}
 
 
-# -- text -------------------------------------------------------------------
-_hasher = None
+class ClassTable:
+    """Labels to class ids while streaming; ids are provisional until :meth:`final`.
 
+    Rows get ids in order of first appearance (all that is known mid-stream); at the end the
+    class names are sorted (numerically if every label was a JSON integer, else as strings)
+    and :meth:`final` gives the renumbering, so the same label set always gets the same ids
+    whatever the order of the input.
+    """
 
-def _process_block(task):
-    """Parse and hash one block of JSONL lines (runs in a worker process)."""
-    global _hasher
-    lines, first_line, text_field, label_field, n_features, seed, bigrams = task
-    from mpirt.data.html import clean_html
-    from mpirt.data.tokens import Hasher
+    def __init__(self):
+        self.ids, self.names, self.all_int = {}, [], True
 
-    if _hasher is None or _hasher.key != int(seed).to_bytes(8, "little") or _hasher.bigrams != bigrams \
-            or int(_hasher.mask) + 1 != n_features:
-        _hasher = Hasher(n_features, seed, bigrams)
-    rows, labels, ids, lengths, bad = [], [], [], [], []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        lineno = first_line + i
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            bad.append((lineno, "not valid JSON"))
-            continue
-        if not isinstance(obj, dict) or text_field not in obj or label_field not in obj:
-            missing = text_field if not isinstance(obj, dict) or text_field not in obj else label_field
-            bad.append((lineno, f"no '{missing}' field"))
-            continue
-        text, label = obj[text_field], obj[label_field]
-        if not isinstance(text, str) or not isinstance(label, (str, int)) or isinstance(label, bool):
-            bad.append((lineno, f"'{text_field}' must be a string and '{label_field}' a string or integer"))
-            continue
-        tok = _hasher.ids(clean_html(text))
-        rows.append(lineno - 1)
-        labels.append(str(label))
-        ids.append(tok)
-        lengths.append(len(tok))
-    flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
-    return np.asarray(rows, np.int64), labels, flat, np.asarray(lengths, np.int64), bad
+    def encode(self, labels):
+        ids, names = self.ids, self.names
+        out = np.empty(len(labels), dtype=np.int64)
+        for i, lab in enumerate(labels):
+            key = lab if isinstance(lab, str) else str(lab)
+            c = ids.get(key)
+            if c is None:
+                c = ids[key] = len(names)
+                names.append(key)
+                self.all_int = self.all_int and not isinstance(lab, str)
+            out[i] = c
+        return out
 
-
-def _line_blocks(path):
-    with open(path, "rb") as f:
-        block, first = [], 1
-        for lineno, line in enumerate(f, 1):
-            if not block:
-                first = lineno
-            block.append(line)
-            if len(block) == BLOCK:
-                yield first, block
-                block = []
-        if block:
-            yield first, block
+    def final(self):
+        """(sorted class names, remap array: provisional id -> final id)."""
+        order = sorted(range(len(self.names)), key=(lambda c: int(self.names[c])) if self.all_int
+                       else (lambda c: self.names[c]))
+        remap = np.empty(len(order), dtype=np.int64)
+        remap[order] = np.arange(len(order))
+        return [self.names[c] for c in order], remap
 
 
 def _count_lines(path):
@@ -101,138 +110,98 @@ def _count_lines(path):
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b""))
 
 
-def _ordered_map(func, tasks, workers):
-    """``map`` over a pool with a bounded number of blocks in flight (memory stays flat)."""
-    if workers <= 1:
-        for t in tasks:
-            yield func(t)
-        return
-    ctx = mp.get_context("fork")
-    with ctx.Pool(workers) as pool:
-        pending = deque()
-        for t in tasks:
-            pending.append(pool.apply_async(func, (t,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 def prepare_text(in_path, out_path, opts, *, text_field="text", label_field="label", n_features=1 << 20,
-                 hash_seed=0, bigrams=False, skip_bad=False, workers=None, blocks=None, n_estimate=None):
-    """Prepare a JSONL file (or ``blocks`` of JSONL lines) into a hashed-token data set.
+                 hash_seed=0, bigrams=False, skip_bad=False, workers=None, synth=None, jsonl_out=None):
+    """Prepare a JSONL file, or generated documents, into a hashed-token data set at ``out_path``.
+
+    Args:
+        in_path: the JSONL file (one object a line), or a name for messages when ``synth`` is given.
+        out_path: the .h5 to write (replaced atomically if it exists).
+        opts: :class:`Options`.
+        text_field, label_field: JSON keys of the document and its label (string or integer).
+        n_features: hash buckets (a power of two); hash_seed, bigrams: see :class:`~mpirt.data.tokens.Hasher`.
+        skip_bad: skip malformed lines and count them instead of failing on the first.
+        workers: tokenising processes (default: the usable cores, at most 8; 1 = no processes).
+        synth: (rows, classes, seed) to generate documents (:mod:`mpirt.data.synth`) instead of reading.
+        jsonl_out: with ``synth``, also write the generated JSONL there.
 
     Returns:
-        dict with rows per split, skipped lines and classes.
+        dict: rows per split, skipped lines, class names.
+
+    Raises:
+        DataError: missing/empty input, a malformed line (its number), no usable rows.
     """
-    if blocks is None:
-        if not os.path.isfile(in_path):
+    from mpirt.data.tokens import check_features
+
+    try:
+        check_features(n_features)
+    except ValueError as exc:
+        raise UsageError(f"--features: {exc}") from None
+    params = TextParams(text_field, label_field, int(n_features), int(hash_seed), bool(bigrams))
+    workers = workers or default_workers()
+    if synth is None:
+        in_path = os.fspath(in_path)
+        if not os.path.exists(in_path):
             raise DataError(f"{in_path}: no such file")
-        n_estimate = _count_lines(in_path)
-        if n_estimate == 0 and os.path.getsize(in_path) == 0:
+        if not os.path.isfile(in_path):
+            raise DataError(f"{in_path}: not a regular file")
+        if os.path.getsize(in_path) == 0:
             raise DataError(f"{in_path}: empty input (no rows)")
-        blocks = _line_blocks(in_path)
-    workers = workers or min(os.cpu_count() or 1, 4)
-    tasks = ((lines, first, text_field, label_field, n_features, hash_seed, bigrams) for first, lines in blocks)
-    classes, skipped = {}, 0
-    strat = Stratifier(opts.val_fraction, opts.test_fraction, opts.seed)
-    from mpirt.data.writer import DatasetWriter
-
-    with atomic_path(out_path) as tmp:
-        writer = DatasetWriter(tmp, TOKENS, n_features, opts.shard_rows_per_split(max(n_estimate or 1, 1)),
-                               attrs={"hash_seed": hash_seed, "bigrams": bigrams, "lowercase": True,
-                                      "source": os.path.basename(in_path or "")})
-        try:
-            for rows, labels, flat, lengths, bad in _ordered_map(_process_block, tasks, workers):
-                if bad and not skip_bad:
-                    lineno, why = bad[0]
-                    raise DataError(f"{in_path}:{lineno}: {why} (use --skip-bad to skip such lines)")
-                skipped += len(bad)
-                y = np.array([classes.setdefault(lab, len(classes)) for lab in labels], dtype=np.int64)
-                where = strat.assign(y)
-                token_split = np.repeat(where, lengths)
-                for s, name in enumerate(SPLITS):
-                    sel = np.flatnonzero(where == s)
-                    if sel.size:
-                        writer.splits[name].append(y[sel], rows[sel], ids=flat[token_split == s],
-                                                   lengths=lengths[sel])
-            if not classes:
-                raise DataError(f"{in_path}: no rows" + (f" ({skipped} bad lines skipped)" if skipped else ""))
-            writer.finish(list(classes))
-        except BaseException:
-            writer.abort()
-            raise
-    return {"rows": {s: writer.splits[s].n for s in SPLITS}, "skipped": skipped, "classes": list(classes)}
-
-
-# -- dense ------------------------------------------------------------------
-def prepare_dense(X, y, out_path, opts, class_names=None, source=""):
-    """Write dense features ``X`` (n, ...) and labels ``y`` (ints or strings)."""
-    from mpirt.data.writer import DatasetWriter
-
-    X = np.asarray(X)
-    y = np.asarray(y)
-    if X.ndim < 2 or len(X) == 0:
-        raise DataError(f"{source}: empty input (X has shape {X.shape}; need (n >= 1, features...))")
-    if len(y) != len(X):
-        raise DataError(f"{source}: X has {len(X)} rows but y has {len(y)}")
-    if not np.issubdtype(X.dtype, np.number):
-        raise DataError(f"{source}: X must be numeric, not {X.dtype}")
-    finite = np.isfinite(X.reshape(len(X), -1)).all(axis=1)
-    if not finite.all():
-        raise DataError(f"{source}: NaN or inf in X at row {int(np.flatnonzero(~finite)[0])}")
-    if class_names is None:
-        if np.issubdtype(y.dtype, np.integer):
-            if y.min() < 0:
-                raise DataError(f"{source}: negative label {int(y.min())}")
-            class_names = [str(c) for c in range(int(y.max()) + 1)]
-            labels = y.astype(np.int64)
-        else:
-            class_names, labels = np.unique(y.astype(str), return_inverse=True)
-            class_names = list(class_names)
+        n_estimate = _count_lines(in_path) + 1 if opts.shards else 0  # a pass only --shards needs
+        calls = ((process_file_block, (in_path, off, length, params)) for off, length in file_blocks(in_path))
     else:
-        labels = y.astype(np.int64)
-    strat = Stratifier(opts.val_fraction, opts.test_fraction, opts.seed)
-    where = strat.assign(labels)
-    shape = X.shape[1:]
+        rows, classes, gen_seed = synth
+        n_estimate = rows
+        calls = ((process_synth_block, (classes, gen_seed, s, min(SYNTH_BLOCK_ROWS, rows - s), params,
+                                        jsonl_out is not None)) for s in range(0, rows, SYNTH_BLOCK_ROWS))
+    shard_rows, max_shards = opts.plan(opts.estimate(n_estimate))
+    attrs = {"hash_seed": int(hash_seed), "bigrams": bool(bigrams), "lowercase": True,
+             "hash": "blake2b-64 keyed, low bits", "text_field": text_field, "label_field": label_field,
+             "source": os.path.basename(str(in_path))}
+    if jsonl_out is not None:
+        with atomic_path(jsonl_out) as raw_tmp, open(raw_tmp, "wb") as raw:
+            return _run(in_path, out_path, opts, params, calls, workers, skip_bad, shard_rows, max_shards,
+                        attrs, raw)
+    return _run(in_path, out_path, opts, params, calls, workers, skip_bad, shard_rows, max_shards, attrs, None)
+
+
+def _run(in_path, out_path, opts, params, calls, workers, skip_bad, shard_rows, max_shards, attrs, raw):
+    from mpirt.data.writer import DatasetWriter
+
+    table, strat = ClassTable(), opts.stratifier()
+    skipped, line_base = 0, 0
     with atomic_path(out_path) as tmp:
-        writer = DatasetWriter(tmp, DENSE, int(np.prod(shape)), opts.shard_rows_per_split(len(X)),
-                               feature_shape=shape, attrs={"source": source})
+        writer = DatasetWriter(tmp, TOKENS, params.n_features, shard_rows, attrs=attrs, max_shards=max_shards)
         try:
-            rows = np.arange(len(X), dtype=np.int64)
-            for start in range(0, len(X), 65536):
-                sl = slice(start, start + 65536)
-                for s, name in enumerate(SPLITS):
-                    sel = np.flatnonzero(where[sl] == s) + start
-                    if sel.size:
-                        writer.splits[name].append(labels[sel], rows[sel], X=X[sel].astype(np.float32))
-            writer.finish(class_names)
+            for res in ordered_map(calls, workers):
+                if raw is not None:
+                    raw.write(res.raw)
+                if res.bad:
+                    if not skip_bad:
+                        line, why = res.bad[0]
+                        raise DataError(f"{in_path}:{line_base + line + 1}: {why} (--skip-bad skips such lines)")
+                    skipped += len(res.bad)
+                if len(res.rows):
+                    _append(writer, strat, table, res, line_base)
+                line_base += res.lines
+            if not table.names:
+                raise DataError(f"{in_path}: no rows" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+            names, remap = table.final()
+            writer.finish(names, remap)
         except BaseException:
             writer.abort()
             raise
-    return {"rows": {s: writer.splits[s].n for s in SPLITS}, "skipped": 0, "classes": list(class_names)}
+    return {"rows": writer.rows(), "skipped": skipped, "classes": names}
 
 
-def load_npz(path):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("X", "y") if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: no array '{missing[0]}' (need X and y)")
-            return z["X"], z["y"]
-    except DataError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:120]})") from None
-
-
-def load_digits_images():
-    """scikit-learn's bundled 8x8 digits (no download), scaled to [0, 1], shape (n, 8, 8)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise UsageError("prepare digits needs scikit-learn: pip install 'mpirt[digits]'") from None
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64), [str(i) for i in range(10)]
+def _append(writer, strat, table, res, line_base):
+    y = table.encode(res.labels)
+    where = strat.assign(y, keys=table.names)
+    row_index = res.rows + line_base
+    token_split = np.repeat(where, res.lengths)
+    for s, name in enumerate(SPLITS):
+        sel = np.flatnonzero(where == s)
+        if sel.size == len(y):
+            writer.append(name, y, row_index, ids=res.ids, lengths=res.lengths)
+        elif sel.size:
+            writer.append(name, y[sel], row_index[sel], ids=res.ids[token_split == s], lengths=res.lengths[sel])

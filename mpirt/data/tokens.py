@@ -1,9 +1,14 @@
 """Tokenising and feature hashing for text.
 
-Words are runs of Unicode letters and digits, lowercased. Each word hashes to a
-bucket with keyed BLAKE2b (stable across processes and runs, unlike ``hash()``);
-a per-process cache makes the Zipf-distributed common words free. Bigrams hash
-from their words' 64-bit hashes with numpy arithmetic, so they need no cache.
+A word is a maximal run of Unicode letters and digits, lowercased (``[^\\W_]+`` on
+``text.lower()``). Each word's bucket comes from the low bits of keyed BLAKE2b-64 over
+its UTF-8 bytes: stable across processes, machines and runs (unlike ``hash()``), and
+independent for different seeds. A bounded word -> hash cache makes the words of a
+Zipf vocabulary, which repeat all the time, cost a dict look-up.
+
+Speed: ASCII text (most of it) is split with ``bytes.translate`` + ``bytes.split``, both C
+loops, instead of a Unicode regular expression; only tokens holding non-ASCII bytes go
+through the regular expression. Whole blocks of documents are hashed at once.
 """
 
 import hashlib
@@ -12,50 +17,114 @@ import re
 import numpy as np
 
 _WORD = re.compile(r"[^\W_]+")
-_MIX = np.uint64(0x9E3779B97F4A7C15)
+# ASCII letters and digits stay (upper case folded), every other ASCII byte becomes a space;
+# bytes >= 128 (UTF-8 of non-ASCII characters) stay for the slow path.
+_ASCII_FOLD = bytes(
+    (c | 0x20 if 65 <= c <= 90 else c) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or c >= 128) else 32
+    for c in range(256)
+)
+_K = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: the bigram mixing constant
+CACHE_WORDS = 1 << 19  # about 60 MB of cache at most per process; cleared (not grown) when full
+
+
+def words(text):
+    """The words of ``text`` as lowercased UTF-8 ``bytes``, in order."""
+    if text.isascii():
+        return text.encode("ascii").translate(_ASCII_FOLD).split()
+    toks = text.lower().encode("utf-8").translate(_ASCII_FOLD).split()
+    out = []
+    for t in toks:
+        if t.isascii():
+            out.append(t)
+        else:  # letters and digits beyond ASCII: let the Unicode regex decide
+            out.extend(w.encode("utf-8") for w in _WORD.findall(t.decode("utf-8")))
+    return out
+
+
+def tokenize(text):
+    """The words of ``text``, lowercased, as ``str`` (for tests and tools)."""
+    return [w.decode("utf-8") for w in words(text)]
+
+
+def check_features(n_features):
+    """Raise ValueError unless ``n_features`` is a power of two >= 2 (and < 2^32: ids are uint32)."""
+    if not isinstance(n_features, (int, np.integer)) or n_features < 2 or n_features & (n_features - 1) \
+            or n_features > 1 << 32:
+        raise ValueError(f"{n_features} is not a power of two between 2 and 2^32 (e.g. 1048576 = 2^20)")
+    return int(n_features)
 
 
 class Hasher:
     """Maps texts to hashed token ids in ``[0, n_features)``.
 
+    A word's id is ``blake2b(word_utf8, digest_size=8, key=seed as 8 little-endian bytes)``
+    read as a little-endian uint64, masked to its low ``log2(n_features)`` bits. With
+    ``bigrams`` each row also gets, after its words, one id per adjacent pair of words (a, b):
+    ``p = (h(a) * K) ^ (h(b) + K)``, ``p ^= p >> 29`` (uint64 arithmetic, K = 0x9E3779B97F4A7C15),
+    masked the same way.
+
     Args:
         n_features: number of buckets, a power of two.
-        seed: hash key; different seeds give independent hashings.
+        seed: hash key (0 <= seed < 2^64); different seeds give independent hashings.
         bigrams: also emit one id per pair of adjacent words.
     """
 
     def __init__(self, n_features, seed=0, bigrams=False):
-        if n_features < 2 or n_features & (n_features - 1):
-            raise ValueError(f"n_features must be a power of two >= 2, got {n_features}")
-        self.mask = np.uint64(n_features - 1)
-        self.key = int(seed).to_bytes(8, "little", signed=False)
-        self.bigrams = bigrams
+        self.n_features = check_features(n_features)
+        self.mask = np.uint64(self.n_features - 1)
+        self.seed, self.bigrams = int(seed), bool(bigrams)
+        self.key = self.seed.to_bytes(8, "little", signed=False)
         self._cache = {}
 
-    def word_hashes(self, words):
+    def word_hashes(self, toks):
+        """64-bit hashes of a list of word ``bytes``, as a uint64 array."""
         cache = self._cache
-        out = np.empty(len(words), dtype=np.uint64)
-        for i, w in enumerate(words):
-            h = cache.get(w)
-            if h is None:
-                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8, key=self.key).digest(), "little")
-                if len(cache) < 2_000_000:  # bounded: memory stays flat on any input
-                    cache[w] = h
-            out[i] = h
-        return out
+        new = set(toks).difference(cache)
+        if new:
+            if len(cache) + len(new) > CACHE_WORDS:
+                cache.clear()  # bounded memory; the frequent words come back at once
+            key = self.key
+            for w in new:
+                cache[w] = int.from_bytes(hashlib.blake2b(w, digest_size=8, key=key).digest(), "little")
+        return np.fromiter(map(cache.__getitem__, toks), dtype=np.uint64, count=len(toks))
 
     def ids(self, text):
         """Token ids of one (already cleaned) text, as uint32."""
-        words = _WORD.findall(text.lower())
-        h = self.word_hashes(words)
-        if self.bigrams and len(h) > 1:
+        flat, _ = self.ids_many([text])
+        return flat
+
+    def ids_many(self, texts):
+        """Token ids of many texts at once.
+
+        Returns:
+            (ids, lengths): the rows' ids concatenated (uint32) and each row's count (int64).
+        """
+        toks, counts = [], []
+        for text in texts:
+            w = words(text)
+            toks += w
+            counts.append(len(w))
+        h = self.word_hashes(toks)
+        counts = np.asarray(counts, dtype=np.int64)
+        if not self.bigrams:
+            return (h & self.mask).astype(np.uint32), counts
+        return self._with_bigrams(h, counts)
+
+    def _with_bigrams(self, h, counts):
+        """Lay out each row as its word ids followed by its bigram ids (vectorised over rows)."""
+        pairs = np.maximum(counts - 1, 0)
+        lengths = counts + pairs
+        out = np.empty(int(lengths.sum()), dtype=np.uint64)
+        out_start = np.cumsum(lengths) - lengths
+        word_start = np.cumsum(counts) - counts
+        row = np.repeat(np.arange(len(counts)), counts)
+        pos = np.arange(len(h)) - word_start[row]  # position of each word inside its row
+        out[out_start[row] + pos] = h
+        if len(h) > 1:
             with np.errstate(over="ignore"):
-                pair = (h[:-1] * _MIX) ^ (h[1:] + _MIX)
-                pair ^= pair >> np.uint64(29)
-            h = np.concatenate([h, pair])
-        return (h & self.mask).astype(np.uint32)
-
-
-def tokenize(text):
-    """The words of a text, lowercased (for tests and tools)."""
-    return _WORD.findall(text.lower())
+                p = (h[:-1] * _K) ^ (h[1:] + _K)
+                p ^= p >> np.uint64(29)
+            inside = pos[:-1] < counts[row[:-1]] - 1  # the pair does not cross into the next row
+            r = row[:-1][inside]
+            out[out_start[r] + counts[r] + pos[:-1][inside]] = p[inside]
+        return (out & self.mask).astype(np.uint32), lengths
