@@ -16,16 +16,15 @@ import re
 _ATTRS = r"""[^>"']*(?:(?:"[^"]*"|'[^']*')[^>"']*)*"""
 # Elements whose content is not text. Unclosed ones run to the end (as in a browser).
 _RAW_ELEMENTS = "script|style|template|noscript|iframe|object"
-_MARKUP = re.compile(
-    r"<(?:"
-    rf"(?P<raw>(?i:{_RAW_ELEMENTS}))\b{_ATTRS}>.*?(?:</(?i:(?P=raw))\s*>|\Z)"  # raw element and content
-    r"|!\[CDATA\[(?P<cdata>.*?)(?:\]\]>|\Z)"  # CDATA section: its content is text
-    r"|!--(?:-?>|.*?(?:--!?>|\Z))"  # comment, <!--> and <!---> included; an unclosed one runs to the end
-    rf"|[/!?]?[A-Za-z]{_ATTRS}>"  # any other tag, end tag, <!DOCTYPE ...> or <?pi ...>
-    r"|[!?][^>]*>"  # bogus comments such as <![if IE]> (HTML5 drops them up to the next '>')
-    r")",
-    re.S,
-)
+_RAW = rf"(?P<raw>(?i:{_RAW_ELEMENTS}))\b{_ATTRS}>.*?(?:</(?i:(?P=raw))\s*>|\Z)"  # raw element and content
+_CDATA = r"!\[CDATA\[(?P<cdata>.*?)(?:\]\]>|\Z)"  # CDATA section: its content is text
+_COMMENT = r"!--(?:-?>|.*?(?:--!?>|\Z))"  # comment, <!--> and <!---> too; an unclosed one runs to the end
+_TAG = rf"[/!?]?[A-Za-z]{_ATTRS}>"  # any other tag, end tag, <!DOCTYPE ...> or <?pi ...>
+_BOGUS = r"[!?][^>]*>"  # bogus comments such as <![if IE]> (HTML5 drops them up to the next '>')
+_MARKUP = re.compile(f"<(?:{_RAW}|{_CDATA}|{_COMMENT}|{_TAG}|{_BOGUS})", re.S)
+# The same without CDATA, for documents that have none (nearly all): a constant replacement
+# string is several times faster than a Python callback per tag.
+_MARKUP_PLAIN = re.compile(f"<(?:{_RAW}|{_COMMENT}|{_TAG}|{_BOGUS})", re.S)
 
 
 def _replace(match):
@@ -49,7 +48,7 @@ def clean_html(text):
         str: the visible text; words are separated wherever markup was.
     """
     if "<" in text:
-        text = _MARKUP.sub(_replace, text)
+        text = _MARKUP.sub(_replace, text) if "<![CDATA[" in text else _MARKUP_PLAIN.sub(" ", text)
     if "&" in text:
         text = html.unescape(text)
     return text

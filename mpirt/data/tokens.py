@@ -7,7 +7,7 @@ independent for different seeds. A bounded word -> hash cache makes the words of
 Zipf vocabulary, which repeat all the time, cost a dict look-up.
 
 Speed: ASCII text (most of it) is split with ``bytes.translate`` + ``bytes.split``, both C
-loops, instead of a Unicode regular expression; only tokens holding non-ASCII bytes go
+loops, instead of a Unicode regular expression; only the pieces holding non-ASCII bytes go
 through the regular expression. Whole blocks of documents are hashed at once.
 """
 
@@ -31,13 +31,24 @@ def words(text):
     """The words of ``text`` as lowercased UTF-8 ``bytes``, in order."""
     if text.isascii():
         return text.encode("ascii").translate(_ASCII_FOLD).split()
-    toks = text.lower().encode("utf-8").translate(_ASCII_FOLD).split()
-    out = []
-    for t in toks:
-        if t.isascii():
-            out.append(t)
-        else:  # letters and digits beyond ASCII: let the Unicode regex decide
-            out.extend(w.encode("utf-8") for w in _WORD.findall(t.decode("utf-8")))
+    text = text.lower()  # the whole text: lowercasing is context-sensitive (Greek final sigma)
+    b = text.encode("utf-8")
+    if len(b) > len(text) + len(text) // 8:  # mostly non-ASCII (Cyrillic, CJK...): all by regex
+        return [w.encode("utf-8") for w in _WORD.findall(text)]
+    # Mostly ASCII with a few other characters (&nbsp;, ©, é...): fold and split the ASCII in C, and
+    # let the Unicode regex decide only the space-delimited pieces holding non-ASCII bytes.
+    b = b.translate(_ASCII_FOLD)
+    out, pos = [], 0
+    for h in np.flatnonzero(np.frombuffer(b, dtype=np.uint8) >= 128).tolist():  # numpy: 5x a regex scan
+        if h < pos:
+            continue  # in a piece already done
+        a = b.rfind(b" ", 0, h) + 1
+        e = b.find(b" ", h)
+        e = len(b) if e < 0 else e
+        out += b[pos:a].split()
+        out += [w.encode("utf-8") for w in _WORD.findall(b[a:e].decode("utf-8"))]
+        pos = e
+    out += b[pos:].split()
     return out
 
 
