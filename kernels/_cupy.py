@@ -7,9 +7,13 @@ import numpy as np
 
 name = "cupy"
 HERE = os.path.dirname(os.path.abspath(__file__))
-WARPS_PER_BLOCK = 8  # predict.cu's shared table is sized for 8 warps
-CHUNK = 32768  # pack.cu's CHUNK
+WARPS = 8  # xent.cu's and predict.cu's rows per block (one warp each)
+REG_CLASSES = 1024  # xent.cu: rows up to this many classes are held in registers
+CHUNK = 8192  # pack.cu's CHUNK
+THREADS = 256
+_NULL = np.uint64(0)  # a null pointer argument
 _modules = {}
+_functions = {}
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 
 
@@ -17,15 +21,21 @@ def owns(x):
     return isinstance(x, cp.ndarray)
 
 
-def _module(source):
-    """RawModule for kernels/<source>, memoised per device (a module belongs to one context)."""
-    key = (source, cp.cuda.Device().id)
-    mod = _modules.get(key)
-    if mod is None:
-        with open(os.path.join(HERE, source)) as f:
-            mod = cp.RawModule(code=f.read(), options=("--std=c++17", "-lineinfo"))
-        _modules[key] = mod
-    return mod
+def _fn(source, kernel):
+    """Kernel ``kernel`` of kernels/<source>, compiled and looked up once per device.
+
+    A module belongs to one device's context, hence the device id in the key.
+    """
+    dev = cp.cuda.Device().id
+    fn = _functions.get((source, kernel, dev))
+    if fn is None:
+        mod = _modules.get((source, dev))
+        if mod is None:
+            with open(os.path.join(HERE, source)) as f:
+                mod = cp.RawModule(code=f.read(), options=("--std=c++17", "-lineinfo"))
+            _modules[(source, dev)] = mod
+        fn = _functions[(source, kernel, dev)] = mod.get_function(kernel)
+    return fn
 
 
 def _suffix(x):
@@ -33,12 +43,12 @@ def _suffix(x):
         return _SUFFIX[x.dtype]
     if x.dtype.name == "bfloat16":
         return "bf16"
-    raise TypeError(f"unsupported dtype {x.dtype}")
+    raise TypeError(f"unsupported logits dtype {x.dtype} (float32, float16 or bfloat16)")
 
 
 def _rows(z):
-    """A row-contiguous 2-D view (leading dimension ld) of the logits."""
-    if z.strides[1] != z.itemsize:
+    """A 2-D view with unit column stride and its leading dimension (elements between rows)."""
+    if z.strides[1] != z.itemsize or z.strides[0] % z.itemsize:
         z = cp.ascontiguousarray(z)
     return z, z.strides[0] // z.itemsize
 
@@ -46,98 +56,165 @@ def _rows(z):
 def softmax_xent(logits, labels, ignore_index, smoothing, grad_scale):
     z, ld = _rows(logits)
     n, C = z.shape
-    y = cp.ascontiguousarray(labels, dtype=cp.int64)
     want = grad_scale is not None
-    grad = cp.empty_like(z) if want else None
+    y = labels
+    if y.dtype != cp.int64 or not y.flags.c_contiguous:
+        y = cp.ascontiguousarray(y, dtype=cp.int64)
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    grad = cp.empty((n, C), dtype=z.dtype) if want else None
     if n == 0 or C == 0:
-        return 0.0, 0, 0, (cp.zeros_like(z) if want else None)
-    loss = cp.empty(n, dtype=cp.float32)
-    correct = cp.empty(n, dtype=cp.int32)
-    kernel = _module("xent.cu").get_function(f"xent_{_suffix(z)}")
-    blocks = (n + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
-    kernel((blocks,), (32 * WARPS_PER_BLOCK,),
+        if n and bool((y != ignore_index).any()):
+            raise ValueError("labels must be in [0, classes) or ignore_index")
+        return 0.0, 0, 0, grad
+    suffix = _suffix(z)
+    vec = 16 // z.itemsize
+    regs = C <= REG_CLASSES and C % vec == 0 and (ld * z.itemsize) % 16 == 0 and z.data.ptr % 16 == 0
+    blocks = (n + WARPS - 1) // WARPS
+    # [0:4] totals, [4] the kernel's ticket counter (must start at 0), [8:] one partial per block.
+    stats = cp.zeros(8 + 4 * blocks, dtype=cp.float64)
+    kernel = _fn("xent.cu", f"xent_{'regs' if regs else 'stream'}_{suffix}")
+    kernel((blocks,), (32 * WARPS,),
            (z, y, np.int64(n), np.int32(C), np.int64(ld), np.int64(ignore_index), np.float32(smoothing),
-            np.float32(grad_scale or 0.0), np.int32(want), grad if want else z, np.int64(C), loss, correct))
-    # One device-to-host copy for the three numbers (each sync costs more than the sums).
-    stats = cp.stack([loss.sum(dtype=cp.float64), correct.sum(dtype=cp.float64),
-                      (y != ignore_index).sum(dtype=cp.float64)]).get()
-    return float(stats[0]), int(stats[1]), int(stats[2]), grad
+            np.float32(grad_scale if want else 0.0), grad if want else _NULL, np.int64(C), stats))
+    loss, correct, kept, bad = stats[:4].get()  # the one device-to-host copy (and sync) per call
+    if bad:
+        raise ValueError(f"{int(bad)} labels outside [0, {C}) that are not ignore_index ({ignore_index})")
+    return float(loss), int(correct), int(kept), grad
 
 
 def predict_topk(logits, k):
     if k > 32:
-        raise ValueError("top-k supports k <= 32")
+        raise ValueError("top-k on cupy supports k <= 32")
     z, ld = _rows(logits)
     n, C = z.shape
     idx = cp.empty((n, k), dtype=cp.int64)
     prob = cp.empty((n, k), dtype=cp.float32)
     if n:
-        blocks = (n + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
-        _module("predict.cu").get_function(f"topk_{_suffix(z)}")(
-            (blocks,), (32 * WARPS_PER_BLOCK,), (z, np.int64(n), np.int32(C), np.int64(ld), np.int32(k), idx, prob))
+        blocks = (n + WARPS - 1) // WARPS
+        _fn("predict.cu", f"topk_{_suffix(z)}")(
+            (blocks,), (32 * WARPS,), (z, np.int64(n), np.int32(C), np.int64(ld), np.int32(k), idx, prob))
     return idx, prob
 
 
+# One row per CHUNK floats of a tensor: pack.cu's struct Chunk {u64 ptr; i64 flat_offset; i32 count; i32 pad}.
 _CHUNK_DTYPE = np.dtype([("ptr", "<u8"), ("flat_offset", "<i8"), ("count", "<i4"), ("pad", "<i4")])
-_tables = {}
 
 
-def _chunk_table(tensors):
-    """The device table of chunks for these tensors, cached by their addresses and sizes."""
+def _plan(tensors):
+    """(total floats, device chunk table, chunks) for these tensors, in their order."""
+    for t in tensors:
+        if not isinstance(t, cp.ndarray) or t.dtype != cp.float32 or not t.flags.c_contiguous:
+            raise TypeError("pack/unpack on cupy take C-contiguous float32 cupy arrays")
+    count = len(tensors)
+    sizes = np.fromiter((t.size for t in tensors), np.int64, count)
+    ptrs = np.fromiter((t.data.ptr for t in tensors), np.uint64, count)
+    offsets = np.cumsum(sizes) - sizes
+    per = (sizes + CHUNK - 1) // CHUNK
+    owner = np.repeat(np.arange(count), per)
+    start = (np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)) * CHUNK
+    rows = np.zeros(len(owner), _CHUNK_DTYPE)
+    rows["ptr"] = ptrs[owner] + 4 * start.astype(np.uint64)
+    rows["flat_offset"] = offsets[owner] + start
+    rows["count"] = np.minimum(CHUNK, sizes[owner] - start)
+    return int(sizes.sum()), cp.asarray(rows.view(np.uint8)), len(rows)
+
+
+def _flat(buf, numel):
+    if not isinstance(buf, cp.ndarray) or buf.dtype != cp.float32 or not buf.flags.c_contiguous:
+        raise TypeError("the flat buffer must be a C-contiguous float32 cupy array")
+    if buf.size < numel:
+        raise ValueError(f"the flat buffer holds {buf.size} floats, the tensors {numel}")
+    return buf
+
+
+class Bucket:
+    """The chunk table of a fixed list of tensors, uploaded once; each pack/unpack is one launch."""
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)  # keeps the memory the table points at alive
+        self.numel, self._table, self._chunks = _plan(self.tensors)
+
+    def pack(self, out=None):
+        out = cp.empty(self.numel, dtype=cp.float32) if out is None else _flat(out, self.numel)
+        if self._chunks:
+            _fn("pack.cu", "pack_f32")((self._chunks,), (THREADS,), (self._table, out))
+        return out
+
+    def unpack(self, flat, scale=1.0):
+        flat = _flat(flat, self.numel)
+        if self._chunks:
+            _fn("pack.cu", "unpack_f32")((self._chunks,), (THREADS,), (self._table, flat, np.float32(scale)))
+
+
+_plans = {}
+
+
+def _cached_plan(tensors):
+    """A plan keyed by the tensors' addresses and sizes: the table depends on nothing else, so a
+    plan stays right even when memory is freed and reused by tensors of the same sizes."""
     key = tuple((t.data.ptr, t.size) for t in tensors)
-    table = _tables.get(key)
-    if table is None:
-        rows, offset = [], 0
-        for t in tensors:
-            if t.dtype != cp.float32 or not t.flags.c_contiguous:
-                raise TypeError("pack/unpack on cupy take contiguous float32 arrays")
-            for start in range(0, t.size, CHUNK):
-                rows.append((t.data.ptr + 4 * start, offset + start, min(CHUNK, t.size - start), 0))
-            offset += t.size
-        table = (cp.asarray(np.array(rows, dtype=_CHUNK_DTYPE).view(np.uint8)), len(rows), offset)
-        if len(_tables) > 64:
-            _tables.clear()
-        _tables[key] = table
-    return table
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 64:
+            _plans.clear()
+        plan = _plans[key] = _plan(tensors)
+    return plan
 
 
 def pack(tensors, out=None):
-    table, count, total = _chunk_table(tensors)
-    out = cp.empty(total, dtype=cp.float32) if out is None else out
-    if count:
-        _module("pack.cu").get_function("pack_f32")((count,), (256,), (table, out))
+    numel, table, chunks = _cached_plan(tensors)
+    out = cp.empty(numel, dtype=cp.float32) if out is None else _flat(out, numel)
+    if chunks:
+        _fn("pack.cu", "pack_f32")((chunks,), (THREADS,), (table, out))
     return out
 
 
 def unpack(flat, tensors, scale):
-    table, count, _ = _chunk_table(tensors)
-    if count:
-        _module("pack.cu").get_function("unpack_f32")((count,), (256,), (table, flat, np.float32(scale)))
+    numel, table, chunks = _cached_plan(tensors)
+    flat = _flat(flat, numel)
+    if chunks:
+        _fn("pack.cu", "unpack_f32")((chunks,), (THREADS,), (table, flat, np.float32(scale)))
 
 
 def _grid(n):
-    return (min(max((n + 255) // 256, 1), 65535),), (256,)
+    """Blocks for a grid-stride loop over n elements (at most 8 waves of 2,048-thread SMs' worth)."""
+    return (int(min(max((n + THREADS - 1) // THREADS, 1), 65535)),), (THREADS,)
+
+
+def _f32_buffer(x, what, size):
+    if not isinstance(x, cp.ndarray) or x.dtype != cp.float32 or not x.flags.c_contiguous or x.size != size:
+        raise TypeError(f"{what} must be a C-contiguous float32 cupy array of {size} elements")
+    return x
 
 
 def compress(x, dtype, residual=None):
     x = cp.ascontiguousarray(x, dtype=cp.float32)
+    if residual is not None:
+        _f32_buffer(residual, "residual", x.size)
     out = cp.empty(x.shape, dtype=cp.float16 if dtype == "fp16" else cp.uint16)
-    fn = _module("compress.cu").get_function("compress_f16" if dtype == "fp16" else "compress_bf16")
-    grid, block = _grid(x.size)
-    fn(grid, block, (x, residual if residual is not None else 0, out, np.int64(x.size)))
+    if x.size:
+        grid, block = _grid(x.size)
+        _fn("compress.cu", "compress_f16" if dtype == "fp16" else "compress_bf16")(
+            grid, block, (x, residual if residual is not None else _NULL, out, np.int64(x.size)))
     return out
 
 
 def decompress(c, dtype, out=None):
-    out = cp.empty(c.shape, dtype=cp.float32) if out is None else out
-    fn = _module("compress.cu").get_function("decompress_f16" if dtype == "fp16" else "decompress_bf16")
-    grid, block = _grid(c.size)
-    fn(grid, block, (c, out, np.int64(c.size)))
+    c = cp.ascontiguousarray(c)
+    out = cp.empty(c.shape, dtype=cp.float32) if out is None else _f32_buffer(out, "out", c.size)
+    if c.size:
+        grid, block = _grid(c.size)
+        _fn("compress.cu", "decompress_f16" if dtype == "fp16" else "decompress_bf16")(
+            grid, block, (c, out, np.int64(c.size)))
     return out
 
 
 def segment_add(dst, src, offset):
-    view = dst[offset:offset + src.size]
-    grid, block = _grid(src.size)
-    _module("compress.cu").get_function("segment_add_f32")(grid, block, (view, cp.ascontiguousarray(src),
-                                                                         np.int64(src.size)))
+    if not isinstance(dst, cp.ndarray) or dst.dtype != cp.float32 or not dst.flags.c_contiguous:
+        raise TypeError("segment_add on cupy needs a C-contiguous float32 destination")
+    src = cp.ascontiguousarray(src, dtype=cp.float32).ravel()
+    if src.size:
+        grid, block = _grid(src.size)
+        _fn("reduce.cu", "segment_add_f32")(grid, block, (dst.ravel()[offset:offset + src.size], src,
+                                                          np.int64(src.size)))

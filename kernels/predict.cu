@@ -30,7 +30,9 @@ __device__ void topk_row(const T* __restrict__ logits, long long n, int C, long 
         s = (mx == NEG_INF) ? 0.f : s * __expf(m - mx) + s2 * __expf(m2 - mx);
         m = mx;
     }
-    const float lse = m + __logf(s);
+    // p = exp(z - m) / s rather than exp(z - lse): with logits of 1e4, lse = m + log(s) rounds to
+    // float's 1e-3 spacing there, and that error would land in every probability.
+    const float inv_s = 1.f / s;
     for (int t = 0; t < k; ++t) {
         float best = NEG_INF;
         int best_j = 0x7fffffff;
@@ -50,7 +52,7 @@ __device__ void topk_row(const T* __restrict__ logits, long long n, int C, long 
         if (lane == 0) {
             taken[warp][t] = best_j;
             out_idx[row * k + t] = best_j;
-            out_prob[row * k + t] = __expf(best - lse);
+            out_prob[row * k + t] = __expf(best - m) * inv_s;
         }
         __syncwarp();
     }
