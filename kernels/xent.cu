@@ -210,7 +210,8 @@ __device__ RowOut xent_stream(const T* __restrict__ z, T* __restrict__ g, int C,
 }
 
 // Block partial -> the last block adds all partials into stats[0..3] (loss, correct, kept, bad).
-// stats layout (float64, zeroed by the host): [0..3] totals, [4] ticket counter, [8 + 4b ...] partials.
+// stats layout (float64): [0..3] totals, [4] ticket counter (0 before a launch, and again after
+// it), [8 + 4b ...] partials.
 __device__ void block_totals(double* stats, float loss, int correct, int kept, int bad) {
     __shared__ double part[WARPS][4];
     __shared__ bool last;
@@ -242,6 +243,7 @@ __device__ void block_totals(double* stats, float loss, int correct, int kept, i
         for (int w = 0; w < WARPS; ++w) u += part[w][threadIdx.x];
         stats[threadIdx.x] = u;
     }
+    if (threadIdx.x == 0) *reinterpret_cast<unsigned*>(stats + 4) = 0u;  // the buffer can be reused
 }
 
 // The row's setup, the chosen path, then the block's totals. REGS: C <= REG_CLASSES, C % V == 0
@@ -281,7 +283,7 @@ __device__ __forceinline__ void xent(const T* __restrict__ logits, const long lo
 }
 
 // grad may be null (forward only). Launch WARPS * 32 threads and ceil(n / WARPS) blocks; stats is
-// a zeroed float64 buffer of 8 + 4 * blocks. Each path is its own kernel, so the register path's
+// a float64 buffer of 8 + 4 * blocks whose ticket starts at 0. Each path is its own kernel, so the register path's
 // count is its own: capped at 80 (3 blocks, 24 warps per SM: with every load of a row issued at
 // once that keeps ample bytes in flight); a cap of 64 spills.
 #define XENT(NAME, T) \

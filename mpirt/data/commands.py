@@ -28,14 +28,15 @@ def _bits(text):
     return value
 
 
-def _int_at_least(lo):
+def _int_at_least(lo, hi=None):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} is less than {lo}")
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is not between {lo} and {hi}" if hi is not None
+                                             else f"{value} is less than {lo}")
         return value
     return parse
 
@@ -57,7 +58,8 @@ def _common(p):
                    help="rows per shard (default 4096; rounded up to a whole number of chunks if need be)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F", help="stratified (default 0.1)")
     p.add_argument("--test-fraction", type=_fraction, default=0.1, metavar="F", help="stratified (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--seed", type=_int_at_least(0, 2**63 - 1), default=0, metavar="S",
+                   help="split seed; synth-text: also the documents' (default 0)")
 
 
 def _text_options(p):
@@ -65,7 +67,8 @@ def _text_options(p):
     g.add_argument("--features", type=_power_of_two, metavar="2^K",
                    help="hash buckets, a power of two (default 1048576)")
     g.add_argument("--hash-bits", type=_bits, metavar="K", help="2^K hash buckets (same as --features 2^K)")
-    p.add_argument("--hash-seed", type=_int_at_least(0), default=0, metavar="S", help="hash key (default 0)")
+    p.add_argument("--hash-seed", type=_int_at_least(0, 2**64 - 1), default=0, metavar="S",
+                   help="hash key (default 0)")
     p.add_argument("--bigrams", action="store_true", help="also hash adjacent word pairs")
     p.add_argument("--workers", type=_int_at_least(1), metavar="W",
                    help="tokenising processes (default: usable cores, at most 8; 1: none)")

@@ -42,7 +42,8 @@ def write_dense(out_path, opts, feature_shape, class_names, blocks, split_rows, 
         try:
             start = 0
             for X, y in blocks:
-                Xf = np.asarray(X).astype(np.float32)
+                with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one line
+                    Xf = np.asarray(X).astype(np.float32)
                 finite = np.isfinite(Xf.reshape(len(Xf), -1)).all(axis=1)
                 if not finite.all():
                     bad = int(np.flatnonzero(~finite)[0])

@@ -3,9 +3,9 @@
 Each class has a counter: after ``t`` rows of the class, split ``s`` is owed
 ``f_s * (t + phase) - assigned_s`` rows, and the next row of the class goes to the
 split owed the most (ties to the earlier split). So every class is divided in the
-requested proportions to within one row at every point of the stream, without
-knowing the input size and without holding it: the state is three counts per
-class. The phase in [0, 1) is a seeded hash of (seed, class key), so which rows of
+requested proportions at every point of the stream (each split's count stays within
+two rows of its share, in practice about one), without knowing the input size and
+without holding it: the state is three counts per class. The phase in [0, 1) is a seeded hash of (seed, class key), so which rows of
 a class are held out changes with ``--seed`` and differs between classes.
 
 This is systematic sampling: within a class the held-out rows are spread evenly

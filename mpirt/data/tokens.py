@@ -90,10 +90,12 @@ class Hasher:
     def word_hashes(self, toks):
         """64-bit hashes of a list of word ``bytes``, as a uint64 array."""
         cache = self._cache
-        new = set(toks).difference(cache)
+        seen = set(toks)
+        new = seen.difference(cache)
         if new:
             if len(cache) + len(new) > CACHE_WORDS:
                 cache.clear()  # bounded memory; the frequent words come back at once
+                new = seen
             key = self.key
             for w in new:
                 cache[w] = int.from_bytes(hashlib.blake2b(w, digest_size=8, key=key).digest(), "little")
