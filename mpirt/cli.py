@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "mpirt.info",
     "mpirt.data.commands",
     "mpirt.comm.launch",
+    "mpirt.train.commands",
     "mpirt.jobs.commands",
 )
 

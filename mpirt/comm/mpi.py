@@ -31,7 +31,17 @@ def MPI():  # noqa: N802 - reads like the module it returns
 
 
 _finalizer_registered = []
+_skip_finalize = []
 FINALIZE_GRACE = 5
+
+
+def skip_finalize():
+    """Exit without MPI_Finalize: for a job stopping on an error after failures.
+
+    Finalize after failures can spin until the grace period ends, and the launcher
+    does not wait for such a rank: it would outlive the job by seconds.
+    """
+    _skip_finalize.append(True)
 
 
 def _bounded_finalize(MPI):
@@ -41,7 +51,7 @@ def _bounded_finalize(MPI):
     the GIL, so no Python-level watchdog could fire; SIGALRM's default action can.
     Every result is committed, and the job's status written, before exit.
     """
-    if MPI.Is_finalized() or not MPI.Is_initialized():
+    if _skip_finalize or MPI.Is_finalized() or not MPI.Is_initialized():
         return
     sys.stdout.flush()
     sys.stderr.flush()

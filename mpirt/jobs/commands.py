@@ -23,7 +23,7 @@ def add_parser(sub):
     p.set_defaults(handler="mpirt.jobs.commands:run_wordcount")
 
 
-def _spawn_argv(args, positional, options):
+def spawn_argv(args, positional, options):
     """The command a joining rank runs: this job again, with absolute paths."""
     argv = [sys.executable, "-m", "mpirt", args.command, *[os.path.abspath(p) for p in positional]]
     for flag, value in options:
@@ -47,7 +47,7 @@ def run_wordcount(args):
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
-    argv = _spawn_argv(args, [args.data], [("--out", out), ("--split", args.split), ("--events", events),
+    argv = spawn_argv(args, [args.data], [("--out", out), ("--split", args.split), ("--events", events),
                                            ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts)])
     job = WordCount(args.data, out, args.split, spawn_argv=argv)
     summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,

@@ -1,0 +1,193 @@
+"""The fused, segmented gradient allreduce.
+
+Gradients are packed (one kernel launch per bucket, :class:`mpirt.kernels.Bucket`) into flat
+float32 buffers, summed across the view, and scattered back multiplied by ``1 / total samples``.
+Why each part:
+
+- *buckets*: one message per tensor costs one latency each (160 tensors: 160 latencies); one
+  bucket per ``bucket_bytes`` costs a few;
+- *segments*: on the fault-tolerant tcp path a single large ``MPI_Allreduce`` collapses (FACTS.md:
+  0.52 GB/s at 64 MiB against 2.2 GB/s at 1 MiB), so a bucket is reduced as ``segment_bytes``
+  pieces, ``inflight`` of them outstanding at once (``Iallreduce``) so their latencies overlap;
+- *stats tail*: the step's sample count, loss sum and the protocol's flags ride in the last
+  bucket's tail, so they cost no extra collective (counts stay exact below 2^24 in float32);
+- *compression* (``bf16``/``fp16``): half the bytes on the wire, with error feedback (each rank
+  keeps what rounding lost and adds it to its next gradient); the sum runs in a user-defined MPI
+  op that adds in float32 and rounds once per pairwise add; the stats then travel in float64;
+- *device tensors*: packed on the device, staged through host memory unless the MPI is CUDA-aware.
+
+Every rank gets bitwise the same sums (each element is reduced once by MPI and broadcast), so
+replicated parameters stay identical across ranks.
+"""
+
+import numpy as np
+
+import mpirt.kernels as K
+
+# Chosen by `python -m bench allreduce` on the 2-core machine (tcp path, 4 ranks): see bench/RESULTS.md.
+BUCKET_BYTES = 16 << 20
+SEGMENT_BYTES = 1 << 20
+INFLIGHT = 4
+COMPRESSIONS = ("bf16", "fp16")
+
+
+class GradAllreduce:
+    """Sum the gradients of ``params`` (and a few stats) over ``ec``'s current communicator.
+
+    Args:
+        ec: the :class:`mpirt.comm.elastic.ElasticComm` (its ``.comm`` may change between calls).
+        params: the model's parameters (torch tensors with ``.grad`` after backward).
+        n_stats: float slots reduced with the gradients (sample count, loss sum, flags...).
+        bucket_bytes, segment_bytes, inflight: see the module docstring.
+        compress: None, "bf16" or "fp16".
+    """
+
+    def __init__(self, ec, params, *, n_stats=4, bucket_bytes=BUCKET_BYTES, segment_bytes=SEGMENT_BYTES,
+                 inflight=INFLIGHT, compress=None):
+        import torch
+
+        if compress not in (None, *COMPRESSIONS):
+            raise ValueError(f"compress must be one of {COMPRESSIONS} or None")
+        self.ec, self.compress, self.n_stats = ec, compress, n_stats
+        self.segment = max(1, segment_bytes // 4)
+        self.inflight = max(1, inflight)
+        self.params = [p for p in params if p.requires_grad]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.on_device = self.device.type != "cpu"
+        self.groups = _plan(self.params, max(1, bucket_bytes // 4))
+        self.bucket_grads = [[p.grad for p in g] for g in self.groups]
+        self.buckets = [K.Bucket(grads) for grads in self.bucket_grads]
+        tail = 0 if compress else n_stats
+        sizes = [b.numel for b in self.buckets]
+        sizes[-1:] = [sizes[-1] + tail] if sizes else [tail]
+        # Host buffers the MPI reads and writes; torch views of them for the CPU pack/unpack kernels.
+        self.host = [np.zeros(n, dtype=np.float32) for n in sizes]
+        self.dev = [torch.zeros(n, dtype=torch.float32, device=self.device) for n in sizes] if self.on_device else None
+        self.residual = [np.zeros(n, dtype=np.float32) for n in sizes] if compress else None
+        self._op = None
+
+    def pack(self):
+        """Copy the live gradients into the flat buffers (one launch per bucket)."""
+        import torch
+
+        for i, group in enumerate(self.groups):
+            for p in group:
+                if p.grad is None:  # zero_grad(set_to_none=True) or a parameter unused this step
+                    p.grad = torch.zeros_like(p)
+            # A bucket is planned over the gradient tensors themselves: re-plan if autograd or
+            # the user replaced one (zero_grad(set_to_none=False) keeps them, and the plan).
+            if any(t is not p.grad for t, p in zip(self.bucket_grads[i], group)):
+                self.bucket_grads[i] = [p.grad for p in group]
+                self.buckets[i] = K.Bucket(self.bucket_grads[i])
+            self.buckets[i].pack(self.dev[i] if self.on_device else torch.from_numpy(self.host[i]))
+
+    def allreduce(self, stats):
+        """Sum the gradients and ``stats`` over the view; gradients become ``sum / stats[0]``.
+
+        Args:
+            stats: ``n_stats`` numbers; ``stats[0]`` is this rank's sample count.
+
+        Returns:
+            The summed stats (float64 array).
+
+        Raises:
+            ProcessFailure: a member failed (or the communicator was revoked) during the reduction.
+        """
+        self.pack()
+        stats = np.asarray(stats, dtype=np.float64)
+        if self.on_device:
+            for h, d in zip(self.host, self.dev):
+                h[:] = d.cpu().numpy()  # staging: the MPI here is not CUDA-aware
+        if self.compress:
+            total = self._reduce_compressed(stats)
+        else:
+            self.host[-1][-self.n_stats:] = stats
+            with self.ec.guard():
+                self._reduce(self.host, self.ec.MPI.FLOAT, self.ec.MPI.SUM)
+            total = self.host[-1][-self.n_stats:].astype(np.float64)
+        self.unpack(1.0 / max(total[0], 1.0))
+        return total
+
+    def unpack(self, scale):
+        import torch
+
+        for i, bucket in enumerate(self.buckets):
+            if self.on_device:
+                self.dev[i].copy_(torch.from_numpy(self.host[i]))
+                src = self.dev[i]
+            else:
+                src = torch.from_numpy(self.host[i])
+            bucket.unpack(src, scale)
+
+    def _reduce(self, buffers, mpi_type, op):
+        """Segmented, pipelined in-place Allreduce of every buffer (same order on every rank)."""
+        MPI, comm = self.ec.MPI, self.ec.comm
+        pending = []
+        for buf in buffers:
+            for a in range(0, len(buf), self.segment):
+                if len(pending) >= self.inflight:
+                    pending.pop(0).Wait()
+                seg = buf[a:a + self.segment]
+                pending.append(comm.Iallreduce(MPI.IN_PLACE, [seg, mpi_type], op=op))
+        MPI.Request.Waitall(pending)
+
+    def _reduce_compressed(self, stats):
+        MPI = self.ec.MPI
+        if self._op is None:
+            self._op = MPI.Op.Create(_half_sum(self.compress), commute=True)
+        wire = [K.compress(h, self.compress, residual=r, backend="numpy").view(np.uint16)
+                for h, r in zip(self.host, self.residual)]
+        total = stats.copy()
+        with self.ec.guard():
+            self._reduce(wire, MPI.UINT16_T, self._op)
+            self.ec.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        for h, w in zip(self.host, wire):
+            K.decompress(w.view(_np_half(self.compress)), self.compress, out=h, backend="numpy")
+        return total
+
+    def close(self):
+        if self._op is not None:
+            self._op.Free()
+            self._op = None
+
+
+def _plan(params, bucket_floats):
+    """Consecutive parameters grouped into buckets of at most ``bucket_floats`` (one big tensor alone)."""
+    groups, current, size = [], [], 0
+    for p in params:
+        n = p.numel()
+        if current and size + n > bucket_floats:
+            groups.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _np_half(kind):
+    if kind == "fp16":
+        return np.float16
+    return np.dtype("uint16")  # numpy has no bfloat16: the kernels' numpy backend stores bf16 bits as uint16
+
+
+def _half_sum(kind):
+    """A user MPI op: add two vectors of 16-bit floats (bf16 bits or fp16) in float32, round once."""
+    def op(inbuf, inoutbuf, datatype):
+        a = np.frombuffer(inbuf, dtype=np.uint16)
+        b = np.frombuffer(inoutbuf, dtype=np.uint16)
+        if kind == "fp16":
+            s = a.view(np.float16).astype(np.float32) + b.view(np.float16).astype(np.float32)
+            b[:] = s.astype(np.float16).view(np.uint16)
+            return
+        s = (a.astype(np.uint32) << 16).view(np.float32) + (b.astype(np.uint32) << 16).view(np.float32)
+        bits = s.view(np.uint32)
+        # round to nearest even, as the compress kernel does (NaN stays NaN: its payload is nonzero).
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        b[:] = (bits >> 16).astype(np.uint16)
+
+    return op

@@ -1,0 +1,123 @@
+"""``mpirt train``: the command line of elastic data-parallel training."""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from mpirt.jobs.commands import add_elastic_options, spawn_argv
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training process needs (the CLI fills it; the Python API may too)."""
+
+    data: str
+    spec: dict
+    epochs: int = 1
+    global_batch: int = 64
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_dir: str = None
+    checkpoint_every: int = 0
+    keep: int = 3
+    resume: bool = False
+    key: bytes = None
+    audit: str = None
+    events: str = None
+    faults: object = None
+    min_ranks: int = 1
+    report: str = None
+    compress: str = None
+    bucket_bytes: int = 16 << 20
+    progress: object = None
+    spawn_argv: list = field(default_factory=list)
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="elastic data-parallel training (run under mpirt launch / mpiexec)")
+    p.add_argument("--data", required=True, metavar="DATA.h5", help="a data set from 'mpirt prepare'")
+    p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn"))
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=64, metavar="B", help="samples a step, over all ranks")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="initial parameters and sample order")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--hidden", type=int, help="mlp: hidden units (default 128)")
+    p.add_argument("--embed-dim", type=int, help="fasttext: embedding size (default 64)")
+    p.add_argument("--channels", type=int, help="cnn: channels of the first convolution (default 16)")
+    p.add_argument("--checkpoint-dir", metavar="DIR")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="0: only at the end")
+    p.add_argument("--keep", type=int, default=3, metavar="K", help="checkpoints kept")
+    p.add_argument("--key-file", metavar="FILE", help="HMAC key for signed checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--audit", metavar="FILE", help="JSON lines: the samples each committed step consumed")
+    p.add_argument("--report", metavar="DIR", help="report.json and PNG plots")
+    p.add_argument("--compress", choices=("bf16", "fp16"), help="compress gradients on the wire")
+    p.add_argument("--bucket-mb", type=float, default=16.0, help="gradient bucket size (MiB)")
+    p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    add_elastic_options(p)
+    p.set_defaults(handler="mpirt.train.commands:run_train")
+
+
+def config_from_args(args, dataset):
+    """Validate the flags against the data set; a :class:`TrainConfig`."""
+    from mpirt.checkpoint import resolve_key
+    from mpirt.comm.faults import FaultPlan
+    from mpirt.config import RESUME, env_flag
+    from mpirt.errors import UsageError
+    from mpirt.train.models import spec_for
+
+    for name in ("epochs", "global_batch", "keep", "min_ranks"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.checkpoint_every < 0 or args.lr <= 0 or args.bucket_mb <= 0:
+        raise UsageError("--checkpoint-every must be >= 0, --lr and --bucket-mb > 0")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device here")
+    if dataset.split("train").n_rows == 0:
+        raise UsageError(f"{args.data}: the train split is empty")
+    spec = spec_for(args.model, dataset, hidden=args.hidden, embed_dim=args.embed_dim, channels=args.channels)
+    absolute = {k: os.path.abspath(getattr(args, k)) if getattr(args, k) else None
+                for k in ("checkpoint_dir", "audit", "events", "report")}
+    return TrainConfig(
+        data=os.path.abspath(args.data), spec=spec, epochs=args.epochs, global_batch=args.global_batch,
+        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+        seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        resume=args.resume or env_flag(RESUME), key=resolve_key(args.key_file), faults=FaultPlan(args.inject_fault),
+        min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
+        progress=False if args.no_progress else None, spawn_argv=train_argv(args), **absolute)
+
+
+def train_argv(args):
+    """What a joiner runs: this command again, with absolute paths, never --resume."""
+    options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
+        "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
+        "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb", "min_ranks")]
+    paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
+             for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
+    return spawn_argv(args, [], paths + options + [("--no-progress", True)])
+
+
+def run_train(args):
+    from mpirt.data.reader import open_dataset
+    from mpirt.train.trainer import run_training
+
+    with open_dataset(args.data) as dataset:
+        cfg = config_from_args(args, dataset)
+        summary = run_training(cfg, dataset)
+    if summary is not None:
+        acc = summary["test_accuracy"]
+        where = f", report in {cfg.report}" if cfg.report else ""
+        print(f"train: {summary['steps']} steps, {summary['views']} view(s), {summary['ranks']} rank(s) at the end"
+              + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + where, flush=True)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,99 @@
+"""The models ``mpirt train`` builds, from a spec that checkpoints store.
+
+A spec is a plain dict (JSON in checkpoints): ``{"name": ..., "n_features": ..., "n_classes": ...}``
+plus the model's own sizes. ``build(spec)`` gives the same ``nn.Module`` (same parameter names and
+shapes) on any rank and in ``mpirt classify``; initial values come from the torch seed, so every
+rank that seeds alike starts alike. Models take a :class:`mpirt.data.reader.Batch` through
+:func:`inputs` and return logits; none uses dropout, so a step's gradient depends on its samples only.
+
+Imports torch: command modules import this inside their handlers, never at CLI start-up.
+"""
+
+import torch
+from torch import nn
+
+MODELS = ("linear", "mlp", "fasttext", "cnn")
+DENSE_MODELS = ("linear", "mlp", "cnn")
+
+# Defaults a user may override with --hidden / --embed-dim.
+DEFAULTS = {"linear": {}, "mlp": {"hidden": 128}, "fasttext": {"embed_dim": 64}, "cnn": {"channels": 16}}
+
+
+def spec_for(name, dataset, **sizes):
+    """The spec of model ``name`` for an open :class:`mpirt.data.reader.Dataset`.
+
+    Raises:
+        UsageError: an unknown model, or one that does not fit the data set's features.
+    """
+    from mpirt.errors import UsageError
+
+    if name not in MODELS:
+        raise UsageError(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+    text = dataset.feature_kind != "dense"
+    if text and name != "fasttext":
+        raise UsageError(f"model '{name}' needs dense features; {dataset.path} holds hashed tokens: use fasttext")
+    if not text and name == "fasttext":
+        raise UsageError(f"model 'fasttext' needs hashed tokens; {dataset.path} is dense: use linear, mlp or cnn")
+    shape = list(dataset.feature_shape or ())
+    if name == "cnn" and len(shape) != 2:
+        raise UsageError(f"model 'cnn' needs 2-d images; {dataset.path} rows have shape {tuple(shape)}")
+    spec = {"name": name, "n_features": dataset.n_features, "n_classes": dataset.n_classes,
+            "feature_shape": shape, **DEFAULTS[name]}
+    spec.update({k: int(v) for k, v in sizes.items() if v is not None and k in DEFAULTS[name]})
+    return spec
+
+
+def build(spec):
+    """A fresh ``nn.Module`` for ``spec`` (parameters drawn from torch's current RNG)."""
+    name, n_in, n_out = spec["name"], int(spec["n_features"]), int(spec["n_classes"])
+    if name == "linear":
+        return Dense(nn.Linear(n_in, n_out))
+    if name == "mlp":
+        h = int(spec["hidden"])
+        return Dense(nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, n_out)))
+    if name == "fasttext":
+        return FastText(n_in, int(spec["embed_dim"]), n_out)
+    if name == "cnn":
+        h, w = (int(x) for x in spec["feature_shape"])
+        c, ph, pw = int(spec["channels"]), max(h // 2, 1), max(w // 2, 1)
+        return Dense(nn.Sequential(
+            nn.Unflatten(1, (1, h, w)),
+            nn.Conv2d(1, c, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d((ph, pw)), nn.Flatten(),
+            nn.Linear(2 * c * ph * pw, n_out),
+        ))
+    raise ValueError(f"unknown model '{name}'")
+
+
+class Dense(nn.Module):
+    """Dense rows, flattened -> logits."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, X):
+        return self.body(X.reshape(X.shape[0], -1))
+
+
+class FastText(nn.Module):
+    """Mean of hashed-token embeddings (EmbeddingBag), then a linear layer (Joulin et al. 2016)."""
+
+    def __init__(self, n_buckets, dim, n_classes):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(n_buckets, dim, mode="mean")
+        self.fc = nn.Linear(dim, n_classes)
+        nn.init.uniform_(self.embed.weight, -1.0 / dim, 1.0 / dim)
+
+    def forward(self, ids, offsets):
+        return self.fc(self.embed(ids, offsets[:-1]))
+
+
+def inputs(model_name, batch, device="cpu"):
+    """The forward arguments of ``model_name`` for a :class:`Batch`, as tensors on ``device``."""
+    if model_name == "fasttext":
+        ids = torch.from_numpy(batch.ids.astype("int64", copy=False)).to(device)
+        offsets = torch.from_numpy(batch.offsets.astype("int64", copy=False)).to(device)
+        return (ids, offsets)
+    return (torch.from_numpy(batch.X).to(device),)

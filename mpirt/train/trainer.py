@@ -1,0 +1,326 @@
+"""Elastic synchronous SGD: the step protocol of DESIGN.md.
+
+Each global step ``s``:
+
+1. faults due at ``s`` strike (tests); a member that got SIGTERM marks itself leaving;
+2. this rank's slice of step ``s``'s samples (:mod:`mpirt.train.order`) -> forward/backward
+   (the loss of :mod:`mpirt.kernels`, summed, not averaged);
+3. one fused allreduce of the gradients and the stats (samples, loss, correct, leaving, joiners);
+4. ``Agree(no error)``: the fault-tolerant, uniform decision;
+5. all apply ``grad_sum / samples_sum`` and step ``s`` is committed, or none does and the view is
+   recovered (Revoke, Shrink) and ``s`` is redone on the survivors, with the same samples.
+
+Parameters and optimizer state are replicated, so losing any rank (the coordinator too) loses
+only the step in flight: no disk checkpoint is needed to recover. Joiners are merged in after a
+committed step and get the coordinator's parameters, optimizer state and step with the view.
+"""
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from mpirt.cluster.group import ElasticGroup, Leaving
+from mpirt.comm import status
+from mpirt.errors import JobError, ProcessFailure
+from mpirt.kernels.torch_loss import cross_entropy
+from mpirt.log import get_logger
+from mpirt.train import models
+from mpirt.train.allreduce import GradAllreduce
+from mpirt.train.audit import Audit
+from mpirt.train.order import Orders, Schedule
+from mpirt.train.source import RowSource, batches
+
+log = get_logger("mpirt.train")
+
+# The stats reduced with the gradients: one slot each.
+SAMPLES, LOSS, CORRECT, LEAVING, JOINERS = range(5)
+N_STATS = 5
+
+
+class Trainer:
+    """One process's part in ``mpirt train`` (see :class:`mpirt.train.config.TrainConfig`)."""
+
+    def __init__(self, cfg, dataset):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.train = RowSource(dataset.split("train"))
+        self.schedule = Schedule(self.train.n_rows, cfg.global_batch, cfg.epochs, cfg.seed)
+        self.orders = Orders(self.train.n_rows, cfg.seed)
+        self.group = ElasticGroup(events_path=cfg.events, faults=cfg.faults, min_ranks=cfg.min_ranks,
+                                  spawn_argv=cfg.spawn_argv)
+        self.device = torch.device(cfg.device)
+        self.spec = cfg.spec
+        self.step = 0
+        self.reporter = None
+        self.ckpt = None
+        self.audit = None
+        self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
+
+    # -- state ---------------------------------------------------------------
+    def _build(self):
+        torch.manual_seed(self.cfg.seed)
+        self.model = models.build(self.spec).to(self.device)
+        params = list(self.model.parameters())
+        if self.cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                       weight_decay=self.cfg.weight_decay)
+        self.opt.zero_grad(set_to_none=False)
+        self.reducer = GradAllreduce(self.group.ec, params, n_stats=N_STATS, compress=self.cfg.compress,
+                                     bucket_bytes=self.cfg.bucket_bytes)
+
+    def state(self):
+        """What a joiner needs (and what a checkpoint holds): the replicated training state."""
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state(self, state):
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+    # -- start ---------------------------------------------------------------
+    def start(self):
+        group = self.group.start()
+        self._build()
+        if group.joined:
+            self.load_state(group.sync_view(joiner=True))
+        else:
+            state = None
+            if group.is_coordinator:
+                status.started()
+                state = self._resume_state()
+            state = group.sync_view(payload=state)
+            if state is not None:
+                self.load_state(state)
+        self._open_outputs()
+
+    def _resume_state(self):
+        """The newest checkpoint's state when resuming (read by the coordinator only), else None."""
+        cfg = self.cfg
+        if not (cfg.resume and cfg.checkpoint_dir):
+            return None
+        from mpirt.checkpoint import CheckpointDir
+
+        ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key).load_latest()
+        if ckpt is None:
+            log.info("--resume: no checkpoint in %s yet; starting at step 0", cfg.checkpoint_dir)
+            return None
+        if ckpt.spec != self.spec:
+            raise JobError(f"{ckpt.path}: model spec {ckpt.spec} does not match this run's {self.spec}")
+        log.info("resuming from %s (step %d, saved by %d ranks)", ckpt.path, ckpt.position["step"],
+                 ckpt.world_size)
+        model = {k: torch.from_numpy(np.asarray(v)) for k, v in ckpt.params.items()}
+        return {"step": int(ckpt.position["step"]), "model": model, "optimizer": ckpt.optimizer_state_dict()}
+
+    def _open_outputs(self):
+        """Coordinator-only outputs; opened again by whoever coordinates after a failure."""
+        if not self.group.is_coordinator:
+            return
+        cfg = self.cfg
+        if self.audit is None and cfg.audit:
+            self.audit = Audit(cfg.audit, self.schedule)
+            self.audit.truncate(self.step)  # steps after a resumed checkpoint were undone
+        if self.ckpt is None and cfg.checkpoint_dir:
+            from mpirt.checkpoint import CheckpointDir
+
+            self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key)
+        if self.reporter is None:
+            from mpirt.train.report import Reporter
+
+            self.reporter = Reporter(cfg.report, class_names=self.dataset.class_names,
+                                     total_steps=self.schedule.total_steps, progress=cfg.progress)
+
+    # -- the loop ------------------------------------------------------------
+    def run(self):
+        """Train to the end; return the summary on the final coordinator, None elsewhere."""
+        self.start()
+        while self.step < self.schedule.total_steps:
+            try:
+                if self._attempt():
+                    self._after_commit()
+            except ProcessFailure as exc:
+                log.info("step %d failed (%s): recovering", self.step, exc)
+                self._recover()
+        return self._finish()
+
+    def _attempt(self):
+        """Try step ``self.step``; True when every member agreed to commit it."""
+        group, step = self.group, self.step
+        coord = group.is_coordinator
+        due = group.faults.due(member=group.member, is_coordinator=coord, step=step,
+                               actions=("kill", "hang", "leave"))
+        group.fire(due, step=step)
+        self._mark_fired(step, ("kill", "hang", "leave"))
+        self.joining = [f for f in group.faults.due(member=group.member, is_coordinator=coord, step=step,
+                                                    actions=("join",))] if coord else []
+        stats = self._compute(step)
+        stats[LEAVING] = 1.0 if Leaving.requested else 0.0
+        stats[JOINERS] = sum(f.count for f in self.joining)
+        failed = False
+        try:
+            self.totals = self.reducer.allreduce(stats)
+        except ProcessFailure:
+            failed = True
+        group.fire(group.faults.due(member=group.member, is_coordinator=coord, step=step, phase="commit"),
+                   step=step, phase="commit")
+        try:
+            ok = group.ec.agree(not failed)
+        except ProcessFailure:
+            ok = False
+        if not ok:
+            raise ProcessFailure(f"step {step} not committed by every member")
+        return True
+
+    def _compute(self, step):
+        epoch, _, _ = self.schedule.locate(step)
+        a, b = self.schedule.slice_of(step, self.group.rank, self.group.size)
+        stats = np.zeros(N_STATS)
+        self.opt.zero_grad(set_to_none=False)
+        if b > a:
+            batch = self.train.get(self.orders.rows(epoch, a, b))
+            self.model.train()
+            logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
+            y = torch.from_numpy(batch.y).to(self.device)
+            loss = cross_entropy(logits, y, reduction="sum")
+            loss.backward()
+            stats[SAMPLES] = len(batch)
+            stats[LOSS] = float(loss.detach())
+            stats[CORRECT] = float((logits.detach().argmax(1) == y).sum())
+        return stats
+
+    def _mark_fired(self, step, actions):
+        # Every member marks what was due at this step, not only the one it struck: a new
+        # coordinator must not strike a "member=coordinator" fault again after its victim died.
+        for f in self.group.faults.faults:
+            if f.action in actions and f.step is not None and f.step <= step:
+                self.group.faults.fired.add(f.index)
+
+    def _after_commit(self):
+        totals, step, group = self.totals, self.step, self.group
+        self.opt.step()  # gradients already hold sum / total samples
+        self.step += 1
+        self._mark_fired(step, ("join",))
+        if group.is_coordinator:
+            self._report_step(step, totals)
+        if totals[LEAVING] and Leaving.requested:
+            group.leave()  # after the commit: the others redo nothing
+        if totals[JOINERS]:
+            group.fire(self.joining, step=step)
+            group.grow(int(totals[JOINERS]))
+            group.sync_view(payload=self.state() if group.is_coordinator else None)
+            self._open_outputs()
+
+    def _report_step(self, step, totals):
+        epoch, a, b = self.schedule.locate(step)
+        if self.audit:
+            self.audit.write(step, view=self.group.view.id, members=self.group.view.members)
+        n = int(totals[SAMPLES])
+        self.epoch_stats["loss"] += totals[LOSS]
+        self.epoch_stats["samples"] += n
+        self.reporter.step(epoch, step, totals[LOSS] / max(n, 1), n, self.group.size)
+        if self.ckpt and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.step % self.schedule.steps_per_epoch == 0:
+            self._end_epoch(epoch)
+
+    def _recover(self):
+        group = self.group
+        state = group.recover(payload={"step": self.step} if group.is_coordinator else None)
+        if state["step"] != self.step:
+            # Agree is uniform, so this cannot happen; if it ever does, stop rather than diverge.
+            raise JobError(f"members disagree on the committed step ({self.step} here, "
+                           f"{state['step']} on the coordinator) after a failure")
+        self._open_outputs()
+        if self.reporter:
+            v = group.events.read()[-1] if group.events.path else {}
+            self.reporter.event(f"view {group.view.id}: {group.size} ranks "
+                                f"(failed {v.get('failed', '?')}, left {v.get('left', '?')}), redoing step {self.step}")
+
+    # -- epochs, checkpoints, the end ----------------------------------------
+    def _end_epoch(self, epoch):
+        s = self.epoch_stats
+        seconds = time.perf_counter() - s["t0"]
+        val = self.evaluate("val")
+        self.reporter.epoch(epoch, train_loss=s["loss"] / max(s["samples"], 1),
+                            samples_per_s=s["samples"] / max(seconds, 1e-9),
+                            val_loss=val and val["loss"], val_accuracy=val and val["accuracy"],
+                            ranks=self.group.size, seconds=seconds)
+        self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
+
+    @torch.no_grad()
+    def evaluate(self, name, with_predictions=False):
+        """Loss and accuracy of the current model on split ``name`` (this process alone)."""
+        split = self.dataset.split(name)
+        if split.n_rows == 0:
+            return None
+        self.model.eval()
+        loss, correct, preds = 0.0, 0, []
+        for batch in batches(RowSource(split).all(), 4096):
+            logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
+            y = torch.from_numpy(batch.y).to(self.device)
+            loss += float(cross_entropy(logits, y, reduction="sum"))
+            p = logits.argmax(1)
+            correct += int((p == y).sum())
+            preds.append(p.cpu().numpy())
+        out = {"loss": loss / split.n_rows, "accuracy": correct / split.n_rows}
+        if with_predictions:
+            out["y_true"], out["y_pred"] = split.read(0, split.n_rows).y, np.concatenate(preds)
+        return out
+
+    def save_checkpoint(self):
+        """Write the replicated state (coordinator only); it loads on any number of ranks."""
+        cfg = self.cfg
+        epoch = self.step // max(self.schedule.steps_per_epoch, 1)
+        path = self.ckpt.save(
+            self.step, spec=self.spec, params=self.model.state_dict(), optimizer=self.opt.state_dict(),
+            position={"step": self.step, "epoch": epoch, "seed": cfg.seed, "global_batch": cfg.global_batch},
+            rng={"torch": torch.get_rng_state().numpy()}, world_size=self.group.size,
+            meta={"data": os.path.abspath(self.dataset.path), "class_names": self.dataset.class_names,
+                  "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs, "time": time.time()})
+        log.info("checkpoint %s", path)
+        return path
+
+    def _finish(self):
+        group = self.group
+        if not group.is_coordinator:
+            return None
+        if self.ckpt:
+            self.save_checkpoint()
+        test = self.evaluate("test", with_predictions=True)
+        extra = {"events": group.events.read(), "views": group.view.id + 1, "steps": self.step,
+                 "ranks_at_end": group.size, "spec": self.spec}
+        report = self.reporter.final(y_true=test and test["y_true"], y_pred=test and test["y_pred"],
+                                     test_loss=test and test["loss"], extra=extra)
+        group.events.write("finish", view=group.view.id, members=group.view.members, step=self.step)
+        return {"steps": self.step, "views": group.view.id + 1, "ranks": group.size,
+                "test_accuracy": test and test["accuracy"], "report": report,
+                "params": {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}}
+
+    def close(self, failed=False):
+        if self.reporter:
+            self.reporter.close()
+        if self.audit:
+            self.audit.close()
+        self.reducer.close() if hasattr(self, "reducer") else None
+        self.group.close(failed)
+
+
+def run_training(cfg, dataset):
+    """Run a training job on the current MPI job; the summary on the final coordinator, else None."""
+    trainer = Trainer(cfg, dataset)
+    failed = True
+    try:
+        summary = trainer.run()
+        failed = False
+    except JobError as exc:
+        if trainer.group.ec is not None and trainer.group.is_coordinator:
+            status.finished(exc.exit_code)
+        raise
+    finally:
+        trainer.close(failed)
+    if summary is not None:
+        status.finished(0)
+    return summary
