@@ -126,13 +126,25 @@ class GradAllreduce:
         """Segmented, pipelined in-place Allreduce of every buffer (same order on every rank)."""
         MPI, comm = self.ec.MPI, self.ec.comm
         pending = []
-        for buf in buffers:
-            for a in range(0, len(buf), self.segment):
-                if len(pending) >= self.inflight:
-                    pending.pop(0).Wait()
-                seg = buf[a:a + self.segment]
-                pending.append(comm.Iallreduce(MPI.IN_PLACE, [seg, mpi_type], op=op))
-        MPI.Request.Waitall(pending)
+        try:
+            for buf in buffers:
+                for a in range(0, len(buf), self.segment):
+                    if len(pending) >= self.inflight:
+                        pending.pop(0).Wait()
+                    seg = buf[a:a + self.segment]
+                    pending.append(comm.Iallreduce(MPI.IN_PLACE, [seg, mpi_type], op=op))
+            # One Wait each, not Waitall: Waitall reports a failure as ERR_IN_STATUS, hiding its class.
+            while pending:
+                pending.pop(0).Wait()
+        except MPI.Exception:
+            # Revoked, the others' pending segments complete (in error) instead of waiting forever.
+            self.ec.revoke()
+            for req in pending:
+                try:
+                    req.Wait()
+                except MPI.Exception:
+                    pass
+            raise
 
     def _reduce_compressed(self, stats):
         MPI = self.ec.MPI

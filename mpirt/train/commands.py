@@ -108,12 +108,20 @@ def train_argv(args):
 
 
 def run_train(args):
+    from mpirt.comm.faults import FaultPlan
     from mpirt.data.reader import open_dataset
-    from mpirt.train.trainer import run_training
+    from mpirt.train.trainer import run_training, start_group
 
-    with open_dataset(args.data) as dataset:
-        cfg = config_from_args(args, dataset)
-        summary = run_training(cfg, dataset)
+    group = start_group(os.path.abspath(args.events) if args.events else None, FaultPlan(args.inject_fault),
+                        args.min_ranks, train_argv(args))
+    try:
+        with open_dataset(args.data) as dataset:
+            cfg = config_from_args(args, dataset)
+            cfg.faults = group.faults
+            summary = run_training(cfg, dataset, group)
+    except BaseException:
+        group.close(failed=True)
+        raise
     if summary is not None:
         acc = summary["test_accuracy"]
         where = f", report in {cfg.report}" if cfg.report else ""

@@ -42,14 +42,13 @@ N_STATS = 5
 class Trainer:
     """One process's part in ``mpirt train`` (see :class:`mpirt.train.config.TrainConfig`)."""
 
-    def __init__(self, cfg, dataset):
+    def __init__(self, cfg, dataset, group):
         self.cfg = cfg
         self.dataset = dataset
         self.train = RowSource(dataset.split("train"))
         self.schedule = Schedule(self.train.n_rows, cfg.global_batch, cfg.epochs, cfg.seed)
         self.orders = Orders(self.train.n_rows, cfg.seed)
-        self.group = ElasticGroup(events_path=cfg.events, faults=cfg.faults, min_ranks=cfg.min_ranks,
-                                  spawn_argv=cfg.spawn_argv)
+        self.group = group
         self.device = torch.device(cfg.device)
         self.spec = cfg.spec
         self.step = 0
@@ -83,7 +82,7 @@ class Trainer:
 
     # -- start ---------------------------------------------------------------
     def start(self):
-        group = self.group.start()
+        group = self.group
         self._build()
         if group.joined:
             self.load_state(group.sync_view(joiner=True))
@@ -96,6 +95,7 @@ class Trainer:
             if state is not None:
                 self.load_state(state)
         self._open_outputs()
+        self.epoch_stats["t0"] = time.perf_counter()
 
     def _resume_state(self):
         """The newest checkpoint's state when resuming (read by the coordinator only), else None."""
@@ -228,7 +228,7 @@ class Trainer:
 
     def _recover(self):
         group = self.group
-        state = group.recover(payload={"step": self.step} if group.is_coordinator else None)
+        state = group.recover(payload={"step": self.step})  # used from whoever is rank 0 after the shrink
         if state["step"] != self.step:
             # Agree is uniform, so this cannot happen; if it ever does, stop rather than diverge.
             raise JobError(f"members disagree on the committed step ({self.step} here, "
@@ -244,7 +244,7 @@ class Trainer:
         s = self.epoch_stats
         seconds = time.perf_counter() - s["t0"]
         val = self.evaluate("val")
-        self.reporter.epoch(epoch, train_loss=s["loss"] / max(s["samples"], 1),
+        self.reporter.epoch(epoch, train_loss=float(s["loss"] / max(s["samples"], 1)),
                             samples_per_s=s["samples"] / max(seconds, 1e-9),
                             val_loss=val and val["loss"], val_accuracy=val and val["accuracy"],
                             ranks=self.group.size, seconds=seconds)
@@ -308,9 +308,15 @@ class Trainer:
         self.group.close(failed)
 
 
-def run_training(cfg, dataset):
-    """Run a training job on the current MPI job; the summary on the final coordinator, else None."""
-    trainer = Trainer(cfg, dataset)
+def start_group(events=None, faults=None, min_ranks=1, spawn_argv=()):
+    """Join the MPI job first: a spawned joiner merges before anything else can fail, so its
+    parents, waiting in Merge, see it either merged or failed, never half-started."""
+    return ElasticGroup(events_path=events, faults=faults, min_ranks=min_ranks, spawn_argv=spawn_argv).start()
+
+
+def run_training(cfg, dataset, group):
+    """Run a training job on a started group; the summary on the final coordinator, else None."""
+    trainer = Trainer(cfg, dataset, group)
     failed = True
     try:
         summary = trainer.run()
