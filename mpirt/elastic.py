@@ -1,0 +1,171 @@
+"""Elastic training in your own PyTorch loop: the counterpart of Horovod's ``hvd.elastic.run``,
+``State`` and ``DistributedOptimizer``, on MPI with ULFM.
+
+    import mpirt.elastic as elastic
+
+    group = elastic.init()                       # join the job (a spawned joiner merges here)
+    model = Net(); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = elastic.DistributedOptimizer(opt, model.parameters(), group)
+    state = elastic.TorchState(model, opt, step=0)
+
+    @elastic.run(group)
+    def train(state):
+        while state.step < total_steps:
+            x, y = my_slice(state.step, group.rank, group.size)   # from (seed, step) only
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step(samples=len(y))   # allreduce, Agree, apply grad_sum / samples_sum
+            state.step += 1
+
+    train(state)
+
+``opt.step`` commits a step on every member or on none: when a member dies or hangs it raises
+:class:`mpirt.errors.ProcessFailure` before anything is applied; ``run`` then rebuilds the
+communicator in place (Revoke, Shrink), re-syncs the state from the new coordinator and calls
+``train`` again, which redoes the same step on the survivors. Joins from ``MPIRT_FAULTS``
+(``join:count=C:step=S``) or a joiner you spawn yourself are merged in after a committed step and
+get the state. Unlike Horovod's elastic mode this needs no driver process and no restart.
+"""
+
+import functools
+
+import numpy as np
+
+from mpirt.cluster.group import ElasticGroup, Leaving
+from mpirt.errors import ProcessFailure
+
+SAMPLES, LOSS, LEAVING, JOINERS = range(4)
+
+
+def init(events=None, min_ranks=1, spawn_argv=None):
+    """Join the MPI job (initialises MPI) and return the started :class:`ElasticGroup`.
+
+    ``spawn_argv`` is what a joiner runs (default: this script again, ``sys.argv``)."""
+    import sys
+
+    from mpirt.comm.faults import FaultPlan
+
+    argv = spawn_argv or [sys.executable, *sys.argv]
+    group = ElasticGroup(events_path=events, faults=FaultPlan(), min_ranks=min_ranks, spawn_argv=argv).start()
+    if not group.joined:
+        group.sync_view()
+    return group
+
+
+class TorchState:
+    """The replicated state: a model, its optimizer and your counters (attributes you set)."""
+
+    def __init__(self, model, optimizer, **counters):
+        self.model, self.optimizer = model, optimizer
+        self._counters = list(counters)
+        for k, v in counters.items():
+            setattr(self, k, v)
+
+    def snapshot(self):
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return {"model": self.model.state_dict(), "optimizer": inner.state_dict(),
+                "counters": {k: getattr(self, k) for k in self._counters}}
+
+    def load(self, snap):
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        self.model.load_state_dict(snap["model"])
+        inner.load_state_dict(snap["optimizer"])
+        for k, v in snap["counters"].items():
+            setattr(self, k, v)
+
+
+class DistributedOptimizer:
+    """Wraps a torch optimizer: ``step(samples)`` sums gradients over the view, then applies.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        params: the parameters whose gradients are reduced (in the same order on every rank).
+        group: from :func:`init`.
+        compress: None, "bf16" or "fp16" on the wire (error feedback kept per rank).
+    """
+
+    def __init__(self, optimizer, params, group, compress=None):
+        from mpirt.train.allreduce import GradAllreduce
+
+        self.optimizer, self.group = optimizer, group
+        self.reducer = GradAllreduce(group.ec, list(params), n_stats=4, compress=compress)
+        self.totals = None
+        self.joiners = 0
+
+    def zero_grad(self, set_to_none=False):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, samples, loss=0.0, step=None):
+        """Allreduce the gradients (sum / total samples) and apply them on every member, or raise.
+
+        Raises:
+            ProcessFailure: the step was not committed by every member (nothing was applied).
+        """
+        g = self.group
+        if step is not None:  # injected faults (MPIRT_FAULTS), as in `mpirt train`
+            g.fire(g.faults.due(member=g.member, is_coordinator=g.is_coordinator, step=step,
+                                actions=("kill", "hang", "leave")), step=step)
+            for f in g.faults.faults:
+                if f.action != "join" and f.step is not None and f.step <= step:
+                    g.faults.fired.add(f.index)
+        stats = np.zeros(4)
+        stats[SAMPLES], stats[LOSS] = samples, loss
+        stats[LEAVING] = 1.0 if Leaving.requested else 0.0
+        join = []
+        if g.is_coordinator and step is not None:
+            join = g.faults.due(member=g.member, is_coordinator=True, step=step, actions=("join",))
+            stats[JOINERS] = sum(f.count for f in join)
+        failed = False
+        try:
+            self.totals = self.reducer.allreduce(stats)
+        except ProcessFailure:
+            failed = True
+        try:
+            ok = g.ec.agree(not failed)
+        except ProcessFailure:
+            ok = False
+        if not ok:
+            raise ProcessFailure("step not committed by every member")
+        self.optimizer.step()
+        g.fire(join, step=step)
+        self.joiners = int(self.totals[JOINERS])
+        if self.totals[LEAVING] and Leaving.requested:
+            g.leave()
+        return self.totals
+
+
+def run(group):
+    """Decorator: call ``fn(state)``; on a failure recover in place and call it again.
+
+    After each return of ``opt.step`` with joiners pending, the joiners are merged at the next
+    call of ``state`` checks; a spawned joiner's ``fn`` starts with the coordinator's state.
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def runner(state, *args, **kwargs):
+            if group.joined:
+                state.load(group.sync_view(joiner=True))
+            while True:
+                try:
+                    return fn(state, *args, **kwargs)
+                except ProcessFailure:
+                    snap = group.recover(payload=state.snapshot())
+                    state.load(snap)  # the new coordinator's, identical unless a step half-applied
+                except _Grow as grow:
+                    group.grow(grow.count)
+                    group.sync_view(payload=state.snapshot() if group.is_coordinator else None)
+        return runner
+    return wrap
+
+
+class _Grow(Exception):
+    def __init__(self, count):
+        super().__init__(count)
+        self.count = count
+
+
+def check_joins(optimizer):
+    """Call after ``state.step += 1``: merge the joiners ``optimizer.step`` announced (collective)."""
+    if optimizer.joiners:
+        count, optimizer.joiners = optimizer.joiners, 0
+        raise _Grow(count)

@@ -1,0 +1,180 @@
+"""`mpirt train` under real mpiexec + ULFM: the same model on any number of ranks, with faults.
+
+The final parameters are read back from the last checkpoint each run writes.
+"""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from harness import run_cli
+
+pytestmark = [pytest.mark.mpi, pytest.mark.cli]
+
+COMMON = ["--epochs", "2", "--global-batch", "64", "--lr", "0.05", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "digits.h5"
+    run_cli("prepare", "digits", out, "--shard-rows", "256").check()
+    return out
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text") / "text.h5"
+    run_cli("prepare", "synth-text", out, "--rows", "3000", "--features", "4096", "--shard-rows", "256").check()
+    return out
+
+
+def train(tmp_path, data, n, *extra, model="mlp", faults=(), spare=0, name="run", timeout=180):
+    run_dir = tmp_path / name
+    args = ["launch", "-n", str(n), "--spare", str(spare), "--hang-timeout", "2", "--",
+            "mpirt", "train", "--data", data, "--model", model, *COMMON,
+            "--checkpoint-dir", run_dir / "ckpt", "--audit", run_dir / "audit.jsonl",
+            "--events", run_dir / "events.jsonl", *extra]
+    for f in faults:
+        args += ["--inject-fault", f]
+    return run_cli(*args, timeout=timeout), run_dir
+
+
+def final_params(run_dir):
+    from mpirt.checkpoint import CheckpointDir
+
+    ckpt = CheckpointDir(run_dir / "ckpt").load_latest()
+    return ckpt.params, ckpt.position
+
+
+def assert_same_model(a, b, rtol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(float(np.max(np.abs(a[k]))), 1e-12)
+        err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / scale
+        assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
+
+
+def records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def assert_exactly_once(run_dir, n_rows, epochs=2):
+    """Every sample position of every epoch was consumed by exactly one committed step."""
+    seen = {}
+    steps = [r["step"] for r in records(run_dir / "audit.jsonl")]
+    assert steps == list(range(len(steps))), "one audit line per committed step, in order"
+    for r in records(run_dir / "audit.jsonl"):
+        seen.setdefault(r["epoch"], []).append((r["start"], r["stop"]))
+    assert sorted(seen) == list(range(epochs))
+    for ranges in seen.values():
+        covered = np.zeros(n_rows, dtype=int)
+        for a, b in ranges:
+            covered[a:b] += 1
+        assert (covered == 1).all()
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory):
+    res, run_dir = train(tmp_path_factory.mktemp("ref"), digits, 1)
+    res.check()
+    assert "1 view(s)" in res.stdout
+    return final_params(run_dir)[0]
+
+
+def n_train(data):
+    with h5py.File(data) as f:
+        return int(f["train"].attrs["n_rows"])
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_n_ranks_give_the_model_of_one_rank(tmp_path, digits, reference, n):
+    res, run_dir = train(tmp_path, digits, n)
+    res.check()
+    params, position = final_params(run_dir)
+    assert position["step"] == 2 * -(-n_train(digits) // 64)
+    assert_same_model(reference, params)
+
+
+def test_kill_join_and_coordinator_kill_give_the_same_model(tmp_path, digits, reference):
+    faults = ["kill:member=2:step=5", "join:count=1:step=12", "kill:member=coordinator:step=20",
+              "kill:member=1:step=30:phase=commit"]
+    res, run_dir = train(tmp_path, digits, 4, faults=faults, spare=1)
+    res.check()
+    views = [e for e in records(run_dir / "events.jsonl") if e["event"] == "view"]
+    assert [v["failed"] for v in views] == [[], [2], [], [0], [1]]
+    assert views[2]["joined"] == [4]
+    assert views[-1]["members"] == [3, 4]
+    assert_same_model(reference, final_params(run_dir)[0])
+    assert_exactly_once(run_dir, n_train(digits))
+
+
+def test_hang_and_leave_on_text(tmp_path, text):
+    res, one = train(tmp_path, text, 1, "--optimizer", "adam", "--lr", "0.01", model="fasttext", name="one")
+    res.check()
+    faults = ["hang:member=1:step=4", "leave:member=2:step=9"]
+    res, run_dir = train(tmp_path, text, 3, "--optimizer", "adam", "--lr", "0.01", model="fasttext",
+                         faults=faults, name="three")
+    res.check()
+    views = [e for e in records(run_dir / "events.jsonl") if e["event"] == "view"]
+    assert [(v["failed"], v["left"]) for v in views] == [([], []), ([1], []), ([], [2])]
+    assert_same_model(final_params(one)[0], final_params(run_dir)[0])
+    assert_exactly_once(run_dir, n_train(text))
+
+
+def test_resume_after_the_whole_job_was_killed(tmp_path, digits, reference):
+    res, run_dir = train(tmp_path, digits, 2, "--checkpoint-every", "10", faults=["kill:member=0:step=17",
+                                                                                    "kill:member=1:step=17"])
+    assert res.returncode != 0
+    assert final_params(run_dir)[1]["step"] == 10
+    res, run_dir = train(tmp_path, digits, 3, "--checkpoint-every", "10", "--resume")
+    res.check()
+    assert_same_model(reference, final_params(run_dir)[0])
+    assert_exactly_once(run_dir, n_train(digits))
+    ckpts = sorted(os.listdir(run_dir / "ckpt"))
+    assert len(ckpts) == 3, ckpts  # --keep 3
+
+
+def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    res, run_dir = train(tmp_path, digits, 2, "--key-file", key, "--epochs", "1")
+    res.check()
+    ckpt = sorted((run_dir / "ckpt").iterdir())[-1]
+    with h5py.File(ckpt, "r+") as f:
+        name = next(iter(f["params"]))
+        f["params"][name][(0,) * f["params"][name].ndim] += 1.0
+    res, _ = train(tmp_path, digits, 2, "--key-file", key, "--resume")
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.splitlines() if "error" in ln]
+    assert lines and str(ckpt) in lines[0] and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "fasttext"], "needs hashed tokens"),
+    (["--model", "mlp", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--model", "nope"], "invalid choice"),
+])
+def test_bad_flags_are_one_line(tmp_path, digits, args, words):
+    res = run_cli("train", "--data", digits, *args)
+    assert res.returncode == 2, res.output
+    assert words in res.stderr and "Traceback" not in res.output
+
+
+def test_missing_data_file(tmp_path):
+    res = run_cli("train", "--data", tmp_path / "none.h5", "--model", "mlp")
+    assert res.returncode != 0 and "none.h5" in res.stderr and "Traceback" not in res.output
+
+
+def test_report_has_json_and_plots(tmp_path, digits):
+    report = tmp_path / "report"
+    res = run_cli("train", "--data", digits, "--model", "cnn", "--epochs", "2", "--report", report, "--no-progress")
+    res.check()
+    doc = json.loads((report / "report.json").read_text())
+    assert len(doc["epochs"]) == 2
+    assert 0.5 < doc["test"]["accuracy"] <= 1.0
+    for png in ("loss.png", "accuracy.png", "confusion.png", "throughput.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
