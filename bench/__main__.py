@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("kernels", "io", "recovery", "ledger", "chaos")
+SUITES = ("kernels", "io", "recovery", "ledger", "chaos", "allreduce", "train", "checkpoint")
 
 
 def main(argv=None):

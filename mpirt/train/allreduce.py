@@ -14,7 +14,8 @@ Why each part:
 - *compression* (``bf16``/``fp16``): half the bytes on the wire, with error feedback (each rank
   keeps what rounding lost and adds it to its next gradient); the sum runs in a user-defined MPI
   op that adds in float32 and rounds once per pairwise add; the stats then travel in float64;
-- *device tensors*: packed on the device, staged through host memory unless the MPI is CUDA-aware.
+- *device tensors*: packed on the device, staged through host memory (the PyPI Open MPI is not
+  CUDA-aware).
 
 Every rank gets bitwise the same sums (each element is reduced once by MPI and broadcast), so
 replicated parameters stay identical across ranks.
@@ -24,10 +25,13 @@ import numpy as np
 
 import mpirt.kernels as K
 
-# Chosen by `python -m bench allreduce` on the 2-core machine (tcp path, 4 ranks): see bench/RESULTS.md.
+# Chosen by `python -m bench allreduce` on the 2-core machine (tcp path, 4 ranks oversubscribed,
+# bench/results/allreduce-2core.md): 25M floats took 546 ms with 8 MiB segments one at a time,
+# 2.4x longer with 1 MiB segments (each blocking collective pays a scheduling round on 2 cores),
+# and 16% longer with 4 segments in flight (libnbc).
 BUCKET_BYTES = 16 << 20
-SEGMENT_BYTES = 1 << 20
-INFLIGHT = 4
+SEGMENT_BYTES = 8 << 20
+INFLIGHT = 1
 COMPRESSIONS = ("bf16", "fp16")
 
 
@@ -125,6 +129,11 @@ class GradAllreduce:
     def _reduce(self, buffers, mpi_type, op):
         """Segmented, pipelined in-place Allreduce of every buffer (same order on every rank)."""
         MPI, comm = self.ec.MPI, self.ec.comm
+        if self.inflight == 1:  # blocking segments: coll/tuned, no libnbc schedule per segment
+            for buf in buffers:
+                for a in range(0, len(buf), self.segment):
+                    comm.Allreduce(MPI.IN_PLACE, [buf[a:a + self.segment], mpi_type], op=op)
+            return
         pending = []
         try:
             for buf in buffers:

@@ -1,0 +1,134 @@
+"""Training step: mpirt's elastic step against a bare mpi4py SGD loop and torch DDP (gloo).
+
+    python -m bench train [--ranks 4] [--steps 60] [--hidden 512] [--batch 512]
+
+One MPI job (``mpirt launch``, the fault-tolerant tcp path) runs the same MLP on the same synthetic
+data three ways, one after the other, each from the same initial parameters:
+
+- bare: backward, ``torch.cat`` of the gradients, one mpi4py ``Allreduce``, divide, ``step``;
+- mpirt: ``mpirt.elastic.DistributedOptimizer.step`` (bucket pack, allreduce with the sample
+  count, ``Agree``, unpack x 1/n, ``step``): the protocol ``mpirt train`` runs each step;
+- DDP: ``DistributedDataParallel`` on gloo (bucketed allreduce overlapped with backward).
+Figures: samples/s over the timed steps (after warm-up), and mpirt against each.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+from bench.common import table, write_results
+
+WORKER = r'''
+import json, sys, time
+import numpy as np
+import torch
+import torch.distributed as dist
+import mpirt.elastic as elastic
+from mpirt.kernels.torch_loss import cross_entropy
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+group = elastic.init()
+comm, MPI, rank, size = group.ec.comm, group.ec.MPI, group.rank, group.size
+dist.init_process_group("gloo", init_method=cfg["gloo"], rank=rank, world_size=size)
+B, H, D = cfg["batch"], cfg["hidden"], 784
+rng = np.random.default_rng(0)
+X = torch.from_numpy(rng.standard_normal((B * 8, D), dtype=np.float32))
+Y = torch.from_numpy(rng.integers(0, 10, B * 8))
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, H), torch.nn.ReLU(),
+                               torch.nn.Linear(H, 10))
+def batch(s):
+    a = (s % 8) * B
+    lo, hi = a + B * rank // size, a + B * (rank + 1) // size
+    return X[lo:hi], Y[lo:hi]
+def bare():
+    m = model(); opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    params = list(m.parameters())
+    def step(s):
+        x, y = batch(s)
+        opt.zero_grad()
+        cross_entropy(m(x), y, reduction="sum").backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        comm.Allreduce(MPI.IN_PLACE, flat.numpy())
+        flat /= B
+        o = 0
+        for p in params:
+            p.grad.copy_(flat[o:o + p.numel()].view_as(p)); o += p.numel()
+        opt.step()
+    return step
+def ours():
+    m = model()
+    opt = elastic.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), m.parameters(), group)
+    def step(s):
+        x, y = batch(s)
+        opt.zero_grad()
+        cross_entropy(m(x), y, reduction="sum").backward()
+        opt.step(samples=len(y), step=None)
+    return step
+def ddp():
+    m = torch.nn.parallel.DistributedDataParallel(model())
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    def step(s):
+        x, y = batch(s)
+        opt.zero_grad()
+        (cross_entropy(m(x), y, reduction="sum") * (size / B)).backward()  # DDP averages over ranks
+        opt.step()
+    return step
+out = {}
+for name, make in (("bare", bare), ("mpirt", ours), ("ddp", ddp)) * cfg["rounds"]:
+    step = make()
+    for s in range(5):
+        step(s)
+    comm.Barrier()
+    t = time.perf_counter()
+    for s in range(cfg["steps"]):
+        step(s)
+    comm.Barrier()
+    out.setdefault(name, []).append(cfg["steps"] * B / (time.perf_counter() - t))
+if rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+group.close()
+'''
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench train")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=3, help="each way is run this many times, interleaved")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--batch", type=int, default=512)
+    args = p.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {"steps": args.steps, "rounds": args.rounds, "hidden": args.hidden, "batch": args.batch,
+           "gloo": f"tcp://127.0.0.1:{port}"}
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "worker.py")
+        with open(script, "w") as f:
+            f.write(WORKER)
+        cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(args.ranks), "--", sys.executable, script,
+               json.dumps(cfg)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"train bench failed: {res.stderr[-2000:]}")
+    out = json.loads(line[0][7:])
+    med = {k: sorted(v)[len(v) // 2] for k, v in out.items()}
+    rows = [[k, f"{med[k]:,.0f}", f"{med['mpirt'] / med[k]:.2f}x"] for k in ("mpirt", "bare", "ddp")]
+    print(f"## Training throughput, MLP 784-{args.hidden}-{args.hidden}-10, global batch {args.batch}, "
+          f"{args.ranks} ranks (median of {args.rounds} rounds of {args.steps} steps)\n")
+    print(table(rows, ["loop", "samples/s", "mpirt / this"]))
+    print(f"\nelastic-step overhead against the bare mpi4py loop: {100 * (med['bare'] / med['mpirt'] - 1):+.1f}%")
+    print("wrote", write_results("train", {"config": cfg, "ranks": args.ranks, "samples_per_s": out}))
+    return 0
