@@ -104,7 +104,11 @@ def _digest(a):
 
 
 def _manifest(arrays, attrs, groups):
-    entries = {name: _digest(a) for name, a in arrays.items()}
+    # hashlib releases the GIL on large buffers: the arrays are hashed on all cores.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        entries = dict(zip(arrays, pool.map(_digest, arrays.values())))
     entries["@attrs"] = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
     entries["@param_groups"] = hashlib.sha256(groups.encode()).hexdigest()
     return json.dumps(entries, sort_keys=True)
