@@ -47,6 +47,14 @@ def _resolve(handler):
 
 
 def main(argv=None) -> int:
+    code = _run(argv)
+    from mpirt.comm import mpi
+
+    mpi.exit_now_if_stopping(code)
+    return code
+
+
+def _run(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -44,6 +44,24 @@ def skip_finalize():
     _skip_finalize.append(True)
 
 
+def exit_now_if_stopping(code):
+    """After :func:`skip_finalize`, end the process at once with ``code``.
+
+    The launcher stops waiting for a job once a rank exits non-zero without
+    Finalize, and a normal interpreter exit then runs libtorch's static
+    destructors for a second or two: the rank would outlive ``mpiexec``.
+    ``os._exit`` skips them; every output was closed before this point.
+    """
+    if not _skip_finalize:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _bounded_finalize(MPI):
     """MPI_Finalize, or the kernel ends the process after FINALIZE_GRACE seconds.
 
