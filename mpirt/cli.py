@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from mpirt import __version__
-from mpirt.errors import MpirtError
+from mpirt.errors import MpirtError, Preempted
 
 # Modules that register sub-commands, in the order `mpirt --help` lists them.
 COMMAND_MODULES = (
@@ -62,6 +62,10 @@ def _run(argv):
         return 2
     try:
         return int(_resolve(args.handler)(args) or 0)
+    except Preempted as exc:
+        if str(exc):  # the coordinator's one line; the other ranks stop silently
+            sys.stderr.write(f"mpirt {args.command}: {exc}\n")
+        return exc.exit_code
     except MpirtError as exc:
         sys.stderr.write(f"mpirt {args.command}: error: {exc}\n")
         return exc.exit_code

@@ -32,6 +32,7 @@ import functools
 import numpy as np
 
 from mpirt.cluster.group import ElasticGroup, Leaving
+from mpirt.comm import faults as faultlib
 from mpirt.errors import ProcessFailure
 
 SAMPLES, LOSS, LEAVING, JOINERS = range(4)
@@ -104,7 +105,7 @@ class DistributedOptimizer:
         g = self.group
         if step is not None:  # injected faults (MPIRT_FAULTS), as in `mpirt train`
             g.fire(g.faults.due(member=g.member, is_coordinator=g.is_coordinator, step=step,
-                                actions=("kill", "hang", "leave")), step=step)
+                                actions=faultlib.SELF), step=step)
             for f in g.faults.faults:
                 if f.action != "join" and f.step is not None and f.step <= step:
                     g.faults.fired.add(f.index)

@@ -37,6 +37,17 @@ class JobError(MpirtError):
     """A job cannot go on (for example fewer ranks than ``--min-ranks``)."""
 
 
+class Preempted(MpirtError):
+    """The job was asked to stop (SIGUSR1: Slurm's ``--signal``, ``scancel --signal``) and did so
+    at a unit boundary, its state saved: run it again with ``--resume`` to go on.
+
+    Exit status 75 (EX_TEMPFAIL, "try again later"), which a batch script turns into a requeue.
+    Only the coordinator carries a message; the other ranks stop silently.
+    """
+
+    exit_code = 75
+
+
 class RecoverableError(MpirtError):
     """The membership changed under a collective; survivors can recover in place."""
 

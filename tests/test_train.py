@@ -138,6 +138,22 @@ def test_resume_after_the_whole_job_was_killed(tmp_path, digits, reference):
     assert len(ckpts) == 3, ckpts  # --keep 3
 
 
+def test_stop_request_saves_and_resume_gives_the_same_model(tmp_path, digits, reference):
+    # SIGUSR1 (Slurm's --signal) on one rank: every member stops after the same step, the
+    # coordinator saves it, exit 75; resuming on another world size ends with the same model.
+    res, run_dir = train(tmp_path, digits, 2, faults=["stop:member=1:step=9"])
+    assert res.returncode == 75, res.output[-3000:]
+    stops = [ln for ln in res.stderr.splitlines() if "stopped on request" in ln]
+    assert len(stops) == 1 and "after step 10 " in stops[0] and "--resume" in stops[0], res.stderr
+    assert "Traceback" not in res.output
+    assert final_params(run_dir)[1]["step"] == 10
+    assert [e["step"] for e in records(run_dir / "events.jsonl") if e["event"] == "preempted"] == [10]
+    res, run_dir = train(tmp_path, digits, 3, "--resume")
+    res.check()
+    assert_same_model(reference, final_params(run_dir)[0])
+    assert_exactly_once(run_dir, n_train(digits))
+
+
 def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
     key = tmp_path / "key"
     key.write_text("s3cret\n")

@@ -91,3 +91,26 @@ def test_wordcount_on_dense_data_is_refused(tmp_path):
 def test_bad_fault_spec_is_a_usage_error(tmp_path, data, spec, words):
     res = run_cli("wordcount", data, "--out", tmp_path / "c.h5", "--inject-fault", spec)
     assert res.returncode == 2 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_stop_request_commits_the_leases_then_resume_finishes_exactly_once(tmp_path, data, reference):
+    # SIGUSR1 on a worker: nothing more is leased, the leases out commit, exit 75; --resume
+    # (what a requeued Slurm job runs) takes only the rest, and the counts are bit-identical.
+    out, events = tmp_path / "counts.h5", tmp_path / "events.jsonl"
+    args = ["launch", "-n", "3", "--hang-timeout", "2", "--", "mpirt", "wordcount", data, "--out", out,
+            "--events", events, "--keep-parts"]
+    res = run_cli(*args, "--inject-fault", "stop:member=2:step=6", timeout=120)
+    assert res.returncode == 75, res.output[-3000:]
+    assert res.stderr.count("stopped on request") == 1 and "Traceback" not in res.output
+    assert not out.exists()
+    with open(f"{out}.parts/ledger.jsonl") as f:
+        first = [json.loads(line)["shard"] for line in f]
+    assert 6 <= len(first) < 38 and len(set(first)) == len(first)
+    run_cli(*args, "--resume", timeout=120).check()
+    assert counts_of(out)[1] == reference[1]
+    with open(f"{out}.parts/ledger.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert sorted(r["shard"] for r in records) == list(range(38))
+    assert not any(r.get("duplicate") for r in records)
+    with open(events) as f:
+        assert [e["event"] for e in map(json.loads, f)].count("preempted") == 1

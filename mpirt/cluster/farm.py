@@ -11,10 +11,11 @@ at unit boundaries, when every worker is parked waiting for its next lease.
 import os
 import time
 
-from mpirt.cluster.group import ElasticGroup, Leaving
+from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
 from mpirt.cluster.ledger import CommitStore, ShardLedger
+from mpirt.comm import faults as faultlib
 from mpirt.comm import status
-from mpirt.errors import JobError, ProcessFailure
+from mpirt.errors import JobError, Preempted, ProcessFailure
 from mpirt.log import get_logger
 
 log = get_logger("mpirt.farm")
@@ -86,7 +87,7 @@ class Farm:
         """Compute, write and commit one shard; return whether this commit was the first."""
         coordinator = self.ec.rank == 0
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step,
-                                   actions=("kill", "hang", "leave")), step=step)
+                                   actions=faultlib.SELF), step=step)
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, shard=shard), shard=shard)
         result = self.job.map(shard)
         tmp = self.store.temp_path(shard)
@@ -104,13 +105,15 @@ class Farm:
                 if kind == "lease":
                     shard, step = payload
                     first = self._work_on(shard, step)
-                    comm.send(("done", (shard, first, Leaving.requested)), dest=0, tag=TAG_REQ)
+                    comm.send(("done", (shard, first, Leaving.requested, Preempt.requested)), dest=0, tag=TAG_REQ)
                 elif kind == "bye":
                     self.group.leave()
                 elif kind == "resize":
                     self.group.grow(payload[0])
                     return "resized"
                 elif kind == "stop":
+                    if payload and payload[0] == "preempted":
+                        raise Preempted("")
                     return None
 
     def _coordinate(self):
@@ -126,19 +129,23 @@ class Farm:
         active = set(range(1, comm.Get_size()))
         parked = []
         join = []
+        stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
         while True:
             step = len(ledger.done)
             join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
                                                 actions=("join",)) if f not in join]
             self._fire(self.faults.due(member=self.member, is_coordinator=True, step=step,
-                                       actions=("kill", "hang", "leave")), step=step)
+                                       actions=faultlib.SELF), step=step)
             if Leaving.requested:
                 self.group.leave()
+            stopping = stopping or Preempt.requested
+            if stopping and not ledger.finished and len(parked) == len(active):
+                return self._stop_preempted(ledger, parked)
             if join and len(parked) == len(active):
                 return self._resize(join, parked)
             if ledger.finished and len(parked) == len(active):
                 return self._finish(ledger, parked)
-            if not active:
+            if not active and not stopping:
                 shard = ledger.lease(self.member)
                 first = self._work_on(shard, step)
                 self._record(ledger, shard, self.member, first)
@@ -149,14 +156,15 @@ class Farm:
             src = st.Get_source()
             member = view.members[src]
             if kind == "done":
-                shard, first, leaving = payload
+                shard, first, leaving, preempt = payload
+                stopping = stopping or preempt
                 self._record(ledger, shard, member, first)
                 if leaving:
                     active.discard(src)
                     with self.ec.guard():
                         comm.send(("bye",), dest=src, tag=TAG_REPLY)
                     continue
-            shard = None if join else ledger.lease(member)
+            shard = None if (join or stopping) else ledger.lease(member)
             if shard is None:
                 parked.append(src)
                 continue
@@ -189,6 +197,15 @@ class Farm:
         self.events.write("finish", view=self.view.id, members=self.view.members)
         return summary
 
+    def _stop_preempted(self, ledger, parked):
+        """Every lease has come back committed: tell the workers, stop with exit status 75."""
+        with self.ec.guard():
+            for src in parked:
+                self.ec.comm.send(("stop", "preempted"), dest=src, tag=TAG_REPLY)
+        self.events.write("preempted", view=self.view.id, members=self.view.members, done=len(ledger.done))
+        raise Preempted(f"stopped on request (SIGUSR1) with {len(ledger.done)} of {ledger.n_shards} shards "
+                        f"committed; run again with --resume to go on")
+
     def close(self, failed=False):
         self.group.close(failed)
 
@@ -203,7 +220,8 @@ def run_shard_job(job, **options):
     try:
         summary = farm.run()
         failed = False
-    except JobError as exc:
+    except (JobError, Preempted) as exc:
+        failed = not isinstance(exc, Preempted)  # a requested stop ends cleanly everywhere
         if farm.ec is not None and farm.ec.rank == 0:
             status.finished(exc.exit_code)
         raise

@@ -30,6 +30,22 @@ class Leaving:
         signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
 
 
+class Preempt:
+    """SIGUSR1 means: the whole job stops at the next unit boundary, its state saved.
+
+    Slurm delivers it before a time limit or a preemption (``#SBATCH --signal=B:USR1@60`` through the
+    batch script, or ``scancel --batch --signal=USR1``); ``mpirt launch`` passes it to mpiexec, which
+    passes it to every rank. Any one rank's request stops the job: the trainer ORs it into the
+    stats of the step, the farm's workers report it with their results.
+    """
+
+    requested = False
+
+    @classmethod
+    def install(cls):
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(cls, "requested", True))
+
+
 class ElasticGroup:
     """This process's membership in an elastic job.
 
@@ -67,6 +83,7 @@ class ElasticGroup:
         """Join the job: as one of the launched ranks, or as a spawned joiner. Not collective yet:
         callers run their own set-up, then ``sync_view(joiner=self.joined)``."""
         Leaving.install()
+        Preempt.install()
         joined = ElasticComm.from_parent()
         if joined is not None:
             self.ec, self.joined = joined, True
@@ -187,5 +204,7 @@ class ElasticGroup:
         # The job is over: SIGTERM is the launcher's again (prte terminates stragglers with it
         # when a rank exits non-zero; trapped, it would leave them in MPI_Finalize).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A stop request after the end has nothing left to stop (its default would kill us).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if self.ec is not None:
             self.ec.close()

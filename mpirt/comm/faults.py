@@ -4,6 +4,7 @@ SPEC is ``ACTION:key=value:...``:
   kill:member=M:step=S       SIGKILL itself when S units are committed
   hang:member=M:step=S       SIGSTOP itself (the failure detector must notice)
   leave:member=M:step=S      SIGTERM itself (graceful leave)
+  stop:member=M:step=S       SIGUSR1 itself (the whole job stops, state saved: Slurm's --signal)
   join:count=C:step=S        the coordinator spawns C new ranks
   ...:shard=K                instead of step: when the member takes shard K
   ...:phase=commit           after the result is written, before it is committed
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from mpirt.config import FAULTS
 from mpirt.errors import UsageError
 
-ACTIONS = ("kill", "hang", "leave", "join")
-SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "leave": signal.SIGTERM}
+# What a member does to itself (SELF), and what the coordinator does (join).
+SELF = ("kill", "hang", "leave", "stop")
+ACTIONS = SELF + ("join",)
+SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "leave": signal.SIGTERM, "stop": signal.SIGUSR1}
 
 
 @dataclass(frozen=True)
@@ -109,5 +112,5 @@ class FaultPlan:
 
 
 def strike(fault):
-    """Do a kill/hang/leave fault to this very process."""
+    """Do a kill/hang/leave/stop fault to this very process."""
     os.kill(os.getpid(), SIGNALS[fault.action])

@@ -15,13 +15,14 @@ a progress pump (see ``ElasticComm``). Without ULFM the job runs in restart mode
 import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 
 from mpirt.comm import status
 from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, RESUME, STATUS_FILE, env_float
-from mpirt.errors import UsageError
+from mpirt.errors import Preempted, UsageError
 
 DEFAULT_HANG_TIMEOUT = 6.0
 
@@ -150,7 +151,7 @@ def _run_once(cmd, env, log):
     path = env[STATUS_FILE]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    code = subprocess.call(cmd, env=env)
+    code = _call_forwarding(cmd, env)
     reported = status.read(path)
     if reported is None:
         return code
@@ -160,13 +161,29 @@ def _run_once(cmd, env, log):
     return reported
 
 
+# Passed on to mpiexec, which passes them on to every rank: SIGUSR1 is the stop request that
+# Slurm's --signal sends before a time limit or preemption (see mpirt.cluster.group.Preempt).
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _call_forwarding(cmd, env):
+    """``subprocess.call`` that hands FORWARDED signals sent to this process to mpiexec."""
+    proc = subprocess.Popen(cmd, env=env)
+    old = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in FORWARDED}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def _run_restarting(cmd, env, max_restarts, log):
     """Restart mode: relaunch the whole job after a failure; the job resumes from its commits."""
     env = dict(env)
     code = _run_once(cmd, env, log)
     for attempt in range(1, max_restarts + 1):
-        if code == 0:
-            return 0
+        if code in (0, Preempted.exit_code):  # done, or stopped on request: not a failure
+            return code
         env[RESUME] = "1"
         log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
         code = _run_once(cmd, env, log)

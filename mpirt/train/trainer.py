@@ -21,9 +21,10 @@ import time
 import numpy as np
 import torch
 
-from mpirt.cluster.group import ElasticGroup, Leaving
+from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
+from mpirt.comm import faults as faultlib
 from mpirt.comm import status
-from mpirt.errors import JobError, MpirtError, ProcessFailure
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
 from mpirt.train import models
@@ -35,8 +36,8 @@ from mpirt.train.source import RowSource, batches
 log = get_logger("mpirt.train")
 
 # The stats reduced with the gradients: one slot each.
-SAMPLES, LOSS, CORRECT, LEAVING, JOINERS = range(5)
-N_STATS = 5
+SAMPLES, LOSS, CORRECT, LEAVING, JOINERS, PREEMPT = range(6)
+N_STATS = 6
 
 
 class Trainer:
@@ -55,6 +56,7 @@ class Trainer:
         self.reporter = None
         self.ckpt = None
         self.audit = None
+        self.saved = None  # (step, path) of the last checkpoint this process wrote
         self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
 
     # -- state ---------------------------------------------------------------
@@ -156,14 +158,15 @@ class Trainer:
         group, step = self.group, self.step
         coord = group.is_coordinator
         due = group.faults.due(member=group.member, is_coordinator=coord, step=step,
-                               actions=("kill", "hang", "leave"))
+                               actions=faultlib.SELF)
         group.fire(due, step=step)
-        self._mark_fired(step, ("kill", "hang", "leave"), "take")
+        self._mark_fired(step, faultlib.SELF, "take")
         self.joining = [f for f in group.faults.due(member=group.member, is_coordinator=coord, step=step,
                                                     actions=("join",))] if coord else []
         stats = self._compute(step)
         stats[LEAVING] = 1.0 if Leaving.requested else 0.0
         stats[JOINERS] = sum(f.count for f in self.joining)
+        stats[PREEMPT] = 1.0 if Preempt.requested else 0.0
         failed = False
         try:
             self.totals = self.reducer.allreduce(stats)
@@ -171,7 +174,7 @@ class Trainer:
             failed = True
         group.fire(group.faults.due(member=group.member, is_coordinator=coord, step=step, phase="commit"),
                    step=step, phase="commit")
-        self._mark_fired(step, ("kill", "hang", "leave"), "commit")
+        self._mark_fired(step, faultlib.SELF, "commit")
         try:
             ok = group.ec.agree(not failed)
         except ProcessFailure:
@@ -211,6 +214,8 @@ class Trainer:
         self._mark_fired(step, ("join",))
         if group.is_coordinator:
             self._report_step(step, totals)
+        if totals[PREEMPT] and self.step < self.schedule.total_steps:  # at the end: just finish
+            self._stop_preempted()
         if totals[LEAVING] and Leaving.requested:
             group.leave()  # after the commit: the others redo nothing
         if totals[JOINERS]:
@@ -218,6 +223,23 @@ class Trainer:
             group.grow(int(totals[JOINERS]))
             group.sync_view(payload=self.state() if group.is_coordinator else None)
             self._open_outputs()
+
+    def _stop_preempted(self):
+        """Every member saw the request in the same step's stats: save, then all stop (exit 75)."""
+        group = self.group
+        if not group.is_coordinator:
+            raise Preempted("")
+        path = None
+        if self.ckpt:  # unless _report_step just saved this very step
+            path = self.saved[1] if self.saved and self.saved[0] == self.step else self.save_checkpoint()
+        group.events.write("preempted", view=group.view.id, members=group.view.members, step=self.step,
+                           checkpoint=path and os.path.abspath(path))
+        if self.reporter:
+            self.reporter.event(f"stop requested (SIGUSR1): stopped after step {self.step}")
+        where = f"checkpoint {path} written; run again with --resume to go on" if path else (
+            "no --checkpoint-dir, so nothing was saved")
+        raise Preempted(f"stopped on request (SIGUSR1) after step {self.step} of "
+                        f"{self.schedule.total_steps}: {where}")
 
     def _report_step(self, step, totals):
         epoch, a, b = self.schedule.locate(step)
@@ -287,6 +309,7 @@ class Trainer:
             meta={"data": os.path.abspath(self.dataset.path), "class_names": self.dataset.class_names,
                   "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs, "time": time.time()})
         log.info("checkpoint %s", path)
+        self.saved = (self.step, path)
         return path
 
     def _finish(self):
@@ -328,6 +351,8 @@ def run_training(cfg, dataset, group):
         summary = trainer.run()
         failed = False
     except MpirtError as exc:
+        # A requested stop ends together and cleanly on every member: MPI_Finalize as usual.
+        failed = not isinstance(exc, Preempted)
         if trainer.group.ec is not None and trainer.group.is_coordinator:
             status.finished(exc.exit_code)
         raise
