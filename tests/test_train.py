@@ -154,6 +154,14 @@ def test_stop_request_saves_and_resume_gives_the_same_model(tmp_path, digits, re
     assert_exactly_once(run_dir, n_train(digits))
 
 
+def test_every_member_leaving_at_once_is_a_stop_with_a_checkpoint(tmp_path, digits):
+    # What Slurm's preemption or `scancel` does: SIGTERM to every rank.
+    res, run_dir = train(tmp_path, digits, 2, faults=["leave:member=0:step=5", "leave:member=1:step=5"])
+    assert res.returncode == 75, res.output[-3000:]
+    assert "every member was asked to leave" in res.stderr and "Traceback" not in res.output
+    assert final_params(run_dir)[1]["step"] == 6
+
+
 def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
     key = tmp_path / "key"
     key.write_text("s3cret\n")

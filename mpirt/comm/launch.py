@@ -41,6 +41,9 @@ def add_parser(sub):
     p.add_argument("--ft", choices=("auto", "ulfm", "restart"), default="auto",
                    help="recovery mode: in place (ulfm), relaunch (restart), or ulfm when available (auto)")
     p.add_argument("--max-restarts", type=int, default=3, metavar="R", help="restart mode: relaunches at most")
+    p.add_argument("--requeue", action="store_true",
+                   help="in a Slurm batch job: when the job stops on request (SIGUSR1, exit 75), requeue it "
+                        "(scontrol requeue); a requeued job (SLURM_RESTART_COUNT > 0) resumes")
     p.add_argument("--dry-run", action="store_true", help="print the mpiexec line and exit")
     p.add_argument("command", nargs="+", metavar="COMMAND", help="the command each rank runs (after --)")
     p.set_defaults(handler="mpirt.comm.launch:run")
@@ -129,11 +132,18 @@ def run(args):
         raise UsageError("--ft ulfm: this MPI library has no ULFM (use --ft restart or Open MPI 5)")
     hang = args.hang_timeout if args.hang_timeout is not None else env_float(HANG_TIMEOUT, DEFAULT_HANG_TIMEOUT)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang)
+    env = dict(os.environ)
+    if requeued(env):
+        # The same Slurm job running again (after a requeue): go on from what it saved.
+        env[RESUME] = "1"
+    cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang,
+                        environ=env)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ)
+    if requeued(env):
+        log.info("Slurm job %s run %d (requeued): the job resumes", env["SLURM_JOB_ID"],
+                 int(env["SLURM_RESTART_COUNT"]) + 1)
     env[FT_MODE] = ft
     env[HANG_TIMEOUT] = f"{hang:g}"
     if os.geteuid() == 0:
@@ -142,8 +152,35 @@ def run(args):
     with tempfile.TemporaryDirectory(prefix="mpirt-launch-") as tmp:
         env[STATUS_FILE] = os.path.join(tmp, "status")
         if ft == "ulfm":
-            return _run_once(cmd, env, log)
-        return _run_restarting(cmd, env, args.max_restarts, log)
+            code = _run_once(cmd, env, log)
+        else:
+            code = _run_restarting(cmd, env, args.max_restarts, log)
+    if code == Preempted.exit_code and args.requeue:
+        return _requeue(env, log, code)
+    return code
+
+
+def requeued(env):
+    """Whether this is a Slurm job that was requeued (its batch script runs again)."""
+    return in_slurm(env) and int(env.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def _requeue(env, log, code):
+    """Put this Slurm job back in the queue: it runs again with the same id and resumes."""
+    if not in_slurm(env):
+        log.warning("--requeue: not in a Slurm job, nothing to requeue (exit status %d)", code)
+        return code
+    job = env["SLURM_JOB_ID"]
+    try:
+        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("--requeue: scontrol requeue %s failed: %s", job, exc)
+        return code
+    if res.returncode != 0:
+        log.error("--requeue: scontrol requeue %s failed: %s", job, res.stderr.strip())
+        return code
+    log.info("stopped on request: Slurm job %s requeued; it will resume from its checkpoint", job)
+    return 0
 
 
 def _run_once(cmd, env, log):

@@ -214,8 +214,11 @@ class Trainer:
         self._mark_fired(step, ("join",))
         if group.is_coordinator:
             self._report_step(step, totals)
-        if totals[PREEMPT] and self.step < self.schedule.total_steps:  # at the end: just finish
-            self._stop_preempted()
+        if self.step < self.schedule.total_steps:  # at the end: just finish
+            if totals[PREEMPT]:
+                self._stop_preempted("on request (SIGUSR1)")
+            if totals[LEAVING] >= group.size:  # Slurm's preemption and scancel: SIGTERM to all
+                self._stop_preempted("as every member was asked to leave (SIGTERM)")
         if totals[LEAVING] and Leaving.requested:
             group.leave()  # after the commit: the others redo nothing
         if totals[JOINERS]:
@@ -224,7 +227,7 @@ class Trainer:
             group.sync_view(payload=self.state() if group.is_coordinator else None)
             self._open_outputs()
 
-    def _stop_preempted(self):
+    def _stop_preempted(self, why):
         """Every member saw the request in the same step's stats: save, then all stop (exit 75)."""
         group = self.group
         if not group.is_coordinator:
@@ -235,10 +238,10 @@ class Trainer:
         group.events.write("preempted", view=group.view.id, members=group.view.members, step=self.step,
                            checkpoint=path and os.path.abspath(path))
         if self.reporter:
-            self.reporter.event(f"stop requested (SIGUSR1): stopped after step {self.step}")
+            self.reporter.event(f"stopped {why} after step {self.step}")
         where = f"checkpoint {path} written; run again with --resume to go on" if path else (
             "no --checkpoint-dir, so nothing was saved")
-        raise Preempted(f"stopped on request (SIGUSR1) after step {self.step} of "
+        raise Preempted(f"stopped {why} after step {self.step} of "
                         f"{self.schedule.total_steps}: {where}")
 
     def _report_step(self, step, totals):
