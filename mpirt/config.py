@@ -19,11 +19,12 @@ LOG_LEVEL = "MPIRT_LOG_LEVEL"
 FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
 STATUS_FILE = "MPIRT_STATUS_FILE"  # set by `mpirt launch`: where the job reports its exit code
 FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process kills, not node crashes)
+RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run again (requeue, restart)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, STATUS_FILE, RESUME, FSYNC,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, STATUS_FILE, RUN, RESUME, FSYNC,
 }
 
 

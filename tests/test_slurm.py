@@ -5,16 +5,22 @@ in their own temporary directory; sbatch exports the test's environment, so the
 harness's tag finds anything a job leaves behind.
 """
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import h5py
+import numpy as np
 import pytest
 
 from harness import VENV_BIN, assert_no_leftovers, run, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts", "slurm")
+VENV = os.path.dirname(VENV_BIN)
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def test_ci_and_cluster_scripts_parse():
@@ -76,3 +82,130 @@ srun --mpi=pmix -n 2 {sys.executable} -c "from mpi4py import MPI; c = MPI.COMM_W
 """, ntasks=2)
     assert res.returncode == 0, logs + res.output
     assert "rank 0 of 2" in logs and "rank 1 of 2" in logs
+
+
+# -- the batch scripts of scripts/slurm, submitted as a user would ------------------------------
+
+def job_info(job):
+    """``scontrol show job`` as a dict (JobState, Restarts, ExitCode...)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_for(condition, what, deadline_s):
+    """Poll ``condition()`` until it returns something true; fail after ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+class Submitted:
+    """A job submitted with ``sbatch`` from ``cwd``, cancelled and checked for leftovers at exit."""
+
+    def __init__(self, cwd, script, *args, env=None, sbatch_args=()):
+        self.cwd, self.tag = cwd, f"slurm-{cwd.name}"
+        res = run(["sbatch", "--parsable", *sbatch_args, script, *args], cwd=cwd, env=env, tag=self.tag,
+                  timeout=60, check_leftovers=False)
+        assert res.returncode == 0, res.output
+        self.job = res.stdout.strip().split(";")[0]
+
+    def finished(self, deadline_s=240):
+        info = wait_for(lambda: (i := job_info(self.job)).get("JobState") in TERMINAL and i,
+                        f"job {self.job} to end", deadline_s)
+        return info
+
+    def logs(self):
+        return "".join(p.read_text() for p in sorted(self.cwd.glob("*.out")))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["scancel", self.job], timeout=30, capture_output=True)
+        wait_for(lambda: job_info(self.job).get("JobState") in TERMINAL + (None,), f"job {self.job} gone", 60)
+        assert_no_leftovers(self.tag)
+
+
+def audit_steps(path):
+    try:
+        with open(path) as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+TRAIN = ["--model", "mlp", "--epochs", "24", "--global-batch", "64", "--lr", "0.05", "--seed", "3",
+         "--checkpoint-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "digits.h5"
+    run_cli("prepare", "digits", out, "--shard-rows", "256").check()
+    return out
+
+
+@pytest.mark.slurm
+def test_train_script_preempted_requeues_and_resumes_to_the_uninterrupted_model(slurm, tmp_path, digits):
+    from mpirt.checkpoint import CheckpointDir
+
+    ref_dir = tmp_path / "ref"
+    run_cli("launch", "-n", "2", "--", "mpirt", "train", "--data", digits, *TRAIN, "--no-progress",
+            "--checkpoint-dir", ref_dir / "ckpt", timeout=240).check()
+    run_dir = tmp_path / "run"
+    env = {"MPIRT_VENV": VENV, "DATA": digits, "RUN_DIR": run_dir}
+    with Submitted(tmp_path, os.path.join(SCRIPTS, "train.sbatch"), *TRAIN, env=env,
+                   sbatch_args=["--ntasks=2", "--time=5"]) as sub:
+        # Preempt by hand once the job is well under way (what --signal=B:USR1@T does before the end).
+        wait_for(lambda: audit_steps(run_dir / "audit.jsonl") >= 40, "40 committed steps", 120)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", sub.job], check=True, timeout=30)
+        info = sub.finished(deadline_s=300)
+        logs = sub.logs()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, logs)
+    assert "run 1 on 2 tasks" in logs and "run 2 on 2 tasks" in logs, logs
+    assert "stopped on request (SIGUSR1)" in logs and "requeued" in logs, logs
+    events = [json.loads(line) for line in open(run_dir / "events.jsonl")]
+    stops = [e for e in events if e["event"] == "preempted"]
+    assert len(stops) == 1 and 40 <= stops[0]["step"] < 24 * 23, stops
+    got, ref = CheckpointDir(run_dir / "ckpt").load_latest(), CheckpointDir(ref_dir / "ckpt").load_latest()
+    assert got.position["step"] == ref.position["step"]
+    for name, value in ref.params.items():
+        np.testing.assert_allclose(got.params[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    steps = [json.loads(line)["step"] for line in open(run_dir / "audit.jsonl")]
+    assert steps == list(range(ref.position["step"])), "every step committed exactly once across the runs"
+
+
+@pytest.mark.slurm
+def test_classify_script_recovers_a_killed_task_stops_requeues_and_finishes_identically(slurm, tmp_path):
+    data = tmp_path / "digits.h5"
+    run_cli("prepare", "digits", data, "--shard-rows", "64").check()
+    run_cli("launch", "-n", "2", "--", "mpirt", "train", "--data", data, "--model", "mlp", "--epochs", "1",
+            "--global-batch", "64", "--checkpoint-dir", tmp_path / "ckpt", "--no-progress").check()
+    ckpt = sorted((tmp_path / "ckpt").iterdir())[-1]
+    run_cli("classify", "--data", data, "--split", "train", "--checkpoint", ckpt, "--out", tmp_path / "ref.h5").check()
+    out = tmp_path / "pred.h5"
+    env = {"MPIRT_VENV": VENV, "DATA": data, "SPLIT": "train", "CHECKPOINTS": ckpt, "OUT": out}
+    # Run 1: a task is killed (recovered in place), then a stop request: exit 75, requeued.
+    # Run 2 (the requeued job, same id) takes only the shards not committed yet.
+    faults = ["kill:member=2:step=3:run=1", "stop:member=1:step=8:run=1"]
+    with Submitted(tmp_path, os.path.join(SCRIPTS, "classify.sbatch"), "--keep-parts",
+                   *[a for f in faults for a in ("--inject-fault", f)], env=env,
+                   sbatch_args=["--ntasks=3", "--time=5"]) as sub:
+        info = sub.finished(deadline_s=300)
+        logs = sub.logs()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, logs)
+    assert "run 2 on 3 tasks" in logs and "requeued" in logs, logs
+    with h5py.File(out) as got, h5py.File(tmp_path / "ref.h5") as ref:
+        assert got.attrs["sha256"] == ref.attrs["sha256"]
+        np.testing.assert_array_equal(got["row_index"][()], ref["row_index"][()])
+    events = [json.loads(line) for line in open(f"{out}.events.jsonl")]
+    assert [v["failed"] for v in events if v["event"] == "view" and v["failed"]] == [[2]], events
+    assert sum(e["event"] == "preempted" for e in events) == 1
+    with open(f"{out}.parts/ledger.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert sorted(r["shard"] for r in records) == list(range(len(records)))
+    assert not any(r.get("duplicate") for r in records)

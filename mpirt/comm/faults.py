@@ -8,6 +8,7 @@ SPEC is ``ACTION:key=value:...``:
   join:count=C:step=S        the coordinator spawns C new ranks
   ...:shard=K                instead of step: when the member takes shard K
   ...:phase=commit           after the result is written, before it is committed
+  ...:run=R                  only in run R of a job run again (Slurm requeue, restart mode: MPIRT_RUN)
 ``member=coordinator`` means whoever coordinates at that moment.
 """
 
@@ -15,7 +16,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from mpirt.config import FAULTS
+from mpirt.config import FAULTS, RUN
 from mpirt.errors import UsageError
 
 # What a member does to itself (SELF), and what the coordinator does (join).
@@ -33,6 +34,7 @@ class Fault:
     shard: int = None
     count: int = 1
     phase: str = "take"
+    run: int = None  # only in this run of a job that is run again (None: every run)
 
     def __str__(self):
         parts = [self.action]
@@ -42,6 +44,8 @@ class Fault:
                 parts.append(f"{key}={value}")
         if self.phase != "take":
             parts.append(f"phase={self.phase}")
+        if self.run is not None:
+            parts.append(f"run={self.run}")
         return ":".join(parts)
 
 
@@ -54,8 +58,8 @@ def parse(spec, index=0):
     kv = {}
     for item in fields[1:]:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("member", "step", "shard", "count", "phase"):
-            raise UsageError(f"fault '{spec}': '{item}' is not member=, step=, shard=, count= or phase=")
+        if not sep or key not in ("member", "step", "shard", "count", "phase", "run"):
+            raise UsageError(f"fault '{spec}': '{item}' is not member=, step=, shard=, count=, phase= or run=")
         kv[key] = value
     try:
         member = kv.get("member")
@@ -66,9 +70,10 @@ def parse(spec, index=0):
             step=int(kv["step"]) if "step" in kv else None,
             shard=int(kv["shard"]) if "shard" in kv else None,
             count=int(kv.get("count", 1)), phase=kv.get("phase", "take"),
+            run=int(kv["run"]) if "run" in kv else None,
         )
     except ValueError:
-        raise UsageError(f"fault '{spec}': member, step, shard and count take integers") from None
+        raise UsageError(f"fault '{spec}': member, step, shard, count and run take integers") from None
     if (fault.step is None) == (fault.shard is None):
         raise UsageError(f"fault '{spec}': give exactly one trigger, step= or shard=")
     if action == "join":
@@ -87,7 +92,8 @@ class FaultPlan:
     def __init__(self, specs=(), environ=None):
         env = os.environ if environ is None else environ
         all_specs = list(specs) + [s for s in env.get(FAULTS, "").split(";") if s.strip()]
-        self.faults = [parse(s, i) for i, s in enumerate(all_specs)]
+        run = int(env.get(RUN) or 1)
+        self.faults = [f for f in (parse(s, i) for i, s in enumerate(all_specs)) if f.run in (None, run)]
         self.fired = set()
 
     def __bool__(self):

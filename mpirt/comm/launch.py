@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from mpirt.comm import status
-from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, RESUME, STATUS_FILE, env_float
+from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, RESUME, RUN, STATUS_FILE, env_float
 from mpirt.errors import Preempted, UsageError
 
 DEFAULT_HANG_TIMEOUT = 6.0
@@ -133,6 +133,7 @@ def run(args):
     hang = args.hang_timeout if args.hang_timeout is not None else env_float(HANG_TIMEOUT, DEFAULT_HANG_TIMEOUT)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     env = dict(os.environ)
+    env[RUN] = str(int(env.get("SLURM_RESTART_COUNT") or 0) + 1 if in_slurm(env) else 1)
     if requeued(env):
         # The same Slurm job running again (after a requeue): go on from what it saved.
         env[RESUME] = "1"
@@ -222,6 +223,7 @@ def _run_restarting(cmd, env, max_restarts, log):
         if code in (0, Preempted.exit_code):  # done, or stopped on request: not a failure
             return code
         env[RESUME] = "1"
+        env[RUN] = str(int(env[RUN]) + 1)
         log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
         code = _run_once(cmd, env, log)
     if code == 0:
