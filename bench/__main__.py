@@ -3,7 +3,8 @@
 import importlib
 import sys
 
-SUITES = ("kernels", "io", "recovery", "ledger", "chaos", "allreduce", "train", "checkpoint")
+SUITES = ("kernels", "io", "recovery", "ledger", "chaos", "allreduce", "train", "checkpoint", "scaling", "model",
+          "report")
 
 
 def main(argv=None):

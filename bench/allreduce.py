@@ -1,13 +1,13 @@
 """Gradient allreduce: mpirt's fused, segmented allreduce against raw mpi4py and torch gloo.
 
-    python -m bench allreduce [--ranks 4] [--repeat 3] [--quick]
+    python -m bench allreduce [--ranks 2 4] [--repeat 3] [--quick]
 
 Two parts, each in one MPI job launched by ``mpirt launch`` (the fault-tolerant tcp path):
 
 1. the issue's figure: a 25M-float gradient in 160 tensors (ResNet-50-like sizes): mpirt
    ``GradAllreduce`` (pack, segmented Allreduce, unpack x 1/n) against one raw ``Allreduce`` of the
    same bytes (already flat: no pack), torch gloo one ``all_reduce`` per tensor, and gloo on a flat buffer;
-2. a sweep of message sizes, 4 KiB to 256 MiB: raw ``Allreduce`` unsegmented, mpirt's segmented
+2. at each rank count, a sweep of message sizes, 4 KiB to 256 MiB: raw ``Allreduce`` unsegmented, mpirt's segmented
    reduction of one buffer, and gloo; plus raw ``Allreduce`` on the shared-memory path (plain
    mpiexec with ``sm``, not fault tolerant) for reference.
 algbw = bytes / time, busbw = algbw * 2 (n - 1) / n, as nccl-tests define them.
@@ -110,46 +110,62 @@ def main(argv):
     from bench.kernels import resnet_like_sizes
 
     p = argparse.ArgumentParser(prog="python -m bench allreduce")
-    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="rank counts of the size sweep")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--segment-kib", type=int, default=8192)
     p.add_argument("--quick", action="store_true", help="2.5M floats and sizes up to 16 MiB")
     args = p.parse_args(argv)
     total = 2_500_000 if args.quick else 25_000_000
     top = 24 if args.quick else 28
-    sweep = [1 << k for k in range(12, top + 1, 2)]
-    n = args.ranks
-    cfg = {"sizes": resnet_like_sizes(total=total), "repeat": args.repeat, "segment": args.segment_kib << 10,
-           "sweep": sweep, "gloo": f"tcp://127.0.0.1:{_free_port()}"}
-    ft = _job([sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--"], n, cfg)
+    sizes = [1 << k for k in range(12, top + 1, 2)]
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    sm_cfg = dict(cfg, gloo=None, sizes=[1000])
-    sm = _job([mpiexec, "-n", str(n), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "sm,self"], n, sm_cfg)
+    results = {"ranks": args.ranks, "total_floats": total, "sizes": sizes, "sweep": {}}
+    for n in args.ranks:
+        # The fused 160-tensor figure at the largest rank count only (it is the slow part).
+        fused = n == max(args.ranks)
+        cfg = {"sizes": resnet_like_sizes(total=total) if fused else [1000], "repeat": args.repeat,
+               "segment": args.segment_kib << 10, "sweep": sizes, "gloo": f"tcp://127.0.0.1:{_free_port()}"}
+        ft = _job([sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--"], n, cfg)
+        sm = _job([mpiexec, "-n", str(n), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "sm,self"], n,
+                  dict(cfg, gloo=None, sizes=[1000]))
+        results["sweep"][n] = {size: dict(ft["sweep"][str(size)], raw_sm=sm["sweep"][str(size)]["raw"])
+                               for size in sizes}
+        if fused:
+            results["fused"], results["fused_ranks"], results["tensors"] = ft["fused"], n, len(cfg["sizes"])
+        _print_sweep(n, results["sweep"][n])
+    _print_fused(results, args.repeat)
+    print("\nwrote", write_results("allreduce", results))
+    return 0
 
-    f = {k: _med(v) for k, v in ft["fused"].items()}
-    nbytes = 4 * total
+
+def busbw(nbytes, seconds, n):
+    """nccl-tests' bus bandwidth of an allreduce, GB/s: algbw x 2(n-1)/n."""
+    return nbytes / seconds / 1e9 * 2 * (n - 1) / n
+
+
+def _print_fused(results, repeat):
+    f = {k: _med(v) for k, v in results["fused"].items()}
+    nbytes, n = 4 * results["total_floats"], results["fused_ranks"]
     rows = [[name, f"{1e3 * f[key]:.1f}", f"{nbytes / f[key] / 1e9:.2f}", f"{f[key] / f['mpirt']:.2f}x"]
             for name, key in (("mpirt GradAllreduce (pack, segments, unpack)", "mpirt"),
                               ("mpirt, 4 segments in flight (Iallreduce)", "mpirt_inflight4"),
                               ("raw mpi4py Allreduce, one flat buffer", "raw"),
                               ("torch gloo, all_reduce per tensor", "gloo_per_tensor"),
                               ("torch gloo, one flat buffer", "gloo_flat"))]
-    print(f"## Fused allreduce: {total / 1e6:.1f}M floats in {len(cfg['sizes'])} tensors, {n} ranks, "
-          f"FT tcp path (median of {args.repeat})\n")
+    print(f"\n## Fused allreduce: {results['total_floats'] / 1e6:.1f}M floats in {results['tensors']} tensors, "
+          f"{n} ranks, FT tcp path (median of {repeat})\n")
     print(table(rows, ["what", "ms", "algbw GB/s", "time / mpirt"]))
-    srows = []
-    for size in sweep:
-        r = {k: _med(v) for k, v in ft["sweep"][str(size)].items()}
-        s_sm = _med(sm["sweep"][str(size)]["raw"])
-        bus = 2 * (n - 1) / n
-        srows.append([_fmt(size)] + [f"{size / r[k] / 1e9 * bus:.2f}" for k in ("raw", "mpirt", "gloo")]
-                     + [f"{size / s_sm / 1e9 * bus:.2f}", f"{r['raw'] / r['mpirt']:.2f}x", f"{r['gloo'] / r['mpirt']:.2f}x"])
+
+
+def _print_sweep(n, sweep):
+    rows = []
+    for size, r in sweep.items():
+        m = {k: _med(v) for k, v in r.items()}
+        rows.append([_fmt(size)] + [f"{busbw(size, m[k], n):.2f}" for k in ("raw", "mpirt", "gloo", "raw_sm")]
+                    + [f"{m['raw'] / m['mpirt']:.2f}x", f"{m['gloo'] / m['mpirt']:.2f}x"])
     print(f"\n## busbw (GB/s) by message size, {n} ranks\n")
-    print(table(srows, ["bytes", "raw Allreduce (tcp)", "mpirt segmented (tcp)", "gloo", "raw Allreduce (sm, no FT)",
-                        "mpirt vs raw tcp", "mpirt vs gloo"]))
-    print("\nwrote", write_results("allreduce", {"ranks": n, "total_floats": total, "fused": ft["fused"],
-                                                  "sweep_tcp": ft["sweep"], "sweep_sm": sm["sweep"]}))
-    return 0
+    print(table(rows, ["bytes", "raw Allreduce (tcp)", "mpirt segmented (tcp)", "gloo", "raw Allreduce (sm, no FT)",
+                       "mpirt vs raw tcp", "mpirt vs gloo"]))
 
 
 def _fmt(b):

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+# Committed: RESULTS.md and the model read them (MPIRT_BENCH_OUT elsewhere for scratch runs).
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "json")
 
 
 def timeit(fn, repeat=5, warmup=1):

@@ -103,6 +103,11 @@ def wait_for(condition, what, deadline_s):
     raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
 
 
+def wait_job(job, deadline_s):
+    """``scontrol show job`` of ``job`` (an id, or ARRAYID_TASK) once it has ended."""
+    return wait_for(lambda: (i := job_info(job)).get("JobState") in TERMINAL and i, f"job {job} to end", deadline_s)
+
+
 class Submitted:
     """A job submitted with ``sbatch`` from ``cwd``, cancelled and checked for leftovers at exit."""
 
@@ -114,9 +119,7 @@ class Submitted:
         self.job = res.stdout.strip().split(";")[0]
 
     def finished(self, deadline_s=240):
-        info = wait_for(lambda: (i := job_info(self.job)).get("JobState") in TERMINAL and i,
-                        f"job {self.job} to end", deadline_s)
-        return info
+        return wait_job(self.job, deadline_s)
 
     def logs(self):
         return "".join(p.read_text() for p in sorted(self.cwd.glob("*.out")))
@@ -209,3 +212,22 @@ def test_classify_script_recovers_a_killed_task_stops_requeues_and_finishes_iden
         records = [json.loads(line) for line in f]
     assert sorted(r["shard"] for r in records) == list(range(len(records)))
     assert not any(r.get("duplicate") for r in records)
+
+
+@pytest.mark.slurm
+def test_scaling_script_runs_one_array_task_per_rank_count_and_merges(slurm, tmp_path):
+    out = tmp_path / "results"
+    env = {"MPIRT_VENV": VENV, "MPIRT_REPO": ROOT, "MPIRT_BENCH_OUT": out}
+    with Submitted(tmp_path, os.path.join(SCRIPTS, "scaling.sbatch"), "--models", "cnn", "--epochs", "2",
+                   env=env, sbatch_args=["--array=1,2", "--ntasks=2", "--time=5"]) as sub:
+        # An array job: wait for each task (JOBID_1, JOBID_2) to end.
+        infos = [wait_job(f"{sub.job}_{t}", deadline_s=300) for t in (1, 2)]
+        logs = sub.logs()
+    assert all(i["JobState"] == "COMPLETED" for i in infos), (infos, logs)
+    assert "task 1: 1 rank(s)" in logs and "task 2: 2 rank(s)" in logs, logs
+    assert sorted(p.name for p in out.glob("scaling-*.json")) == ["scaling-n1.json", "scaling-n2.json"]
+    doc = json.loads((out / "scaling.json").read_text())
+    got = sorted((p["mode"], p["ranks"]) for p in doc["results"]["points"])
+    assert got == [("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)]
+    assert all(min(p["samples_per_s"]) > 0 and p["model"] == "cnn" for p in doc["results"]["points"])
+    assert doc["machine"]["git"] and doc["machine"]["cpus"]

@@ -1,0 +1,298 @@
+"""A scaling model of mpirt's training and recovery, fitted to what the other suites measured.
+
+    python -m bench model [--max-ranks 1024]
+
+Reads allreduce.json, scaling.json and recovery*.json (bench/results/json, or MPIRT_BENCH_OUT) and fits:
+
+- allreduce time of n bytes on p ranks (Rabenseifner's cost: a latency term per doubling step and a
+  bandwidth term that tends to 2n/B):  A(p, n) = a0 + 2 log2(p) alpha + 2 (p-1)/p n / B,
+  least squares on relative error over every (p, size) point of the tcp sweep (mpirt's segmented path);
+- compute per step of a model from its two 1-rank points (strong and weak batch):  T1(G) = c G + h;
+- a step on p ranks sharing C cores:  T(p) = (c G / p + h) max(1, p / C) + A(p, 4 n_params);
+- recovery after a SIGKILL:  R(p) = r0 + r1 log2(p) (ULFM's shrink and agreement are trees), per machine.
+
+Checked against every measured point (the table gives the error of each), then used to predict
+efficiency and recovery at 16 to 1,024 ranks with one rank per core (C = p) on the measured network.
+Strong-scaling predictions use a global batch of STRONG_BATCH (so that 1,024 ranks still get 16 samples
+each); weak ones the measured per-rank batch. Writes model.json and model-*.png.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+
+import numpy as np
+
+from bench.common import OUT_DIR, table, write_results
+
+STRONG_BATCH = 16384
+PREDICT = [16, 32, 64, 128, 256, 512, 1024]
+
+
+def _load(name, out_dir):
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _lstsq_positive(X, t):
+    """Least squares on relative error (rows scaled by 1/t), dropping terms that come out negative."""
+    keep = list(range(X.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(X[:, keep] / t[:, None], np.ones_like(t), rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            full = np.zeros(X.shape[1])
+            full[keep] = np.maximum(coef, 0)
+            return full
+        keep.pop(int(np.argmin(coef)))
+
+
+# -- allreduce ---------------------------------------------------------------------------------
+def _ar_features(p, n):
+    return [1.0, 2 * math.log2(p), 2 * (p - 1) / p * n]
+
+
+def fit_allreduce(doc, column="mpirt"):
+    rows, times, points = [], [], []
+    for p, sweep in doc["results"]["sweep"].items():
+        for size, r in sweep.items():
+            t = statistics.median(r[column])
+            rows.append(_ar_features(int(p), int(size)))
+            times.append(t)
+            points.append((int(p), int(size), t))
+    a0, alpha, inv_bw = _lstsq_positive(np.array(rows), np.array(times))
+    return {"a0_s": a0, "alpha_s": alpha, "bandwidth_Bps": 1 / inv_bw if inv_bw else math.inf}, points
+
+
+def allreduce_time(fit, p, n):
+    if p == 1:
+        return 0.0
+    return fit["a0_s"] + 2 * math.log2(p) * fit["alpha_s"] + 2 * (p - 1) / p * n / fit["bandwidth_Bps"]
+
+
+# -- training steps ----------------------------------------------------------------------------
+def fit_compute(points):
+    """Per model: c (s per sample) and h (s per step) from its 1-rank strong and weak points."""
+    fits = {}
+    for model in sorted({p["model"] for p in points}):
+        ones = [p for p in points if p["model"] == model and p["ranks"] == 1]
+        pts = [(p["global_batch"], p["global_batch"] / statistics.median(p["samples_per_s"])) for p in ones]
+        if not pts:
+            continue
+        (g1, t1), (g2, t2) = pts[0], pts[-1]
+        if g1 != g2 and (t1 - t2) / (g1 - g2) > 0:
+            c = (t1 - t2) / (g1 - g2)
+            h = max(t1 - c * g1, 0.0)
+        else:
+            c, h = statistics.mean(t / g for g, t in pts), 0.0
+        fits[model] = {"c_s_per_sample": c, "h_s_per_step": h, "params": ones[0]["params"]}
+    return fits
+
+
+def step_time(cf, ar, p, global_batch, cores):
+    share = max(1.0, p / cores)
+    return (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"]) * share + allreduce_time(
+        ar, p, 4 * cf["params"])
+
+
+def throughput(cf, ar, p, global_batch, cores):
+    return global_batch / step_time(cf, ar, p, global_batch, cores)
+
+
+def predict_efficiency(cf, ar, mode, per_rank_batch, ranks):
+    """Efficiency at each p of ``ranks``, one rank per core."""
+    out = {}
+    for p in ranks:
+        g = STRONG_BATCH if mode == "strong" else per_rank_batch * p
+        g1 = STRONG_BATCH if mode == "strong" else per_rank_batch
+        out[p] = throughput(cf, ar, p, g, p) / (p * throughput(cf, ar, 1, g1, 1))
+    return out
+
+
+# -- recovery ----------------------------------------------------------------------------------
+def recovery_points(out_dir):
+    """{machine label: [(p, total ms), ...]} from every recovery*.json."""
+    machines = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "recovery*.json"))):
+        with open(path) as f:
+            doc = json.load(f)
+        label = doc.get("label") or f"{doc['machine'].get('cpus')}-core ({os.path.basename(path)})"
+        pts = []
+        for p, runs in doc["results"].get("kill", {}).items():
+            totals = [r["total"] for r in runs if r]
+            if totals:
+                pts.append((int(p), statistics.median(totals)))
+        if pts:
+            machines[label] = {"points": sorted(pts), "cores": doc["machine"].get("cpus")}
+    return machines
+
+
+def fit_recovery(pts):
+    X = np.array([[1.0, math.log2(p)] for p, _ in pts])
+    t = np.array([ms for _, ms in pts])
+    r0, r1 = _lstsq_positive(X, t)
+    return {"r0_ms": r0, "r1_ms_per_doubling": r1}
+
+
+def recovery_ms(fit, p):
+    return fit["r0_ms"] + fit["r1_ms_per_doubling"] * math.log2(p)
+
+
+# -- the whole model ---------------------------------------------------------------------------
+def build(out_dir):
+    ar_doc, sc_doc = _load("allreduce", out_dir), _load("scaling", out_dir)
+    if not ar_doc or not sc_doc:
+        raise SystemExit(f"model: needs allreduce.json and scaling.json in {out_dir} "
+                         "(python -m bench allreduce; python -m bench scaling)")
+    ar, ar_points = fit_allreduce(ar_doc)
+    points = sc_doc["results"]["points"]
+    cf = fit_compute(points)
+    checks = []
+    for p, size, t in ar_points:
+        checks.append({"what": "allreduce", "case": f"{p} ranks, {size} B", "measured": t,
+                       "predicted": allreduce_time(ar, p, size), "unit": "s"})
+    for pt in points:
+        if pt["model"] not in cf:
+            continue
+        got = statistics.median(pt["samples_per_s"])
+        want = throughput(cf[pt["model"]], ar, pt["ranks"], pt["global_batch"], pt.get("cores") or os.cpu_count())
+        checks.append({"what": "training", "case": f"{pt['model']} {pt['mode']} {pt['ranks']} ranks",
+                       "measured": got, "predicted": want, "unit": "samples/s"})
+    rec = {}
+    for label, m in recovery_points(out_dir).items():
+        fit = fit_recovery(m["points"])
+        rec[label] = dict(fit, points=m["points"], cores=m["cores"])
+        for p, ms in m["points"]:
+            checks.append({"what": "recovery", "case": f"{label}, {p} ranks", "measured": ms,
+                           "predicted": recovery_ms(fit, p), "unit": "ms"})
+    for c in checks:
+        c["error"] = c["predicted"] / c["measured"] - 1 if c["measured"] else None
+    weak_batch = {pt["model"]: pt["global_batch"] for pt in points if pt["mode"] == "weak" and pt["ranks"] == 1}
+    predictions = {f"{m} {mode}": predict_efficiency(cf[m], ar, mode, weak_batch.get(m, 64), PREDICT)
+                   for m in cf for mode in ("strong", "weak")}
+    # Recovery at scale from the machine with the most cores (its points are not oversubscribed).
+    best = max(rec, key=lambda k: rec[k]["cores"] or 0) if rec else None
+    rec_pred = {p: recovery_ms(rec[best], p) for p in PREDICT} if best else {}
+    return {"allreduce": ar, "compute": cf, "recovery": rec, "checks": checks, "strong_batch": STRONG_BATCH,
+            "efficiency_predicted": predictions, "recovery_predicted_ms": rec_pred, "recovery_from": best,
+            "measured_points": points}
+
+
+def plot(model, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    measured = {}
+    for pt in model["measured_points"]:
+        measured.setdefault((pt["model"], pt["mode"]), {})[pt["ranks"]] = statistics.median(pt["samples_per_s"])
+    for i, (key, pred) in enumerate(sorted(model["efficiency_predicted"].items())):
+        color = f"C{i}"
+        m, mode = key.split()
+        cf = model["compute"][m]
+        pts = measured.get((m, mode), {})
+        ranks = sorted(pts)
+        if ranks and 1 in pts:
+            cores = next((p.get("cores") for p in model["measured_points"]), None) or os.cpu_count()
+            ax.plot(ranks, [pts[p] / (p * pts[1]) for p in ranks], "o", color=color, label=f"{key}: measured")
+            g = {p: next(x["global_batch"] for x in model["measured_points"]
+                         if x["model"] == m and x["mode"] == mode and x["ranks"] == p) for p in ranks}
+            fitted = [throughput(cf, model["allreduce"], p, g[p], cores) /
+                      (p * throughput(cf, model["allreduce"], 1, g[1], cores)) for p in ranks]
+            ax.plot(ranks, fitted, ":", color=color)
+        xs = sorted(pred, key=int)
+        ax.plot([int(p) for p in xs], [pred[p] for p in xs], "-", color=color,
+                label=f"{key}: predicted, 1 rank/core" + (f", G={model['strong_batch']}" if mode == "strong" else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("efficiency (samples/s / (p x 1-rank samples/s))")
+    ax.set_ylim(0, 1.15)
+    ax.set_title("Training efficiency: model (lines; dotted = this machine) and measured points", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out_dir, "model-efficiency.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [1 << k for k in range(1, 11)]
+    for i, (label, r) in enumerate(sorted(model["recovery"].items())):
+        ax.plot([p for p, _ in r["points"]], [ms for _, ms in r["points"]], "o", color=f"C{i}",
+                label=f"{label}: measured")
+        ax.plot(xs, [recovery_ms(r, p) for p in xs], "-", color=f"C{i}",
+                label=f"{label}: {r['r0_ms']:.1f} + {r['r1_ms_per_doubling']:.1f} log2(p) ms")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("recovery after SIGKILL (ms)")
+    ax.set_title("Recovery time: fits per machine and their prediction to 1,024 ranks", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3, which="both")
+    paths.append(_save(fig, out_dir, "model-recovery.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_p = {}
+    for c in model["checks"]:
+        if c["what"] == "allreduce":
+            p, size = c["case"].split(" ranks, ")
+            by_p.setdefault(int(p), []).append((int(size.split()[0]), c["measured"], c["predicted"]))
+    for i, (p, rows) in enumerate(sorted(by_p.items())):
+        rows.sort()
+        ax.plot([r[0] for r in rows], [r[1] * 1e3 for r in rows], "o", color=f"C{i}", label=f"{p} ranks: measured")
+        ax.plot([r[0] for r in rows], [r[2] * 1e3 for r in rows], "-", color=f"C{i}", label=f"{p} ranks: model")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes")
+    ax.set_ylabel("allreduce time (ms)")
+    a = model["allreduce"]
+    ax.set_title(f"Allreduce fit: a0 {a['a0_s'] * 1e6:.0f} us, alpha {a['alpha_s'] * 1e6:.0f} us, "
+                 f"B {a['bandwidth_Bps'] / 1e9:.2f} GB/s", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    paths.append(_save(fig, out_dir, "model-allreduce.png"))
+    return paths
+
+
+def _save(fig, out_dir, name):
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def print_model(model):
+    a = model["allreduce"]
+    print(f"allreduce: a0 {a['a0_s'] * 1e6:.1f} us, alpha {a['alpha_s'] * 1e6:.1f} us per doubling, "
+          f"bandwidth {a['bandwidth_Bps'] / 1e9:.2f} GB/s")
+    for m, cf in model["compute"].items():
+        print(f"{m}: {cf['c_s_per_sample'] * 1e6:.1f} us per sample, {cf['h_s_per_step'] * 1e3:.2f} ms per step, "
+              f"{cf['params']:,} parameters")
+    rows = [[c["what"], c["case"], f"{c['measured']:.4g}", f"{c['predicted']:.4g}", c["unit"],
+             f"{100 * c['error']:+.0f}%"] for c in model["checks"]]
+    print(table(rows, ["what", "case", "measured", "model", "unit", "model error"]))
+    heads = ["ranks"] + sorted(model["efficiency_predicted"]) + ["recovery ms"]
+    rows = [[p] + [f"{100 * model['efficiency_predicted'][k][p]:.0f}%" for k in heads[1:-1]]
+            + [f"{model['recovery_predicted_ms'].get(p, float('nan')):.1f}"] for p in PREDICT]
+    print(table(rows, heads))
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench model")
+    p.parse_args(argv)
+    out_dir = os.environ.get("MPIRT_BENCH_OUT", OUT_DIR)
+    model = build(out_dir)
+    print_model(model)
+    for path in plot(model, out_dir):
+        print("wrote", path)
+    print("wrote", write_results("model", {k: v for k, v in model.items() if k != "measured_points"}))
+    return 0

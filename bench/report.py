@@ -1,0 +1,351 @@
+"""``python -m bench report``: bench/RESULTS.md and its plots, from the suites' JSON results.
+
+Every section shows the exact command that produced it, the machine and git commit it ran on, the
+table (each figure beside its baseline from the same run) and a PNG plot. Reads bench/results/json
+(or MPIRT_BENCH_OUT), writes the plots next to the JSON and RESULTS.md in bench/.
+"""
+
+import json
+import os
+import statistics
+
+from bench.common import OUT_DIR, table
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _load(out_dir, name):
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir, name):
+    plt = _plt()
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return path
+
+
+def _header(doc, title):
+    m = doc["machine"]
+    where = f"{m.get('cpus')} cores, {m.get('host')}, {m.get('time')}, git {m.get('git') or '?'}"
+    lines = [f"## {title}", "", f"`{_command(doc)}`  ", f"*{where}; torch {m.get('torch')}, "
+             f"mpi4py {m.get('mpi4py')}, h5py {m.get('h5py')}*"]
+    if doc.get("note"):
+        lines.append(f"  \n*{doc['note']}*")
+    return lines + [""]
+
+
+def _command(doc):
+    cmd = doc.get("command", "")
+    if "bench/__main__.py" in cmd:  # python -m bench records its own path
+        cmd = "python -m bench" + cmd.split("bench/__main__.py", 1)[1]
+    return cmd
+
+
+def _img(path):
+    return f"![{os.path.basename(path)}]({os.path.relpath(path, HERE)})"
+
+
+def _fmt_bytes(b):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024:
+            return f"{b} {unit}"
+        b //= 1024
+    return f"{b} TiB"
+
+
+# -- suites ------------------------------------------------------------------------------------
+def allreduce(doc, out_dir):
+    from bench.allreduce import busbw
+
+    r = doc["results"]
+    lines = _header(doc, "allreduce: mpirt's fused/segmented allreduce, raw mpi4py (tcp, sm), torch gloo")
+    f = {k: med(v) for k, v in r["fused"].items()}
+    nbytes = 4 * r["total_floats"]
+    rows = [[name, f"{1e3 * f[key]:.1f}", f"{nbytes / f[key] / 1e9:.2f}", f"{f[key] / f['mpirt']:.2f}x"]
+            for name, key in (("mpirt GradAllreduce (pack, segments, unpack)", "mpirt"),
+                              ("mpirt, 4 segments in flight", "mpirt_inflight4"),
+                              ("raw mpi4py Allreduce, one flat buffer", "raw"),
+                              ("torch gloo, all_reduce per tensor", "gloo_per_tensor"),
+                              ("torch gloo, one flat buffer", "gloo_flat"))]
+    lines += [f"Fused gradient: {r['total_floats'] / 1e6:.0f}M floats in {r['tensors']} tensors, "
+              f"{r['fused_ranks']} ranks, fault-tolerant tcp path (median):", "",
+              table(rows, ["what", "ms", "algbw GB/s", "its time / mpirt's"]), ""]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(r["sweep"]), figsize=(5 * len(r["sweep"]), 4), squeeze=False)
+    for ax, (n, sweep) in zip(axes[0], sorted(r["sweep"].items(), key=lambda kv: int(kv[0]))):
+        n = int(n)
+        sizes = sorted(int(s) for s in sweep)
+        rows = []
+        for label, key in (("raw Allreduce (tcp, FT)", "raw"), ("mpirt segmented (tcp, FT)", "mpirt"),
+                           ("torch gloo", "gloo"), ("raw Allreduce (sm, no FT)", "raw_sm")):
+            ax.plot(sizes, [busbw(s, med(sweep[str(s)][key]), n) for s in sizes], "o-", label=label, markersize=3)
+        for s in sizes:
+            m = {k: med(v) for k, v in sweep[str(s)].items()}
+            rows.append([_fmt_bytes(s)] + [f"{s / m[k] / 1e9:.2f} / {busbw(s, m[k], n):.2f}"
+                                           for k in ("mpirt", "raw", "gloo", "raw_sm")]
+                        + [f"{m['raw'] / m['mpirt']:.2f}x", f"{m['gloo'] / m['mpirt']:.2f}x"])
+        lines += [f"Sizes on {n} ranks, algbw / busbw in GB/s (nccl-tests' definitions):", "",
+                  table(rows, ["bytes", "mpirt (tcp)", "raw (tcp)", "gloo", "raw (sm, no FT)", "mpirt vs raw tcp",
+                               "mpirt vs gloo"]), ""]
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bytes")
+        ax.set_ylabel("busbw (GB/s)")
+        ax.set_title(f"{n} ranks", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    lines += [_img(_save(fig, out_dir, "allreduce.png")), ""]
+    return lines
+
+
+def recovery(doc, out_dir):
+    r = doc["results"]
+    lines = _header(doc, "recovery: in place after SIGKILL and SIGSTOP, against torchrun's restart")
+    phases = ("detect", "revoke+shrink", "agree", "replan", "first unit")
+    rows, ranks = [], sorted(r["kill"], key=int)
+    meds = {}
+    for n in ranks:
+        runs = [x for x in r["kill"][n] if x]
+        m = {k: med([x.get(k) for x in runs]) for k in phases + ("total",)}
+        meds[n] = m
+        tr_all = r.get("torchrun", {}).get(n, [])
+        tr = med(tr_all)
+        rows.append([n] + [f"{m[k]:.1f}" if m[k] is not None else "-" for k in phases + ("total",)]
+                    + [f"{tr:.0f}" if tr else f"failed ({sum(t is not None for t in tr_all)}/{len(tr_all)})",
+                       f"{tr / m['total']:.0f}x" if tr else "-"])
+    lines += ["Recovery after SIGKILL of one rank, ms (median):", "",
+              table(rows, ["ranks", "detect", "revoke+shrink", "agree+sync", "re-plan", "first unit", "mpirt total",
+                           "torchrun restart", "torchrun / mpirt"]), ""]
+    if r.get("hang"):
+        hrows = [[n, f"{med([x['total'] for x in runs if x]):.0f}"] for n, runs in sorted(r["hang"].items())]
+        lines += ["Hang (SIGSTOP) with a 2 s bound: recovered after (ms):", "", table(hrows, ["ranks", "ms"]), ""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(ranks)
+    for k in phases:
+        vals = [meds[n][k] or 0.0 for n in ranks]
+        ax.bar([str(n) for n in ranks], vals, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("ms")
+    tr = {n: med(r.get("torchrun", {}).get(n, [])) for n in ranks}
+    ax.set_title("mpirt recovery phases; torchrun restart: " + ", ".join(
+        f"{n}: {'%.0f ms' % t if t else 'failed'}" for n, t in tr.items()), fontsize=8)
+    ax.legend(fontsize=7)
+    name = f"{os.path.splitext(doc.get('_file', 'recovery.json'))[0]}.png"
+    lines += [_img(_save(fig, out_dir, name)), ""]
+    return lines
+
+
+def scaling(doc, out_dir):
+    from bench.scaling import efficiency
+
+    pts = doc["results"]["points"]
+    lines = _header(doc, "scaling: strong and weak scaling of `mpirt train` (digits CNN, fastText)")
+    rows = efficiency(pts)
+    lines += ["Samples/s (median of the timed epochs) and efficiency against the 1-rank run of the same series "
+              "(the baseline, same run):", "",
+              table([[m, mode, n, next(p["global_batch"] for p in pts if (p["model"], p["mode"], p["ranks"]) ==
+                                       (m, mode, n)), f"{thr:,.0f}", "-" if eff is None else f"{100 * eff:.0f}%"]
+                     for m, mode, n, thr, eff in rows],
+                    ["model", "scaling", "ranks", "global batch", "samples/s", "efficiency"]), ""]
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    series = sorted({(m, mode) for m, mode, *_ in rows})
+    for i, (m, mode) in enumerate(series):
+        xs = [(n, thr, eff) for mm, md, n, thr, eff in rows if (mm, md) == (m, mode)]
+        a1.plot([x[0] for x in xs], [x[1] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
+        a2.plot([x[0] for x in xs], [x[2] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
+    a1.set_ylabel("samples/s")
+    a2.set_ylabel("efficiency")
+    a2.set_ylim(0, 1.1)
+    for ax in (a1, a2):
+        ax.set_xlabel("ranks")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    lines += [_img(_save(fig, out_dir, "scaling.png")), ""]
+    return lines
+
+
+def model(doc, out_dir):
+    r = doc["results"]
+    lines = _header(doc, "model: the scaling model, fitted to the measurements above, checked, extrapolated")
+    a = r["allreduce"]
+    lines += [f"Fitted: allreduce a0 {a['a0_s'] * 1e6:.0f} us + {a['alpha_s'] * 1e6:.0f} us per doubling, "
+              f"bandwidth {a['bandwidth_Bps'] / 1e9:.2f} GB/s; " + "; ".join(
+                  f"{m}: {c['c_s_per_sample'] * 1e6:.1f} us/sample + {c['h_s_per_step'] * 1e3:.2f} ms/step, "
+                  f"{c['params']:,} parameters" for m, c in r["compute"].items()) + "; recovery " + "; ".join(
+                  f"{k}: {v['r0_ms']:.1f} + {v['r1_ms_per_doubling']:.1f} log2(p) ms" for k, v in r["recovery"].items()),
+              "", "Every measured point against the model:", "",
+              table([[c["what"], c["case"], f"{c['measured']:.4g}", f"{c['predicted']:.4g}", c["unit"],
+                      f"{100 * c['error']:+.0f}%"] for c in r["checks"]],
+                    ["what", "case", "measured", "model", "unit", "error"]), ""]
+    keys = sorted(r["efficiency_predicted"])
+    ranks = sorted({int(p) for k in keys for p in r["efficiency_predicted"][k]})
+    lines += [f"Predicted at scale, one rank per core on the measured network (strong: global batch "
+              f"{r['strong_batch']}; recovery from the {r['recovery_from']} fit):", "",
+              table([[p] + [f"{100 * r['efficiency_predicted'][k][str(p)]:.0f}%" for k in keys]
+                     + [f"{r['recovery_predicted_ms'].get(str(p), float('nan')):.1f}"] for p in ranks],
+                    ["ranks"] + [f"efficiency {k}" for k in keys] + ["recovery ms"]), ""]
+    for name in ("model-efficiency.png", "model-recovery.png", "model-allreduce.png"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            lines += [_img(path), ""]
+    return lines
+
+
+def kernels(doc, out_dir):
+    r = doc["results"]
+    lines = _header(doc, "kernels: fused softmax-cross-entropy and bucket pack, against numpy/torch baselines")
+    rows, bars = [], []
+    cpu = r.get("cpu", {})
+    if cpu:
+        xn, xt = med(cpu["xent_numpy_s"]), med(cpu["xent_torch_s"])
+        pf, pl = med(cpu["pack_fused_s"]), med(cpu["pack_loop_s"])
+        rows += [["CPU xent fwd+bwd 65,536 x 1,000: torch backend", f"{xt * 1e3:.1f}", "numpy reference",
+                  f"{xn * 1e3:.1f}", f"{xn / xt:.2f}x"],
+                 ["CPU pack+unpack 160 tensors: fused", f"{pf * 1e3:.1f}", "per-tensor copies", f"{pl * 1e3:.1f}",
+                  f"{pl / pf:.2f}x"]]
+        bars += [("xent torch", xt), ("xent numpy", xn), ("pack fused", pf), ("pack per-tensor", pl)]
+    for key, val in r.items():
+        if key != "cpu" and isinstance(val, dict) and "ms" in val and "baseline_ms" in val:
+            rows.append([key, f"{val['ms']:.3f}", val.get("baseline", "baseline"), f"{val['baseline_ms']:.3f}",
+                         f"{val['baseline_ms'] / val['ms']:.2f}x"])
+    lines += [table(rows, ["what", "ms", "baseline", "baseline ms", "speed-up"]), ""]
+    if bars:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([b[0] for b in bars], [b[1] * 1e3 for b in bars], color=["C0", "C7", "C0", "C7"])
+        ax.set_ylabel("ms (median)")
+        ax.set_title("CPU kernels (blue) against their baselines (grey)", fontsize=9)
+        lines += [_img(_save(fig, out_dir, "kernels.png")), ""]
+    return lines
+
+
+def io(doc, out_dir):
+    r = doc["results"]
+    lines = _header(doc, "io: prepare and the sharded reader against the obvious code and raw h5py")
+    bars = []
+    if "prepare" in r:
+        p = r["prepare"]
+        ours, obvious = p["rows"] / p["seconds"], p["obvious_rows"] / p["obvious_seconds"]
+        lines += [table([["mpirt prepare text (streaming, parallel)", f"{ours:,.0f}", f"{p['rows']:,}"],
+                         ["obvious pipeline (baseline)", f"{obvious:,.0f}", f"{p['obvious_rows']:,}"]],
+                        ["what", "rows/s", "rows"]),
+                  "", f"{ours / obvious:.1f}x the baseline; peak memory by input size (MB): "
+                  + ", ".join(f"{int(k):,} rows: {v:.0f}" for k, v in p.get("peak_mb", {}).items()), ""]
+        bars += [("prepare", ours), ("obvious", obvious)]
+    if r.get("reader"):
+        lines += ["Reader against raw h5py (same file, same access pattern):", "",
+                  table(r["reader"], ["kind", "batch", "mpirt reader rows/s", "raw h5py rows/s", "mpirt / raw"]), ""]
+    if bars:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C7"])
+        ax.set_ylabel("rows/s")
+        ax.set_title("prepare text: mpirt against the obvious pipeline", fontsize=9)
+        lines += [_img(_save(fig, out_dir, "io.png")), ""]
+    return lines
+
+
+def checkpoint(doc, out_dir):
+    r = doc["results"]
+    s = {k: med(v) for k, v in r["seconds"].items()}
+    lines = _header(doc, "io: checkpoints against raw h5py")
+    lines += [table([["save", f"{s['save_mpirt'] * 1e3:.0f}", f"{s['save_raw'] * 1e3:.0f}",
+                      f"{s['save_raw'] / s['save_mpirt']:.2f}x"],
+                     ["load", f"{s['load_mpirt'] * 1e3:.0f}", f"{s['load_raw'] * 1e3:.0f}",
+                      f"{s['load_raw'] / s['load_mpirt']:.2f}x"]],
+                    ["", "mpirt ms (manifest, HMAC, fsync, rename)", "raw h5py ms", "raw time / mpirt time"]),
+              f"\n{r['floats'] / 1e6:.0f}M floats.", ""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(["save mpirt", "save h5py", "load mpirt", "load h5py"],
+           [s[k] * 1e3 for k in ("save_mpirt", "save_raw", "load_mpirt", "load_raw")], color=["C0", "C7"] * 2)
+    ax.set_ylabel("ms")
+    lines += [_img(_save(fig, out_dir, "checkpoint.png")), ""]
+    return lines
+
+
+def train(doc, out_dir):
+    r = doc["results"]
+    m = {k: med(v) for k, v in r["samples_per_s"].items()}
+    lines = _header(doc, "train: one elastic training step against a bare mpi4py loop and torch DDP (gloo)")
+    lines += [table([[k, f"{m[k]:,.0f}", f"{m['mpirt'] / m[k]:.2f}x"] for k in ("mpirt", "bare", "ddp")],
+                    ["loop", "samples/s", "mpirt / this"]), "",
+              f"MLP 784-{r['config']['hidden']}-{r['config']['hidden']}-10, global batch {r['config']['batch']}, "
+              f"{r['ranks']} ranks.", ""]
+    return lines
+
+
+def ledger(doc, out_dir):
+    r = doc["results"]
+    b, f = med(r["bare_s"]), med(r["farm_s"])
+    return _header(doc, "ledger: the elastic shard farm against a bare master/worker loop") + [
+        table([["mpirt farm (leases, commits, acks)", f"{f:.3f}"], ["bare mpi4py master/worker", f"{b:.3f}"]],
+              ["what", "s"]), "", f"{r['units']} units on {r['ranks']} ranks: {f / b:.2f}x the bare loop.", ""]
+
+
+def chaos(doc, out_dir):
+    runs = doc["results"]
+    ok = sum(r["survived"] for r in runs)
+    return _header(doc, "chaos: random fault schedules on the shard farm") + [
+        f"{ok}/{len(runs)} schedules survived; lost units {sum(r['lost'] for r in runs)}, duplicated "
+        f"{sum(r['duplicated'] for r in runs)}.", ""]
+
+
+SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
+            ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("ledger", ledger),
+            ("chaos", chaos))
+
+
+def main(argv):
+    out_dir = os.environ.get("MPIRT_BENCH_OUT", OUT_DIR)
+    lines = ["# mpirt benchmark results", "",
+             "Made by `python -m bench report` from the JSON in `bench/results/json/` (machine, versions, git "
+             "commit, every sample). Each section starts with the exact command that produced it. "
+             "Each figure is beside its baseline from the same run.", ""]
+    missing = []
+    for name, fn in SECTIONS:
+        docs = [(name, _load(out_dir, name))]
+        if name == "recovery":  # other machines' recovery runs too
+            docs += [(os.path.basename(p)[:-5], _load(out_dir, os.path.basename(p)[:-5]))
+                     for p in sorted(os.listdir(out_dir)) if p.startswith("recovery-") and p.endswith(".json")
+                     for p in [os.path.join(out_dir, p)]]
+        for fname, doc in docs:
+            if doc is None:
+                missing.append(name)
+                continue
+            doc["_file"] = fname + ".json"
+            lines += fn(doc, out_dir)
+    if missing:
+        lines += ["## Not run yet", "", ", ".join(missing), ""]
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, RESULTS)
+    print("wrote", RESULTS)
+    return 0

@@ -1,0 +1,126 @@
+"""Strong and weak scaling of ``mpirt train`` on the digits CNN and the fastText text model.
+
+    python -m bench scaling [--ranks 1 2 4] [--models cnn fasttext] [--epochs 4] [--tag NAME]
+
+Each point is one real ``mpirt launch -n N -- mpirt train`` job (ULFM, tcp). Throughput is the median of
+the per-epoch samples/s of its report, the first epoch left out (warm-up); validation is not timed.
+- strong: the same global batch at every N (the 1-rank run is the baseline);
+- weak: the same batch per rank (global = per-rank x N; the 1-rank run of that batch is the baseline).
+Efficiency = samples/s at N / (N x samples/s at 1). The 1-rank runs are the baselines of the same run.
+``--tag`` names the result file (``scaling-TAG.json``): Slurm's array (scripts/slurm/scaling.sbatch) writes
+one per rank count, and ``--merge`` folds them into ``scaling.json``.
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from bench.common import OUT_DIR, table, write_results
+
+MODELS = {
+    # model -> (prepare args, train args, strong global batch, weak per-rank batch)
+    "cnn": (["digits"], ["--model", "cnn", "--channels", "16"], 128, 64),
+    "fasttext": (["synth-text", "--rows", "24000", "--features", "65536"], ["--model", "fasttext"], 256, 128),
+}
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def prepare(tmp, model):
+    out = os.path.join(tmp, f"{model}.h5")
+    if not os.path.exists(out):
+        subprocess.run([sys.executable, "-m", "mpirt", "prepare", *MODELS[model][0], out], check=True,
+                       capture_output=True, timeout=600, env=_env())
+    return out
+
+
+def measure(data, model, n, global_batch, epochs):
+    """samples/s of each epoch of one real training job on ``n`` ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--", "mpirt", "train", "--data", data,
+               *MODELS[model][1], "--epochs", str(epochs), "--global-batch", str(global_batch), "--lr", "0.05",
+               "--report", os.path.join(tmp, "report"), "--no-progress"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=_env())
+        if res.returncode != 0:
+            raise SystemExit(f"scaling: {model} on {n} ranks failed: {res.stderr[-2000:]}")
+        with open(os.path.join(tmp, "report", "report.json")) as f:
+            report = json.load(f)
+    from mpirt.train.models import build
+
+    n_params = sum(p.numel() for p in build(report["spec"]).parameters())
+    return [e["samples_per_s"] for e in report["epochs"]], n_params
+
+
+def run(ranks, models, epochs):
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            data = prepare(tmp, model)
+            _, _, strong_batch, weak_batch = MODELS[model]
+            for n in ranks:
+                for mode, batch in (("strong", strong_batch), ("weak", weak_batch * n)):
+                    per_epoch, n_params = measure(data, model, n, batch, epochs)
+                    points.append({"model": model, "mode": mode, "ranks": n, "global_batch": batch,
+                                   "params": n_params, "cores": os.cpu_count(),
+                                   "samples_per_s": per_epoch[1:] or per_epoch, "first_epoch": per_epoch[0]})
+                    print(f"{model} {mode} n={n} batch={batch}: {statistics.median(points[-1]['samples_per_s']):,.0f}"
+                          " samples/s", flush=True)
+    return points
+
+
+def efficiency(points):
+    """Rows of (model, mode, ranks, samples/s, efficiency) against the 1-rank point of the same series."""
+    med = {(p["model"], p["mode"], p["ranks"]): statistics.median(p["samples_per_s"]) for p in points}
+    rows = []
+    for (model, mode, n), thr in sorted(med.items()):
+        base = med.get((model, mode, 1))
+        rows.append((model, mode, n, thr, thr / (n * base) if base else None))
+    return rows
+
+
+def print_tables(points):
+    rows = [[m, mode, n, f"{thr:,.0f}", "-" if eff is None else f"{100 * eff:.0f}%"]
+            for m, mode, n, thr, eff in efficiency(points)]
+    print(table(rows, ["model", "scaling", "ranks", "samples/s", "efficiency vs 1 rank"]))
+
+
+def merge():
+    """Fold scaling-*.json (one per Slurm array task) into scaling.json."""
+    out_dir = os.environ.get("MPIRT_BENCH_OUT", OUT_DIR)
+    points, machine = [], None
+    for path in sorted(glob.glob(os.path.join(out_dir, "scaling-*.json"))):
+        with open(path) as f:
+            doc = json.load(f)
+        points += doc["results"]["points"]
+        machine = doc["machine"]
+    if not points:
+        raise SystemExit(f"scaling --merge: no scaling-*.json in {out_dir}")
+    print_tables(points)
+    print("wrote", write_results("scaling", {"points": points, "merged_from_machine": machine}))
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench scaling")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "fasttext"])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--tag", help="write scaling-TAG.json (a part for --merge) instead of scaling.json")
+    p.add_argument("--merge", action="store_true", help="fold the scaling-*.json parts into scaling.json")
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge()
+    points = run(args.ranks, args.models, args.epochs)
+    print_tables(points)
+    name = f"scaling-{args.tag}" if args.tag else "scaling"
+    print("wrote", write_results(name, {"points": points, "epochs": args.epochs}))
+    return 0
