@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import table, write_results
+from bench.common import fmt_bytes, table, write_results
 
 WORKER = r'''
 import json, os, sys, time
@@ -161,16 +161,8 @@ def _print_sweep(n, sweep):
     rows = []
     for size, r in sweep.items():
         m = {k: _med(v) for k, v in r.items()}
-        rows.append([_fmt(size)] + [f"{busbw(size, m[k], n):.2f}" for k in ("raw", "mpirt", "gloo", "raw_sm")]
+        rows.append([fmt_bytes(size)] + [f"{busbw(size, m[k], n):.2f}" for k in ("raw", "mpirt", "gloo", "raw_sm")]
                     + [f"{m['raw'] / m['mpirt']:.2f}x", f"{m['gloo'] / m['mpirt']:.2f}x"])
     print(f"\n## busbw (GB/s) by message size, {n} ranks\n")
     print(table(rows, ["bytes", "raw Allreduce (tcp)", "mpirt segmented (tcp)", "gloo", "raw Allreduce (sm, no FT)",
                        "mpirt vs raw tcp", "mpirt vs gloo"]))
-
-
-def _fmt(b):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if b < 1024:
-            return f"{b} {unit}"
-        b //= 1024
-    return f"{b} TiB"

@@ -72,3 +72,32 @@ def table(rows, headers):
     for row in rows:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
+
+
+def save_png(fig, out_dir, name):
+    """Save a matplotlib figure as ``out_dir/name`` (written aside, then renamed); return the path."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return path
+
+
+def fmt_bytes(b):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024:
+            return f"{b} {unit}"
+        b //= 1024
+    return f"{b} TiB"
+
+
+def load_results(name, out_dir=None):
+    """The ``{machine, command, results}`` document of suite ``name``, or None if it was not run."""
+    path = os.path.join(out_dir or os.environ.get("MPIRT_BENCH_OUT", OUT_DIR), f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

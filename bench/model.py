@@ -5,10 +5,15 @@
 Reads allreduce.json, scaling.json and recovery*.json (bench/results/json, or MPIRT_BENCH_OUT) and fits:
 
 - allreduce time of n bytes on p ranks (Rabenseifner's cost: a latency term per doubling step and a
-  bandwidth term that tends to 2n/B):  A(p, n) = a0 + 2 log2(p) alpha + 2 (p-1)/p n / B,
-  least squares on relative error over every (p, size) point of the tcp sweep (mpirt's segmented path);
+  bandwidth term that tends to 2n/B):  A(p, n) = 2 log2(p) alpha + 2 (p-1)/p n / B, least squares on
+  relative error over the (p, size) points of the tcp sweep (mpirt's segmented path) with p <= cores;
+  the points with more ranks than cores (oversubscribed: ranks wait for a time slice at every round)
+  get an alpha and B of their own, which the predictions at scale (one rank per core) do not use;
 - compute per step of a model from its two 1-rank points (strong and weak batch):  T1(G) = c G + h;
-- a step on p ranks sharing C cores:  T(p) = (c G / p + h) max(1, p / C) + A(p, 4 n_params);
+- packing and unpacking the gradient buckets, per byte, from the fused-allreduce figure (mpirt's time
+  over the raw Allreduce of the same bytes):  P(n) = pack n, on more than one rank;
+- a step on p ranks sharing C cores, with the step's Agree as a zero-byte collective:
+  T(p) = (c G / p + h + P(4 n_params)) max(1, p / C) + A(p, 4 n_params) + A(p, 0);
 - recovery after a SIGKILL:  R(p) = r0 + r1 log2(p) (ULFM's shrink and agreement are trees), per machine.
 
 Checked against every measured point (the table gives the error of each), then used to predict
@@ -26,18 +31,10 @@ import statistics
 
 import numpy as np
 
-from bench.common import OUT_DIR, table, write_results
+from bench.common import OUT_DIR, load_results, save_png, table, write_results
 
 STRONG_BATCH = 16384
 PREDICT = [16, 32, 64, 128, 256, 512, 1024]
-
-
-def _load(name, out_dir):
-    path = os.path.join(out_dir, f"{name}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _lstsq_positive(X, t):
@@ -54,25 +51,41 @@ def _lstsq_positive(X, t):
 
 # -- allreduce ---------------------------------------------------------------------------------
 def _ar_features(p, n):
-    return [1.0, 2 * math.log2(p), 2 * (p - 1) / p * n]
+    return [2 * math.log2(p), 2 * (p - 1) / p * n]
 
 
-def fit_allreduce(doc, column="mpirt"):
-    rows, times, points = [], [], []
-    for p, sweep in doc["results"]["sweep"].items():
-        for size, r in sweep.items():
-            t = statistics.median(r[column])
-            rows.append(_ar_features(int(p), int(size)))
-            times.append(t)
-            points.append((int(p), int(size), t))
-    a0, alpha, inv_bw = _lstsq_positive(np.array(rows), np.array(times))
-    return {"a0_s": a0, "alpha_s": alpha, "bandwidth_Bps": 1 / inv_bw if inv_bw else math.inf}, points
+def fit_allreduce(doc, column="mpirt", cores=None):
+    """Fit alpha and B on the points with p <= cores, then the oversubscription factor on the rest."""
+    points = [(int(p), int(size), statistics.median(r[column]))
+              for p, sweep in doc["results"]["sweep"].items() for size, r in sweep.items()]
+    cores = cores or max(p for p, _, _ in points)
+
+    def alpha_bw(pts):
+        alpha, inv_bw = _lstsq_positive(np.array([_ar_features(p, n) for p, n, _ in pts]),
+                                        np.array([t for _, _, t in pts]))
+        return {"alpha_s": alpha, "bandwidth_Bps": 1 / inv_bw if inv_bw else math.inf}
+
+    fit = dict(alpha_bw([pt for pt in points if pt[0] <= cores] or points), cores=cores)
+    over = [pt for pt in points if pt[0] > cores]
+    if over:
+        fit["oversubscribed"] = alpha_bw(over)
+    # Packing the gradients into buckets and unpacking them: the fused figure's time over the raw
+    # Allreduce of the same bytes, per byte (per core's share when that run was oversubscribed).
+    r = doc["results"]
+    fit["pack_s_per_byte"] = 0.0
+    if "fused" in r:
+        extra = statistics.median(r["fused"]["mpirt"]) - statistics.median(r["fused"]["raw"])
+        fit["pack_s_per_byte"] = max(extra, 0.0) / (4 * r["total_floats"]) / max(1.0, r["fused_ranks"] / cores)
+    return fit, points
 
 
-def allreduce_time(fit, p, n):
+def allreduce_time(fit, p, n, cores=None):
+    """Seconds to allreduce n bytes on p ranks sharing ``cores`` cores (None: one rank per core)."""
     if p == 1:
         return 0.0
-    return fit["a0_s"] + 2 * math.log2(p) * fit["alpha_s"] + 2 * (p - 1) / p * n / fit["bandwidth_Bps"]
+    if cores and p > cores and "oversubscribed" in fit:
+        fit = fit["oversubscribed"]
+    return 2 * math.log2(p) * fit["alpha_s"] + 2 * (p - 1) / p * n / fit["bandwidth_Bps"]
 
 
 # -- training steps ----------------------------------------------------------------------------
@@ -96,8 +109,10 @@ def fit_compute(points):
 
 def step_time(cf, ar, p, global_batch, cores):
     share = max(1.0, p / cores)
-    return (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"]) * share + allreduce_time(
-        ar, p, 4 * cf["params"])
+    pack = ar.get("pack_s_per_byte", 0.0) * 4 * cf["params"] if p > 1 else 0.0
+    # The allreduce of the gradients, then the Agree of the step protocol (latency only).
+    comm = allreduce_time(ar, p, 4 * cf["params"], cores) + allreduce_time(ar, p, 0, cores)
+    return (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share + comm
 
 
 def throughput(cf, ar, p, global_batch, cores):
@@ -145,17 +160,17 @@ def recovery_ms(fit, p):
 
 # -- the whole model ---------------------------------------------------------------------------
 def build(out_dir):
-    ar_doc, sc_doc = _load("allreduce", out_dir), _load("scaling", out_dir)
+    ar_doc, sc_doc = load_results("allreduce", out_dir), load_results("scaling", out_dir)
     if not ar_doc or not sc_doc:
         raise SystemExit(f"model: needs allreduce.json and scaling.json in {out_dir} "
                          "(python -m bench allreduce; python -m bench scaling)")
-    ar, ar_points = fit_allreduce(ar_doc)
+    ar, ar_points = fit_allreduce(ar_doc, cores=ar_doc["machine"].get("cpus"))
     points = sc_doc["results"]["points"]
     cf = fit_compute(points)
     checks = []
     for p, size, t in ar_points:
         checks.append({"what": "allreduce", "case": f"{p} ranks, {size} B", "measured": t,
-                       "predicted": allreduce_time(ar, p, size), "unit": "s"})
+                       "predicted": allreduce_time(ar, p, size, ar["cores"]), "unit": "s"})
     for pt in points:
         if pt["model"] not in cf:
             continue
@@ -218,7 +233,7 @@ def plot(model, out_dir):
     ax.set_title("Training efficiency: model (lines; dotted = this machine) and measured points", fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, out_dir, "model-efficiency.png"))
+    paths.append(save_png(fig, out_dir, "model-efficiency.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [1 << k for k in range(1, 11)]
@@ -234,7 +249,7 @@ def plot(model, out_dir):
     ax.set_title("Recovery time: fits per machine and their prediction to 1,024 ranks", fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3, which="both")
-    paths.append(_save(fig, out_dir, "model-recovery.png"))
+    paths.append(save_png(fig, out_dir, "model-recovery.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_p = {}
@@ -251,29 +266,25 @@ def plot(model, out_dir):
     ax.set_xlabel("bytes")
     ax.set_ylabel("allreduce time (ms)")
     a = model["allreduce"]
-    ax.set_title(f"Allreduce fit: a0 {a['a0_s'] * 1e6:.0f} us, alpha {a['alpha_s'] * 1e6:.0f} us, "
-                 f"B {a['bandwidth_Bps'] / 1e9:.2f} GB/s", fontsize=9)
+    ax.set_title(f"Allreduce fit: {_ar_text(a)}", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    paths.append(_save(fig, out_dir, "model-allreduce.png"))
+    paths.append(save_png(fig, out_dir, "model-allreduce.png"))
     return paths
 
 
-def _save(fig, out_dir, name):
-    path = os.path.join(out_dir, name)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+def _ar_text(a):
+    text = f"alpha {a['alpha_s'] * 1e6:.1f} us per doubling, B {a['bandwidth_Bps'] / 1e9:.2f} GB/s"
+    if "oversubscribed" in a:
+        o = a["oversubscribed"]
+        text += (f"; more ranks than its {a['cores']} cores: alpha {o['alpha_s'] * 1e6:.0f} us, "
+                 f"B {o['bandwidth_Bps'] / 1e9:.2f} GB/s")
+    return text
 
 
 def print_model(model):
     a = model["allreduce"]
-    print(f"allreduce: a0 {a['a0_s'] * 1e6:.1f} us, alpha {a['alpha_s'] * 1e6:.1f} us per doubling, "
-          f"bandwidth {a['bandwidth_Bps'] / 1e9:.2f} GB/s")
+    print(f"allreduce: {_ar_text(a)}")
     for m, cf in model["compute"].items():
         print(f"{m}: {cf['c_s_per_sample'] * 1e6:.1f} us per sample, {cf['h_s_per_step'] * 1e3:.2f} ms per step, "
               f"{cf['params']:,} parameters")

@@ -5,11 +5,10 @@ table (each figure beside its baseline from the same run) and a PNG plot. Reads 
 (or MPIRT_BENCH_OUT), writes the plots next to the JSON and RESULTS.md in bench/.
 """
 
-import json
 import os
 import statistics
 
-from bench.common import OUT_DIR, table
+from bench.common import OUT_DIR, fmt_bytes, load_results, save_png, table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -20,14 +19,6 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def _load(out_dir, name):
-    path = os.path.join(out_dir, f"{name}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def _plt():
     import matplotlib
 
@@ -35,16 +26,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, out_dir, name):
-    plt = _plt()
-    path = os.path.join(out_dir, name)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
-    return path
 
 
 def _header(doc, title):
@@ -66,14 +47,6 @@ def _command(doc):
 
 def _img(path):
     return f"![{os.path.basename(path)}]({os.path.relpath(path, HERE)})"
-
-
-def _fmt_bytes(b):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if b < 1024:
-            return f"{b} {unit}"
-        b //= 1024
-    return f"{b} TiB"
 
 
 # -- suites ------------------------------------------------------------------------------------
@@ -104,7 +77,7 @@ def allreduce(doc, out_dir):
             ax.plot(sizes, [busbw(s, med(sweep[str(s)][key]), n) for s in sizes], "o-", label=label, markersize=3)
         for s in sizes:
             m = {k: med(v) for k, v in sweep[str(s)].items()}
-            rows.append([_fmt_bytes(s)] + [f"{s / m[k] / 1e9:.2f} / {busbw(s, m[k], n):.2f}"
+            rows.append([fmt_bytes(s)] + [f"{s / m[k] / 1e9:.2f} / {busbw(s, m[k], n):.2f}"
                                            for k in ("mpirt", "raw", "gloo", "raw_sm")]
                         + [f"{m['raw'] / m['mpirt']:.2f}x", f"{m['gloo'] / m['mpirt']:.2f}x"])
         lines += [f"Sizes on {n} ranks, algbw / busbw in GB/s (nccl-tests' definitions):", "",
@@ -116,7 +89,7 @@ def allreduce(doc, out_dir):
         ax.set_title(f"{n} ranks", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    lines += [_img(_save(fig, out_dir, "allreduce.png")), ""]
+    lines += [_img(save_png(fig, out_dir, "allreduce.png")), ""]
     return lines
 
 
@@ -155,7 +128,7 @@ def recovery(doc, out_dir):
         f"{n}: {'%.0f ms' % t if t else 'failed'}" for n, t in tr.items()), fontsize=8)
     ax.legend(fontsize=7)
     name = f"{os.path.splitext(doc.get('_file', 'recovery.json'))[0]}.png"
-    lines += [_img(_save(fig, out_dir, name)), ""]
+    lines += [_img(save_png(fig, out_dir, name)), ""]
     return lines
 
 
@@ -186,7 +159,7 @@ def scaling(doc, out_dir):
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    lines += [_img(_save(fig, out_dir, "scaling.png")), ""]
+    lines += [_img(save_png(fig, out_dir, "scaling.png")), ""]
     return lines
 
 
@@ -194,8 +167,10 @@ def model(doc, out_dir):
     r = doc["results"]
     lines = _header(doc, "model: the scaling model, fitted to the measurements above, checked, extrapolated")
     a = r["allreduce"]
-    lines += [f"Fitted: allreduce a0 {a['a0_s'] * 1e6:.0f} us + {a['alpha_s'] * 1e6:.0f} us per doubling, "
-              f"bandwidth {a['bandwidth_Bps'] / 1e9:.2f} GB/s; " + "; ".join(
+    from bench.model import _ar_text
+
+    lines += [f"Fitted: allreduce {_ar_text(a)}; pack/unpack {a.get('pack_s_per_byte', 0) * 1e9:.2f} ns/byte; "
+              + "; ".join(
                   f"{m}: {c['c_s_per_sample'] * 1e6:.1f} us/sample + {c['h_s_per_step'] * 1e3:.2f} ms/step, "
                   f"{c['params']:,} parameters" for m, c in r["compute"].items()) + "; recovery " + "; ".join(
                   f"{k}: {v['r0_ms']:.1f} + {v['r1_ms_per_doubling']:.1f} log2(p) ms" for k, v in r["recovery"].items()),
@@ -241,7 +216,7 @@ def kernels(doc, out_dir):
         ax.bar([b[0] for b in bars], [b[1] * 1e3 for b in bars], color=["C0", "C7", "C0", "C7"])
         ax.set_ylabel("ms (median)")
         ax.set_title("CPU kernels (blue) against their baselines (grey)", fontsize=9)
-        lines += [_img(_save(fig, out_dir, "kernels.png")), ""]
+        lines += [_img(save_png(fig, out_dir, "kernels.png")), ""]
     return lines
 
 
@@ -267,7 +242,7 @@ def io(doc, out_dir):
         ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C7"])
         ax.set_ylabel("rows/s")
         ax.set_title("prepare text: mpirt against the obvious pipeline", fontsize=9)
-        lines += [_img(_save(fig, out_dir, "io.png")), ""]
+        lines += [_img(save_png(fig, out_dir, "io.png")), ""]
     return lines
 
 
@@ -286,7 +261,7 @@ def checkpoint(doc, out_dir):
     ax.bar(["save mpirt", "save h5py", "load mpirt", "load h5py"],
            [s[k] * 1e3 for k in ("save_mpirt", "save_raw", "load_mpirt", "load_raw")], color=["C0", "C7"] * 2)
     ax.set_ylabel("ms")
-    lines += [_img(_save(fig, out_dir, "checkpoint.png")), ""]
+    lines += [_img(save_png(fig, out_dir, "checkpoint.png")), ""]
     return lines
 
 
@@ -330,11 +305,10 @@ def main(argv):
              "Each figure is beside its baseline from the same run.", ""]
     missing = []
     for name, fn in SECTIONS:
-        docs = [(name, _load(out_dir, name))]
+        docs = [(name, load_results(name, out_dir))]
         if name == "recovery":  # other machines' recovery runs too
-            docs += [(os.path.basename(p)[:-5], _load(out_dir, os.path.basename(p)[:-5]))
-                     for p in sorted(os.listdir(out_dir)) if p.startswith("recovery-") and p.endswith(".json")
-                     for p in [os.path.join(out_dir, p)]]
+            docs += [(f[:-5], load_results(f[:-5], out_dir)) for f in sorted(os.listdir(out_dir))
+                     if f.startswith("recovery-") and f.endswith(".json")]
         for fname, doc in docs:
             if doc is None:
                 missing.append(name)
