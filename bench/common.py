@@ -10,7 +10,7 @@ import sys
 import time
 
 # Committed: RESULTS.md and the model read them (MPIRT_BENCH_OUT elsewhere for scratch runs).
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "json")
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest")
 
 
 def timeit(fn, repeat=5, warmup=1):
@@ -63,6 +63,12 @@ def write_results(suite, results, command=None, out_dir=None):
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(tmp, path)
+    from bench.report import plot_suite
+
+    try:
+        plot_suite(suite, out_dir)
+    except Exception as exc:  # noqa: BLE001 - the JSON is written; a plot must not lose it
+        print(f"bench: {suite}: no plot ({type(exc).__name__}: {exc})", file=sys.stderr)
     return path
 
 

@@ -2,7 +2,7 @@
 
     python -m bench model [--max-ranks 1024]
 
-Reads allreduce.json, scaling.json and recovery*.json (bench/results/json, or MPIRT_BENCH_OUT) and fits:
+Reads allreduce.json, scaling.json and recovery*.json (bench/results/latest, or MPIRT_BENCH_OUT) and fits:
 
 - allreduce time of n bytes on p ranks (Rabenseifner's cost: a latency term per doubling step and a
   bandwidth term that tends to 2n/B):  A(p, n) = 2 log2(p) alpha + 2 (p-1)/p n / B, least squares on
@@ -209,7 +209,7 @@ def plot(model, out_dir):
     measured = {}
     for pt in model["measured_points"]:
         measured.setdefault((pt["model"], pt["mode"]), {})[pt["ranks"]] = statistics.median(pt["samples_per_s"])
-    for i, (key, pred) in enumerate(sorted(model["efficiency_predicted"].items())):
+    for i, key in enumerate(sorted(model["efficiency_predicted"])):
         color = f"C{i}"
         m, mode = key.split()
         cf = model["compute"][m]
@@ -223,8 +223,10 @@ def plot(model, out_dir):
             fitted = [throughput(cf, model["allreduce"], p, g[p], cores) /
                       (p * throughput(cf, model["allreduce"], 1, g[1], cores)) for p in ranks]
             ax.plot(ranks, fitted, ":", color=color)
-        xs = sorted(pred, key=int)
-        ax.plot([int(p) for p in xs], [pred[p] for p in xs], "-", color=color,
+        weak_b = next((x["global_batch"] for x in model["measured_points"]
+                       if x["model"] == m and x["mode"] == "weak" and x["ranks"] == 1), 64)
+        line = predict_efficiency(cf, model["allreduce"], mode, weak_b, [1 << k for k in range(11)])
+        ax.plot(list(line), list(line.values()), "-", color=color,
                 label=f"{key}: predicted, 1 rank/core" + (f", G={model['strong_batch']}" if mode == "strong" else ""))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ranks")

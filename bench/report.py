@@ -1,7 +1,7 @@
 """``python -m bench report``: bench/RESULTS.md and its plots, from the suites' JSON results.
 
 Every section shows the exact command that produced it, the machine and git commit it ran on, the
-table (each figure beside its baseline from the same run) and a PNG plot. Reads bench/results/json
+table (each figure beside its baseline from the same run) and a PNG plot. Reads bench/results/latest
 (or MPIRT_BENCH_OUT), writes the plots next to the JSON and RESULTS.md in bench/.
 """
 
@@ -80,7 +80,9 @@ def allreduce(doc, out_dir):
             rows.append([fmt_bytes(s)] + [f"{s / m[k] / 1e9:.2f} / {busbw(s, m[k], n):.2f}"
                                            for k in ("mpirt", "raw", "gloo", "raw_sm")]
                         + [f"{m['raw'] / m['mpirt']:.2f}x", f"{m['gloo'] / m['mpirt']:.2f}x"])
-        lines += [f"Sizes on {n} ranks, algbw / busbw in GB/s (nccl-tests' definitions):", "",
+        over = f" (more ranks than the {doc['machine'].get('cpus')} cores: oversubscribed)" if n > (
+            doc["machine"].get("cpus") or n) else ""
+        lines += [f"Sizes on {n} ranks{over}, algbw / busbw in GB/s (nccl-tests' definitions):", "",
                   table(rows, ["bytes", "mpirt (tcp)", "raw (tcp)", "gloo", "raw (sm, no FT)", "mpirt vs raw tcp",
                                "mpirt vs gloo"]), ""]
         ax.set_xscale("log", base=2)
@@ -210,6 +212,10 @@ def kernels(doc, out_dir):
             rows.append([key, f"{val['ms']:.3f}", val.get("baseline", "baseline"), f"{val['baseline_ms']:.3f}",
                          f"{val['baseline_ms'] / val['ms']:.2f}x"])
     lines += [table(rows, ["what", "ms", "baseline", "baseline ms", "speed-up"]), ""]
+    gpu_md = os.path.join(HERE, "results", "kernels-h100.md")
+    if len(rows) <= 2 and os.path.exists(gpu_md):
+        lines += ["No GPU in this run; the figures recorded on the H100 machine (`MPIRT_REQUIRE_GPU=1 python -m "
+                  "bench kernels`) are in [results/kernels-h100.md](results/kernels-h100.md).", ""]
     if bars:
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -233,9 +239,11 @@ def io(doc, out_dir):
                   "", f"{ours / obvious:.1f}x the baseline; peak memory by input size (MB): "
                   + ", ".join(f"{int(k):,} rows: {v:.0f}" for k, v in p.get("peak_mb", {}).items()), ""]
         bars += [("prepare", ours), ("obvious", obvious)]
-    if r.get("reader"):
-        lines += ["Reader against raw h5py (same file, same access pattern):", "",
-                  table(r["reader"], ["kind", "batch", "mpirt reader rows/s", "raw h5py rows/s", "mpirt / raw"]), ""]
+    reader = load_results("io-reader", out_dir)  # the reader alone, re-run with the fair baseline
+    if reader:
+        lines += [f"Reader against raw h5py (`{_command(reader)}`, git {reader['machine'].get('git')}):", "",
+                  table(reader["results"]["reader"],
+                        ["kind", "batch", "mpirt reader rows/s", "raw h5py rows/s", "mpirt / raw"]), ""]
     if bars:
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -273,7 +281,18 @@ def train(doc, out_dir):
                     ["loop", "samples/s", "mpirt / this"]), "",
               f"MLP 784-{r['config']['hidden']}-{r['config']['hidden']}-10, global batch {r['config']['batch']}, "
               f"{r['ranks']} ranks.", ""]
-    return lines
+    return lines + _bars(out_dir, "train.png", [(k, m[k]) for k in ("mpirt", "bare", "ddp")], "samples/s",
+                         "elastic step (blue) against a bare mpi4py loop and DDP gloo (grey)")
+
+
+def _bars(out_dir, name, bars, ylabel, title):
+    """A bar plot: the first bar is mpirt's (blue), the others its baselines (grey)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0"] + ["C7"] * (len(bars) - 1))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
+    return [_img(save_png(fig, out_dir, name)), ""]
 
 
 def ledger(doc, out_dir):
@@ -281,15 +300,18 @@ def ledger(doc, out_dir):
     b, f = med(r["bare_s"]), med(r["farm_s"])
     return _header(doc, "ledger: the elastic shard farm against a bare master/worker loop") + [
         table([["mpirt farm (leases, commits, acks)", f"{f:.3f}"], ["bare mpi4py master/worker", f"{b:.3f}"]],
-              ["what", "s"]), "", f"{r['units']} units on {r['ranks']} ranks: {f / b:.2f}x the bare loop.", ""]
+              ["what", "s"]), "", f"{r['units']} units on {r['ranks']} ranks: {f / b:.2f}x the bare loop.", ""] + _bars(
+        out_dir, "ledger.png", [("mpirt farm", f), ("bare loop", b)], "s", "shard farm against a bare loop")
 
 
 def chaos(doc, out_dir):
     runs = doc["results"]
     ok = sum(r["survived"] for r in runs)
+    lost, dup = sum(r["lost"] for r in runs), sum(r["duplicated"] for r in runs)
     return _header(doc, "chaos: random fault schedules on the shard farm") + [
-        f"{ok}/{len(runs)} schedules survived; lost units {sum(r['lost'] for r in runs)}, duplicated "
-        f"{sum(r['duplicated'] for r in runs)}.", ""]
+        f"{ok}/{len(runs)} schedules survived; lost units {lost}, duplicated {dup}.", ""] + _bars(
+        out_dir, "chaos.png", [("survived", ok), ("failed", len(runs) - ok), ("lost units", lost),
+                               ("duplicated", dup)], "count", "random fault schedules")
 
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
@@ -297,10 +319,19 @@ SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scalin
             ("chaos", chaos))
 
 
+def plot_suite(name, out_dir):
+    """The PNG plots of one suite's results (each suite calls this when it writes its JSON)."""
+    fn = dict(SECTIONS).get(name.split("-")[0])
+    doc = load_results(name, out_dir)
+    if fn and doc:
+        doc["_file"] = name + ".json"
+        fn(doc, out_dir)
+
+
 def main(argv):
     out_dir = os.environ.get("MPIRT_BENCH_OUT", OUT_DIR)
     lines = ["# mpirt benchmark results", "",
-             "Made by `python -m bench report` from the JSON in `bench/results/json/` (machine, versions, git "
+             "Made by `python -m bench report` from the JSON in `bench/results/latest/` (machine, versions, git "
              "commit, every sample). Each section starts with the exact command that produced it. "
              "Each figure is beside its baseline from the same run.", ""]
     missing = []
