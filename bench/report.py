@@ -97,7 +97,8 @@ def allreduce(doc, out_dir):
 
 def recovery(doc, out_dir):
     r = doc["results"]
-    lines = _header(doc, "recovery: in place after SIGKILL and SIGSTOP, against torchrun's restart")
+    title = "recovery: in place after SIGKILL and SIGSTOP, against torchrun's restart"
+    lines = _header(doc, title + (f" (second machine: {doc['label']})" if doc.get("label") else ""))
     phases = ("detect", "revoke+shrink", "agree", "replan", "first unit")
     rows, ranks = [], sorted(r["kill"], key=int)
     meds = {}

@@ -141,7 +141,8 @@ def audit_steps(path):
         return 0
 
 
-TRAIN = ["--model", "mlp", "--epochs", "24", "--global-batch", "64", "--lr", "0.05", "--seed", "3",
+# 1,380 steps (about 7 s here): the stop request lands seconds before the end, whatever the load.
+TRAIN = ["--model", "mlp", "--epochs", "60", "--global-batch", "64", "--lr", "0.05", "--seed", "3",
          "--checkpoint-every", "0"]
 
 
@@ -173,7 +174,7 @@ def test_train_script_preempted_requeues_and_resumes_to_the_uninterrupted_model(
     assert "stopped on request (SIGUSR1)" in logs and "requeued" in logs, logs
     events = [json.loads(line) for line in open(run_dir / "events.jsonl")]
     stops = [e for e in events if e["event"] == "preempted"]
-    assert len(stops) == 1 and 40 <= stops[0]["step"] < 24 * 23, stops
+    assert len(stops) == 1 and 40 <= stops[0]["step"] < 60 * 23, stops
     got, ref = CheckpointDir(run_dir / "ckpt").load_latest(), CheckpointDir(ref_dir / "ckpt").load_latest()
     assert got.position["step"] == ref.position["step"]
     for name, value in ref.params.items():
@@ -192,9 +193,10 @@ def test_classify_script_recovers_a_killed_task_stops_requeues_and_finishes_iden
     run_cli("classify", "--data", data, "--split", "train", "--checkpoint", ckpt, "--out", tmp_path / "ref.h5").check()
     out = tmp_path / "pred.h5"
     env = {"MPIRT_VENV": VENV, "DATA": data, "SPLIT": "train", "CHECKPOINTS": ckpt, "OUT": out}
-    # Run 1: a task is killed (recovered in place), then a stop request: exit 75, requeued.
-    # Run 2 (the requeued job, same id) takes only the shards not committed yet.
-    faults = ["kill:member=2:step=3:run=1", "stop:member=1:step=8:run=1"]
+    # Run 1: the coordinator's task is killed (recovered in place: member 1 takes over), then a stop
+    # request: exit 75, requeued. Run 2 (the requeued job, same id) takes only the shards not committed
+    # yet. Both faults are the coordinator's, which sees every commit, so both fire in every interleaving.
+    faults = ["kill:member=coordinator:step=3:run=1", "stop:member=coordinator:step=8:run=1"]
     with Submitted(tmp_path, os.path.join(SCRIPTS, "classify.sbatch"), "--keep-parts",
                    *[a for f in faults for a in ("--inject-fault", f)], env=env,
                    sbatch_args=["--ntasks=3", "--time=5"]) as sub:
@@ -206,7 +208,7 @@ def test_classify_script_recovers_a_killed_task_stops_requeues_and_finishes_iden
         assert got.attrs["sha256"] == ref.attrs["sha256"]
         np.testing.assert_array_equal(got["row_index"][()], ref["row_index"][()])
     events = [json.loads(line) for line in open(f"{out}.events.jsonl")]
-    assert [v["failed"] for v in events if v["event"] == "view" and v["failed"]] == [[2]], events
+    assert [v["failed"] for v in events if v["event"] == "view" and v["failed"]] == [[0]], events
     assert sum(e["event"] == "preempted" for e in events) == 1
     with open(f"{out}.parts/ledger.jsonl") as f:
         records = [json.loads(line) for line in f]

@@ -94,12 +94,13 @@ def test_bad_fault_spec_is_a_usage_error(tmp_path, data, spec, words):
 
 
 def test_stop_request_commits_the_leases_then_resume_finishes_exactly_once(tmp_path, data, reference):
-    # SIGUSR1 on a worker: nothing more is leased, the leases out commit, exit 75; --resume
+    # SIGUSR1 (on the coordinator: it sees every commit, so the fault fires whatever the timing):
+    # nothing more is leased, the leases out commit, exit 75; --resume
     # (what a requeued Slurm job runs) takes only the rest, and the counts are bit-identical.
     out, events = tmp_path / "counts.h5", tmp_path / "events.jsonl"
     args = ["launch", "-n", "3", "--hang-timeout", "2", "--", "mpirt", "wordcount", data, "--out", out,
             "--events", events, "--keep-parts"]
-    res = run_cli(*args, "--inject-fault", "stop:member=2:step=6", timeout=120)
+    res = run_cli(*args, "--inject-fault", "stop:member=coordinator:step=6", timeout=120)
     assert res.returncode == 75, res.output[-3000:]
     assert res.stderr.count("stopped on request") == 1 and "Traceback" not in res.output
     assert not out.exists()
