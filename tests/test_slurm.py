@@ -24,7 +24,8 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def test_ci_and_cluster_scripts_parse():
-    for script in (".ci/run", "scripts/slurm/local-cluster.sh", "scripts/test", "scripts/demo", "scripts/setup-venv"):
+    for script in (".ci/run", "scripts/slurm/local-cluster.sh", "scripts/test", "scripts/demo", "scripts/setup-venv",
+                   "scripts/slurm/train.sbatch", "scripts/slurm/classify.sbatch", "scripts/slurm/scaling.sbatch"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True, timeout=30)
 
 
