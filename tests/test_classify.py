@@ -1,5 +1,6 @@
 """`mpirt classify` on the task farm: an ensemble of checkpoints, identical output under faults."""
 
+import re
 import sys
 
 import h5py
@@ -77,7 +78,9 @@ def test_faults_give_identical_output(tmp_path, setup, faults):
     for f in faults:
         args += ["--inject-fault", f]
     res = run_cli(*args, timeout=180).check()
-    assert "view(s)" in res.stdout
+    # The coordinator's fault (kill, join) fires whatever the timing: at least one view change.
+    views = int(re.search(r"(\d+) view\(s\)", res.stdout).group(1))
+    assert views >= 2, res.stdout
     a, b = read(ref), read(out)
     for k in a[0]:
         np.testing.assert_array_equal(a[0][k], b[0][k])
