@@ -126,7 +126,10 @@ def main(argv):
         cfg = {"sizes": resnet_like_sizes(total=total) if fused else [1000], "repeat": args.repeat,
                "segment": args.segment_kib << 10, "sweep": sizes, "gloo": f"tcp://127.0.0.1:{_free_port()}"}
         ft = _job([sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--"], n, cfg)
-        sm = _job([mpiexec, "-n", str(n), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "sm,self"], n,
+        # As mpirt launch does when ranks outnumber cores: idle ranks yield the core.
+        yield_idle = ["--mca", "mpi_yield_when_idle", "1"] if n > (os.cpu_count() or 1) else []
+        sm = _job([mpiexec, "-n", str(n), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "sm,self",
+                   *yield_idle], n,
                   dict(cfg, gloo=None, sizes=[1000]))
         results["sweep"][n] = {size: dict(ft["sweep"][str(size)], raw_sm=sm["sweep"][str(size)]["raw"])
                                for size in sizes}
