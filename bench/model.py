@@ -10,8 +10,8 @@ Reads allreduce.json, scaling.json and recovery*.json (bench/results/latest, or 
   the points with more ranks than cores (oversubscribed: ranks wait for a time slice at every round)
   get an alpha and B of their own, which the predictions at scale (one rank per core) do not use;
 - compute per step of a model from its two 1-rank points (strong and weak batch):  T1(G) = c G + h;
-- packing and unpacking the gradient buckets, per byte, from the fused-allreduce figure (mpirt's time
-  over the raw Allreduce of the same bytes):  P(n) = pack n, on more than one rank;
+- packing and unpacking the gradient buckets, per byte, from the kernels suite's CPU pack + unpack (else
+  from the fused-allreduce figure, mpirt's time over the raw Allreduce):  P(n) = pack n, on p > 1;
 - a step on p ranks sharing C cores, with the step's Agree as a zero-byte collective:
   T(p) = (c G / p + h + P(4 n_params)) max(1, p / C) + A(p, 4 n_params) + A(p, 0);
 - recovery after a SIGKILL:  R(p) = r0 + r1 log2(p) (ULFM's shrink and agreement are trees), per machine.
@@ -165,6 +165,13 @@ def build(out_dir):
         raise SystemExit(f"model: needs allreduce.json and scaling.json in {out_dir} "
                          "(python -m bench allreduce; python -m bench scaling)")
     ar, ar_points = fit_allreduce(ar_doc, cores=ar_doc["machine"].get("cpus"))
+    kernels = load_results("kernels", out_dir)
+    if kernels and "cpu" in kernels["results"]:
+        # Measured directly: the fused pack + unpack of the kernels suite (25M floats in 160 tensors).
+        from bench.kernels import resnet_like_sizes
+
+        ar["pack_s_per_byte"] = statistics.median(kernels["results"]["cpu"]["pack_fused_s"]) / (
+            4 * sum(resnet_like_sizes()))
     points = sc_doc["results"]["points"]
     cf = fit_compute(points)
     checks = []

@@ -9,6 +9,7 @@ one is SIGKILLed, timed from the kill to the first allreduce after the restart.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -95,8 +96,17 @@ def torchrun_restart(n):
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's restart hung (seen at 4 workers)
+            # torchrun's restart hung (seen at 4 workers). Its workers run in sessions of their own,
+            # so the whole tree is killed, not only torchrun's process group.
+            import psutil
+
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for child in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             proc.wait()
+            psutil.wait_procs(tree, timeout=10)
         if not os.path.exists(out + ".first"):
             return None, "restart did not complete"
         kill = float(open(out + ".kill").read())
