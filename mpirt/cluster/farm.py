@@ -48,7 +48,7 @@ class Farm:
         return self.group.member
 
     def start(self):
-        group = self.group.start()
+        group = self.group.start(stoppable=True)
         if group.joined:
             group.sync_view(joiner=True)
             return

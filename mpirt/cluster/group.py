@@ -66,6 +66,7 @@ class ElasticGroup:
         self.member = None
         self.error_time = None
         self.joined = False
+        self.stoppable = False
 
     @property
     def rank(self):
@@ -79,11 +80,16 @@ class ElasticGroup:
     def is_coordinator(self):
         return self.ec.rank == 0
 
-    def start(self):
+    def start(self, *, stoppable=False):
         """Join the job: as one of the launched ranks, or as a spawned joiner. Not collective yet:
-        callers run their own set-up, then ``sync_view(joiner=self.joined)``."""
+        callers run their own set-up, then ``sync_view(joiner=self.joined)``.
+
+        ``stoppable``: the job acts on :class:`Preempt` (SIGUSR1); others keep the signal's default.
+        """
         Leaving.install()
-        Preempt.install()
+        self.stoppable = stoppable
+        if stoppable:
+            Preempt.install()
         joined = ElasticComm.from_parent()
         if joined is not None:
             self.ec, self.joined = joined, True
@@ -204,7 +210,8 @@ class ElasticGroup:
         # The job is over: SIGTERM is the launcher's again (prte terminates stragglers with it
         # when a rank exits non-zero; trapped, it would leave them in MPI_Finalize).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        # A stop request after the end has nothing left to stop (its default would kill us).
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        if self.stoppable:
+            # A stop request after the end has nothing left to stop (its default would kill us).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if self.ec is not None:
             self.ec.close()

@@ -343,7 +343,8 @@ class Trainer:
 def start_group(events=None, faults=None, min_ranks=1, spawn_argv=()):
     """Join the MPI job first: a spawned joiner merges before anything else can fail, so its
     parents, waiting in Merge, see it either merged or failed, never half-started."""
-    return ElasticGroup(events_path=events, faults=faults, min_ranks=min_ranks, spawn_argv=spawn_argv).start()
+    return ElasticGroup(events_path=events, faults=faults, min_ranks=min_ranks,
+                        spawn_argv=spawn_argv).start(stoppable=True)
 
 
 def run_training(cfg, dataset, group):
