@@ -135,8 +135,9 @@ def run(args):
     hang = args.hang_timeout if args.hang_timeout is not None else env_float(HANG_TIMEOUT, DEFAULT_HANG_TIMEOUT)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     env = dict(os.environ)
-    env[RUN] = str(int(env.get("SLURM_RESTART_COUNT") or 0) + 1 if in_slurm(env) else 1)
-    if requeued(env):
+    restarts = slurm_restarts(env)
+    env[RUN] = str(restarts + 1)
+    if restarts:
         # The same Slurm job running again (after a requeue): go on from what it saved.
         env[RESUME] = "1"
     cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang,
@@ -144,9 +145,8 @@ def run(args):
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    if requeued(env):
-        log.info("Slurm job %s run %d (requeued): the job resumes", env["SLURM_JOB_ID"],
-                 int(env["SLURM_RESTART_COUNT"]) + 1)
+    if restarts:
+        log.info("Slurm job %s run %d (requeued): the job resumes", env["SLURM_JOB_ID"], restarts + 1)
     env[FT_MODE] = ft
     env[HANG_TIMEOUT] = f"{hang:g}"
     if os.geteuid() == 0:
@@ -163,9 +163,9 @@ def run(args):
     return code
 
 
-def requeued(env):
-    """Whether this is a Slurm job that was requeued (its batch script runs again)."""
-    return in_slurm(env) and int(env.get("SLURM_RESTART_COUNT") or 0) > 0
+def slurm_restarts(env):
+    """How many times this Slurm job was requeued before this run (0 outside Slurm)."""
+    return int(env.get("SLURM_RESTART_COUNT") or 0) if in_slurm(env) else 0
 
 
 def _requeue(env, log, code):
