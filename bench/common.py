@@ -92,6 +92,17 @@ def save_png(fig, out_dir, name):
     return path
 
 
+def log2_axes(ax, xlabel, ylabel, *, logy=False, legend=7):
+    """The suites' plots: x on a log2 scale, labels, a light grid, a small legend."""
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both" if logy else "major")
+    ax.legend(fontsize=legend)
+
+
 def fmt_bytes(b):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if b < 1024:

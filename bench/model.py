@@ -31,7 +31,7 @@ import statistics
 
 import numpy as np
 
-from bench.common import OUT_DIR, load_results, save_png, table, write_results
+from bench.common import OUT_DIR, load_results, log2_axes, save_png, table, write_results
 
 STRONG_BATCH = 16384
 PREDICT = [16, 32, 64, 128, 256, 512, 1024]
@@ -240,13 +240,9 @@ def plot(model, out_dir):
         line = predict_efficiency(cf, model["allreduce"], mode, weak_b, [1 << k for k in range(11)])
         ax.plot(list(line), list(line.values()), "-", color=color,
                 label=f"{key}: predicted, 1 rank/core" + (f", G={model['strong_batch']}" if mode == "strong" else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("ranks")
-    ax.set_ylabel("efficiency (samples/s / (p x 1-rank samples/s))")
+    log2_axes(ax, "ranks", "efficiency (samples/s / (p x 1-rank samples/s))", legend=6)
     ax.set_ylim(0, 1.15)
     ax.set_title("Training efficiency: model (lines; dotted = this machine) and measured points", fontsize=9)
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
     paths.append(save_png(fig, out_dir, "model-efficiency.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -256,13 +252,8 @@ def plot(model, out_dir):
                 label=f"{label}: measured")
         ax.plot(xs, [recovery_ms(r, p) for p in xs], "-", color=f"C{i}",
                 label=f"{label}: {r['r0_ms']:.1f} + {r['r1_ms_per_doubling']:.1f} log2(p) ms")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("ranks")
-    ax.set_ylabel("recovery after SIGKILL (ms)")
+    log2_axes(ax, "ranks", "recovery after SIGKILL (ms)", logy=True, legend=6)
     ax.set_title("Recovery time: fits per machine and their prediction to 1,024 ranks", fontsize=9)
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3, which="both")
     paths.append(save_png(fig, out_dir, "model-recovery.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -275,14 +266,9 @@ def plot(model, out_dir):
         rows.sort()
         ax.plot([r[0] for r in rows], [r[1] * 1e3 for r in rows], "o", color=f"C{i}", label=f"{p} ranks: measured")
         ax.plot([r[0] for r in rows], [r[2] * 1e3 for r in rows], "-", color=f"C{i}", label=f"{p} ranks: model")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("bytes")
-    ax.set_ylabel("allreduce time (ms)")
+    log2_axes(ax, "bytes", "allreduce time (ms)", logy=True)
     a = model["allreduce"]
     ax.set_title(f"Allreduce fit: {_ar_text(a)}", fontsize=8)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
     paths.append(save_png(fig, out_dir, "model-allreduce.png"))
     return paths
 

@@ -8,7 +8,7 @@ table (each figure beside its baseline from the same run) and a PNG plot. Reads 
 import os
 import statistics
 
-from bench.common import OUT_DIR, fmt_bytes, load_results, save_png, table
+from bench.common import OUT_DIR, fmt_bytes, load_results, log2_axes, save_png, table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -85,12 +85,8 @@ def allreduce(doc, out_dir):
         lines += [f"Sizes on {n} ranks{over}, algbw / busbw in GB/s (nccl-tests' definitions):", "",
                   table(rows, ["bytes", "mpirt (tcp)", "raw (tcp)", "gloo", "raw (sm, no FT)", "mpirt vs raw tcp",
                                "mpirt vs gloo"]), ""]
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("bytes")
-        ax.set_ylabel("busbw (GB/s)")
+        log2_axes(ax, "bytes", "busbw (GB/s)")
         ax.set_title(f"{n} ranks", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     lines += [_img(save_png(fig, out_dir, "allreduce.png")), ""]
     return lines
 
@@ -154,14 +150,9 @@ def scaling(doc, out_dir):
         xs = [(n, thr, eff) for mm, md, n, thr, eff in rows if (mm, md) == (m, mode)]
         a1.plot([x[0] for x in xs], [x[1] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
         a2.plot([x[0] for x in xs], [x[2] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
-    a1.set_ylabel("samples/s")
-    a2.set_ylabel("efficiency")
+    log2_axes(a1, "ranks", "samples/s")
+    log2_axes(a2, "ranks", "efficiency")
     a2.set_ylim(0, 1.1)
-    for ax in (a1, a2):
-        ax.set_xlabel("ranks")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     lines += [_img(save_png(fig, out_dir, "scaling.png")), ""]
     return lines
 
