@@ -209,12 +209,8 @@ def kernels(doc, out_dir):
         lines += ["No GPU in this run; the figures recorded on the H100 machine (`MPIRT_REQUIRE_GPU=1 python -m "
                   "bench kernels`) are in [results/kernels-h100.md](results/kernels-h100.md).", ""]
     if bars:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar([b[0] for b in bars], [b[1] * 1e3 for b in bars], color=["C0", "C7", "C0", "C7"])
-        ax.set_ylabel("ms (median)")
-        ax.set_title("CPU kernels (blue) against their baselines (grey)", fontsize=9)
-        lines += [_img(save_png(fig, out_dir, "kernels.png")), ""]
+        lines += _bars(out_dir, "kernels.png", [(k, v * 1e3) for k, v in bars], "ms (median)",
+                       "CPU kernels (blue) against their baselines (grey)", pairs=True)
     return lines
 
 
@@ -237,12 +233,7 @@ def io(doc, out_dir):
                   table(reader["results"]["reader"],
                         ["kind", "batch", "mpirt reader rows/s", "raw h5py rows/s", "mpirt / raw"]), ""]
     if bars:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C7"])
-        ax.set_ylabel("rows/s")
-        ax.set_title("prepare text: mpirt against the obvious pipeline", fontsize=9)
-        lines += [_img(save_png(fig, out_dir, "io.png")), ""]
+        lines += _bars(out_dir, "io.png", bars, "rows/s", "prepare text: mpirt against the obvious pipeline")
     return lines
 
 
@@ -256,13 +247,9 @@ def checkpoint(doc, out_dir):
                       f"{s['load_raw'] / s['load_mpirt']:.2f}x"]],
                     ["", "mpirt ms (manifest, HMAC, fsync, rename)", "raw h5py ms", "raw time / mpirt time"]),
               f"\n{r['floats'] / 1e6:.0f}M floats.", ""]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(["save mpirt", "save h5py", "load mpirt", "load h5py"],
-           [s[k] * 1e3 for k in ("save_mpirt", "save_raw", "load_mpirt", "load_raw")], color=["C0", "C7"] * 2)
-    ax.set_ylabel("ms")
-    lines += [_img(save_png(fig, out_dir, "checkpoint.png")), ""]
-    return lines
+    names = {"save_mpirt": "save mpirt", "save_raw": "save h5py", "load_mpirt": "load mpirt", "load_raw": "load h5py"}
+    return lines + _bars(out_dir, "checkpoint.png", [(names[k], s[k] * 1e3) for k in names], "ms",
+                         "checkpoints: mpirt (blue) against raw h5py (grey)", pairs=True)
 
 
 def train(doc, out_dir):
@@ -277,11 +264,13 @@ def train(doc, out_dir):
                          "elastic step (blue) against a bare mpi4py loop and DDP gloo (grey)")
 
 
-def _bars(out_dir, name, bars, ylabel, title):
-    """A bar plot: the first bar is mpirt's (blue), the others its baselines (grey)."""
+def _bars(out_dir, name, bars, ylabel, title, pairs=False):
+    """A bar plot: mpirt's bars blue, baselines grey; the first bar is mpirt's, or with ``pairs``
+    every other one (mpirt, its baseline, mpirt, its baseline...)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0"] + ["C7"] * (len(bars) - 1))
+    colors = ["C0", "C7"] * (len(bars) // 2 + 1) if pairs else ["C0"] + ["C7"] * (len(bars) - 1)
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=colors[:len(bars)])
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
     return [_img(save_png(fig, out_dir, name)), ""]
