@@ -17,14 +17,16 @@ HANG_TIMEOUT = "MPIRT_HANG_TIMEOUT"  # seconds without progress before a rank is
 MPIEXEC = "MPIRT_MPIEXEC"  # the mpiexec to launch with (default: next to sys.executable)
 LOG_LEVEL = "MPIRT_LOG_LEVEL"
 FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
-STATUS_FILE = "MPIRT_STATUS_FILE"  # set by `mpirt launch`: where the job reports its exit code
+LIFELINE = "MPIRT_LIFELINE"  # set by `mpirt launch`: host:port:token of its lifeline (mpirt.comm.lifeline)
+HOST_FT = "MPIRT_HOST_FT"  # set by `mpirt launch` for jobs over several hosts: ranks outlive a lost host
+LAUNCH_AGENT = "MPIRT_LAUNCH_AGENT"  # the command that reaches another host (default: ssh)
 FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process kills, not node crashes)
 RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run again (requeue, restart)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, STATUS_FILE, RUN, RESUME, FSYNC,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, RUN, RESUME, FSYNC,
 }
 
 

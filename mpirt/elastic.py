@@ -130,8 +130,10 @@ class DistributedOptimizer:
         self.optimizer.step()
         g.fire(join, step=step)
         self.joiners = int(self.totals[JOINERS])
-        if self.totals[LEAVING] and Leaving.requested:
-            g.leave()
+        if self.totals[LEAVING]:
+            g.announce_leaving(Leaving.requested)  # the view records them as left, not failed
+            if Leaving.requested:
+                g.leave()
         return self.totals
 
 

@@ -37,6 +37,16 @@ class JobError(MpirtError):
     """A job cannot go on (for example fewer ranks than ``--min-ranks``)."""
 
 
+class QuorumLost(JobError):
+    """After a change, this side holds no strict majority of the last view (an exact half only with
+    its coordinator): another side may be the job, so this one stops and commits nothing.
+
+    It reports no status to the launcher: the side that holds the quorum speaks for the job.
+    """
+
+    reports_status = False
+
+
 class Preempted(MpirtError):
     """The job was asked to stop (SIGUSR1: Slurm's ``--signal``, ``scancel --signal``) and did so
     at a unit boundary, its state saved: run it again with ``--resume`` to go on.

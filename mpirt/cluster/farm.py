@@ -81,6 +81,9 @@ class Farm:
                 self.group.recover()
 
     def _fire(self, due, **context):
+        for fault in due:
+            if fault.action != "join":
+                self.store.log_fault(fault.index)
         self.group.fire(due, **context)
 
     def _work_on(self, shard, step):
@@ -120,6 +123,7 @@ class Farm:
         comm, store, view = self.ec.comm, self.store, self.view
         t_plan = time.perf_counter()
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
+        self.faults.fired |= store.faults_fired()
         logged = {r["shard"] for r in store.logged()}
         for shard in sorted(ledger.done - logged):
             store.log_commit(shard=shard, member=None, view=view.id, recovered=True, time=time.time())
@@ -160,6 +164,7 @@ class Farm:
                 stopping = stopping or preempt
                 self._record(ledger, shard, member, first)
                 if leaving:
+                    self.group.leaving.add(member)
                     active.discard(src)
                     with self.ec.guard():
                         comm.send(("bye",), dest=src, tag=TAG_REPLY)
@@ -222,7 +227,7 @@ def run_shard_job(job, **options):
         failed = False
     except (JobError, Preempted) as exc:
         failed = not isinstance(exc, Preempted)  # a requested stop ends cleanly everywhere
-        if farm.ec is not None and farm.ec.rank == 0:
+        if farm.ec is not None and farm.ec.rank == 0 and getattr(exc, "reports_status", True):
             status.finished(exc.exit_code)
         raise
     finally:

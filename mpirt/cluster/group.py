@@ -11,10 +11,11 @@ import signal
 import sys
 import time
 
-from mpirt.cluster.membership import EventsLog, View
+from mpirt.cluster.membership import EventsLog, View, has_quorum, hosts_lost
 from mpirt.comm import faults as faultlib
+from mpirt.comm import lifeline, status
 from mpirt.comm.elastic import ElasticComm, kill_local, require_min
-from mpirt.errors import ProcessFailure
+from mpirt.errors import ProcessFailure, QuorumLost
 from mpirt.log import get_logger, set_identity
 
 log = get_logger("mpirt.group")
@@ -67,6 +68,7 @@ class ElasticGroup:
         self.error_time = None
         self.joined = False
         self.stoppable = False
+        self.leaving = set()  # members known (here) to have announced a graceful leave
 
     @property
     def rank(self):
@@ -93,8 +95,10 @@ class ElasticGroup:
         joined = ElasticComm.from_parent()
         if joined is not None:
             self.ec, self.joined = joined, True
+            lifeline.connect()
             return self
         self.ec = ElasticComm()
+        lifeline.connect(self.ec.rank)
         if self.ec.rank == 0 and self.ec.ft_problem and self.ec.size > 1:
             log.warning("fault tolerance is off: %s", self.ec.ft_problem)
         members = list(range(self.ec.size))
@@ -102,11 +106,12 @@ class ElasticGroup:
         self.member = self.ec.rank
         return self
 
-    def sync_view(self, joiner=False, failed=(), breakdown=None, payload=None):
-        """Collective: agree on the new view (ids for joiners, hosts, fired faults).
+    def sync_view(self, joiner=False, failed=(), breakdown=None, payload=None, before=None):
+        """Collective: agree on the new view (ids for joiners, hosts, who left, fired faults).
 
         ``payload`` (given on the coordinator) is broadcast with the view and returned everywhere:
-        the job's own state a joiner or a new view needs.
+        the job's own state a joiner or a new view needs. ``before``: the view before a failure
+        (with the failed members' hosts), for the record.
         """
         t0 = time.perf_counter()
         comm = self.ec.comm
@@ -117,45 +122,67 @@ class ElasticGroup:
                 joiners = list(range(old.next_member, old.next_member + comm.Get_size() - len(members)))
                 state = {
                     "id": old.id + 1, "members": members + joiners,
-                    "next_member": old.next_member + len(joiners),
-                    "fired": self.events.fired_faults() | self.faults.fired, "joiners": joiners,
-                    "payload": payload,
+                    "next_member": old.next_member + len(joiners), "joiners": joiners,
+                    "left": sorted(old.left | self.leaving), "failed": list(failed), "payload": payload,
                 }
             else:
                 state = None
             state = comm.bcast(state, root=0)
             if joiner or self.member is None:
                 self.member = state["members"][self.ec.rank]
-            hosts = comm.allgather(self.ec.identity())
-        self.faults.fired |= set(state["fired"])
-        left = self.left_members()
-        self.view = View(id=state["id"], members=state["members"], hosts=hosts,
-                         next_member=state["next_member"], left=left)
+            # Each member's host, and the faults it knows fired: the union is the view's.
+            facts = comm.allgather((self.ec.identity(), sorted(self.faults.fired)))
+        hosts = [identity for identity, _ in facts]
+        fired = set().union(*(set(f) for _, f in facts))
+        left, failed, old = set(state["left"]), state["failed"], before or self.view
+        self.view = View(id=state["id"], members=state["members"], hosts=hosts, next_member=state["next_member"],
+                         left=left, fired=fired, failed=[m for m in failed if m not in left],
+                         departed=[m for m in failed if m in left],
+                         joined=state["joiners"] if state["id"] > 0 else [])
+        self.faults.fired |= fired
+        self.leaving |= left
         set_identity(self.ec.rank, self.ec.size, self.member)
         if self.ec.rank == 0:
-            failed = list(failed)
-            self.events.write(
-                "view", view=self.view.id, coordinator=self.view.coordinator, members=self.view.members,
-                joined=state["joiners"] if self.view.id > 0 else [],
-                failed=[m for m in failed if m not in left], left=[m for m in failed if m in left],
-                hosts=[f"{h}:{p}" for h, p in hosts],
-                change_ms=round(1e3 * ((breakdown or {}).get("total_s", 0) + time.perf_counter() - t0), 3),
-                breakdown={**(breakdown or {}), "sync_s": time.perf_counter() - t0},
-                error_time=self.error_time,
-            )
+            self._record_view(old, hosts, breakdown, t0)
         self.error_time = None
         return state["payload"]
 
-    def left_members(self):
-        return {e["member"] for e in self.events.read() if e.get("event") == "leave"}
+    def _record_view(self, old, hosts, breakdown, t0):
+        """The coordinator's record of a change: the events log, and host changes for the launcher."""
+        view, breakdown = self.view, breakdown or {}
+        lost = hosts_lost(old, set(view.failed)) if view.id > 0 and old.hosts else {}
+        before = {h for h, _ in old.hosts}
+        joined_hosts = sorted({h for h, _ in hosts if before and h not in before})
+        change_ms = round(1e3 * (breakdown.get("total_s", 0) + time.perf_counter() - t0), 3)
+        for host, members in lost.items():
+            self.events.write("host_lost", view=view.id, host=host, members=members,
+                              detect_s=breakdown.get("detect_s"), change_ms=change_ms)
+            log.warning("host %s lost: members %s (view %d, reconfigured in %.1f ms after detection)",
+                        host, members, view.id, change_ms)
+        if lost or joined_hosts:
+            status.hosts_changed(lost=sorted(lost), joined=joined_hosts)
+        self.events.write(
+            "view", view=view.id, coordinator=view.coordinator, members=view.members, joined=view.joined,
+            failed=view.failed, left=view.departed, hosts=[f"{h}:{p}" for h, p in hosts],
+            hosts_lost=sorted(lost), hosts_joined=joined_hosts, change_ms=change_ms,
+            breakdown={**breakdown, "sync_s": time.perf_counter() - t0}, error_time=self.error_time,
+        )
+
+    def announce_leaving(self, leaving):
+        """Collective: learn which members are about to leave gracefully (before they go)."""
+        with self.ec.guard():
+            flags = self.ec.comm.allgather(bool(leaving))
+        self.leaving |= {m for m, f in zip(self.view.members, flags) if f}
 
     def recover(self, payload=None):
-        """Revoke, shrink, learn who is gone, kill what is hung, agree on the next view.
+        """Revoke, shrink, check the quorum, agree on the next view, then fence what hung.
 
-        Returns what ``sync_view`` returns (the new coordinator's ``payload``).
+        Returns what ``sync_view`` returns (the new coordinator's ``payload``). Raises
+        :class:`QuorumLost` on a side that holds no majority of the last view: it commits nothing.
         """
         self.error_time = self.error_time or time.time()
         t0 = time.perf_counter()
+        detect_s = max(0.0, time.time() - self.error_time)
         old = self.view
         while True:
             parts = self.ec.shrink()
@@ -168,16 +195,23 @@ class ElasticGroup:
             except ProcessFailure:
                 continue  # another failure while recovering: shrink again
         failed = [m for m in old.members if m not in survivors]
-        # A hung (SIGSTOPped) rank is only *declared* failed; make it so, so it can never wake
-        # up and act on a unit handed to someone else. Members that left have exited already:
-        # their pids are not ours to signal.
-        left = self.left_members()
-        kill_local([old.host_of(m) for m in failed if m not in left])
+        if not has_quorum(old, survivors, old.left | self.leaving):
+            self.events.write("quorum_lost", view=old.id, member=self.member, reachable=survivors,
+                              unreachable=failed)
+            raise QuorumLost(f"lost the quorum: {len(survivors)} of the {len(old.members)} members of view "
+                             f"{old.id} reachable {survivors}; stopping without committing anything "
+                             f"(the side with the majority goes on)")
         self.view = View(id=old.id, members=survivors, hosts=[old.host_of(m) for m in survivors],
-                         next_member=old.next_member)
+                         next_member=old.next_member, left=old.left, fired=old.fired)
         require_min(self.ec.size, self.min_ranks)
         parts["total_s"] = time.perf_counter() - t0
-        return self.sync_view(failed=failed, breakdown=parts, payload=payload)
+        parts["detect_s"] = detect_s
+        result = self.sync_view(failed=failed, breakdown=parts, payload=payload, before=old)
+        # A hung (SIGSTOPped) rank is only *declared* failed; make it so, so that it can never wake up
+        # and act on a unit handed to someone else (on another host its own quorum check stops it).
+        # Members that left have exited already: their pids are not ours to signal.
+        kill_local([old.host_of(m) for m in self.view.failed])
+        return result
 
     def grow(self, count):
         """Collective: spawn ``count`` joiners running ``spawn_argv`` and merge them in (not synced yet)."""
@@ -215,3 +249,4 @@ class ElasticGroup:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if self.ec is not None:
             self.ec.close()
+

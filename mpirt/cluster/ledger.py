@@ -66,6 +66,22 @@ class CommitStore:
         with open(self.log_path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def log_fault(self, index):
+        """Record, before it strikes, that injected fault ``index`` fired: a coordinator that strikes
+        itself cannot tell the view, and its successor must not strike again at the same step."""
+        fd = os.open(os.path.join(self.dir, "faults.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps({"fault": index}) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def faults_fired(self):
+        path = os.path.join(self.dir, "faults.jsonl")
+        if not os.path.exists(path):
+            return set()
+        with open(path) as f:
+            return {json.loads(line)["fault"] for line in f if line.strip()}
+
     def remove_temps(self):
         for name in os.listdir(self.dir):
             if name.endswith(".tmp"):

@@ -13,11 +13,21 @@ from dataclasses import dataclass, field
 
 @dataclass
 class View:
+    """What the coordinator broadcasts at each change; every member holds the same copy.
+
+    It carries the membership facts a new coordinator needs (who left gracefully, which injected
+    faults fired, which host each member is on): the events log only records them.
+    """
+
     id: int
     members: list  # member id of each rank, in rank order
     hosts: list  # (host, pid) of each rank
     next_member: int  # the id the next joiner gets
-    left: set = field(default_factory=set)  # members that announced a graceful leave
+    left: set = field(default_factory=set)  # members that announced a graceful leave (ever)
+    fired: set = field(default_factory=set)  # indexes of injected faults that fired (ever)
+    failed: list = field(default_factory=list)  # members this change found failed
+    departed: list = field(default_factory=list)  # members this change found gone by a graceful leave
+    joined: list = field(default_factory=list)  # members this change added
 
     @property
     def coordinator(self):
@@ -26,12 +36,39 @@ class View:
     def host_of(self, member):
         return self.hosts[self.members.index(member)]
 
+    def members_on(self, host):
+        return [m for m, (h, _) in zip(self.members, self.hosts) if h == host]
+
+
+def has_quorum(old, survivors, left=()):
+    """True when ``survivors`` may go on as the job after a change from view ``old``.
+
+    A strict majority of ``old``'s members (less those that left gracefully: they are not a side),
+    or exactly half holding ``old``'s coordinator. Two disjoint sides can never both pass, which is
+    what rules out a split brain after a partition.
+    """
+    voters = [m for m in old.members if m not in left]
+    alive = [m for m in survivors if m in voters]
+    if 2 * len(alive) > len(voters):
+        return True
+    return 2 * len(alive) == len(voters) and old.coordinator in survivors
+
+
+def hosts_lost(old, failed):
+    """Hosts of ``old`` none of whose members survived: {host: [members]}, for hosts that had members."""
+    lost = {}
+    for host in dict.fromkeys(h for h, _ in old.hosts):
+        on = old.members_on(host)
+        if on and all(m in failed for m in on):
+            lost[host] = on
+    return lost
+
 
 class EventsLog:
     """JSON lines, appended with one ``write`` per line (O_APPEND keeps lines whole).
 
     Every process may append (a worker records the fault it is about to strike
-    itself with); a new coordinator reads the log to learn which faults already fired.
+    itself with). It is observation for people and tests, never read back as state.
     """
 
     def __init__(self, path):
@@ -56,9 +93,6 @@ class EventsLog:
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
-
-    def fired_faults(self):
-        return {e["index"] for e in self.read() if e.get("event") == "fault"}
 
 
 def _jsonable(value):

@@ -9,11 +9,12 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
 from mpirt.comm import mpi
-from mpirt.config import HANG_TIMEOUT, env_float
+from mpirt.config import HANG_TIMEOUT, HOST_FT, env_flag, env_float
 from mpirt.errors import JobError, ProcessFailure
 from mpirt.log import get_logger
 
@@ -40,6 +41,12 @@ class ElasticComm:
         self._failures = _failure_classes(self.MPI)
         self._pump = _ProgressPump.start(self.MPI)
         self.ft_problem = mpi.ft_launch_problem() if self.MPI.Comm.Get_parent() == self.MPI.COMM_NULL else None
+        self.host_ft = env_flag(HOST_FT)
+        if self.host_ft:
+            from mpirt.comm import pmix_guard
+
+            pmix_guard.install()
+            self.connect_all()
 
     @property
     def rank(self):
@@ -98,11 +105,28 @@ class ElasticComm:
 
     def merge_spawned(self, argv, count, root=0):
         """Collective: spawn ``count`` processes running ``argv`` and merge them in (joiners last)."""
+        if self.host_ft:  # joiners too must outlive the runtime's abort (see mpirt.comm.shim)
+            argv = [sys.executable, "-m", "mpirt.comm.shim", *argv]
         with self.guard():
             inter = self.comm.Spawn(argv[0], args=list(argv[1:]), maxprocs=count, root=root)
             merged = inter.Merge(high=False)
             inter.Disconnect()
         self._replace(merged)
+        if self.host_ft:
+            self.connect_all()
+
+    def connect_all(self):
+        """Open the connection to every peer now, while Open MPI's runtime is there to say where
+        each one listens (its PMIx server holds the addresses). After a lost host the runtime is
+        gone and a first connection could not be made; Shrink and Agree may need any pair.
+        A zero-byte message each way per pair: N-1 sockets per rank."""
+        MPI, comm = self.MPI, self.comm
+        empty = bytearray(0)
+        peers = [p for p in range(comm.Get_size()) if p != comm.Get_rank()]
+        with self.guard():
+            reqs = [comm.Irecv([empty, 0, MPI.BYTE], source=p, tag=0x7FE) for p in peers]
+            reqs += [comm.Isend([empty, 0, MPI.BYTE], dest=p, tag=0x7FE) for p in peers]
+            MPI.Request.Waitall(reqs)
 
     @classmethod
     def from_parent(cls):

@@ -5,6 +5,9 @@ SPEC is ``ACTION:key=value:...``:
   hang:member=M:step=S       SIGSTOP itself (the failure detector must notice)
   leave:member=M:step=S      SIGTERM itself (graceful leave)
   stop:member=M:step=S       SIGUSR1 itself (the whole job stops, state saved: Slurm's --signal)
+  host-crash:member=M:step=S   SIGKILL every process of its (simulated) host at once
+  host-freeze:member=M:step=S  SIGSTOP every process of its host
+  host-cut:member=M:step=S     take its host's links down (a partition)
   join:count=C:step=S        the coordinator spawns C new ranks
   ...:shard=K                instead of step: when the member takes shard K
   ...:phase=commit           after the result is written, before it is committed
@@ -16,11 +19,12 @@ import os
 import signal
 from dataclasses import dataclass
 
+from mpirt.comm import hostfaults
 from mpirt.config import FAULTS, RUN
 from mpirt.errors import UsageError
 
-# What a member does to itself (SELF), and what the coordinator does (join).
-SELF = ("kill", "hang", "leave", "stop")
+# What a member does to itself (SELF) or to its host, and what the coordinator does (join).
+SELF = ("kill", "hang", "leave", "stop") + hostfaults.ACTIONS
 ACTIONS = SELF + ("join",)
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "leave": signal.SIGTERM, "stop": signal.SIGUSR1}
 
@@ -118,5 +122,8 @@ class FaultPlan:
 
 
 def strike(fault):
-    """Do a kill/hang/leave/stop fault to this very process."""
+    """Do a kill/hang/leave/stop fault to this very process, or a host fault to its host."""
+    if fault.action in hostfaults.ACTIONS:
+        hostfaults.strike(fault.action)
+        return
     os.kill(os.getpid(), SIGNALS[fault.action])

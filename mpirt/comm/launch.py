@@ -10,18 +10,23 @@ with ``mpi_ft_detector_thread`` MPI_Finalize hangs in Open MPI 5.0 (seen with
 C programs too); mpirt's ranks keep heartbeats flowing while they compute with
 a progress pump (see ``ElasticComm``). Without ULFM the job runs in restart mode: relaunched on failure, up to
 ``--max-restarts`` times, resuming from what it committed.
+
+Over several hosts (``--hostfile``, or a Slurm allocation of several nodes) a host is a failure
+domain: Open MPI's runtime aborts a job that loses one host's daemon, so each rank runs under
+:mod:`mpirt.comm.shim`, out of reach of that abort, with :mod:`mpirt.comm.pmix_guard` keeping it
+alive when its own daemon goes; the job goes on in the ranks (ULFM). Every rank holds a lifeline
+to this launcher (:mod:`mpirt.comm.lifeline`): the job's status comes back on it, the launcher
+returns only when every rank has ended, and no rank outlives the launcher.
 """
 
-import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 
-from mpirt.comm import status
-from mpirt.config import FT_MODE, HANG_TIMEOUT, MPIEXEC, RESUME, RUN, STATUS_FILE, env_float
+from mpirt.config import FT_MODE, HANG_TIMEOUT, HOST_FT, LAUNCH_AGENT, LIFELINE, MPIEXEC, RESUME, RUN, env_float
 from mpirt.errors import Preempted, UsageError
 
 DEFAULT_HANG_TIMEOUT = 6.0
@@ -34,7 +39,12 @@ def add_parser(sub):
     )
     p.add_argument("-n", "--np", type=int, dest="n", help="ranks to start (default: $SLURM_NTASKS, else 2)")
     p.add_argument("--spare", type=int, default=0, metavar="K", help="extra slots kept free for ranks that join")
-    p.add_argument("--hostfile", metavar="FILE", help="Open MPI hostfile")
+    p.add_argument("--hostfile", metavar="FILE",
+                   help="Open MPI hostfile (HOST slots=N per line): run over these hosts; the job outlives "
+                        "the loss of any host but this launcher's own")
+    p.add_argument("--launch-agent", metavar="CMD",
+                   help="the command that reaches another host, called as 'CMD HOST COMMAND' "
+                        f"(default ${LAUNCH_AGENT}, else ssh)")
     p.add_argument("--hang-timeout", type=float, metavar="SEC",
                    help=f"seconds of silence before a rank is declared failed (default {DEFAULT_HANG_TIMEOUT:g}; "
                         "0 turns the detector off, for programs that compute longer than that outside MPI)")
@@ -61,8 +71,32 @@ def resolve_command(command):
     return list(command)
 
 
+def hostfile_hosts(path):
+    """The host names of an Open MPI hostfile, in order (comments and blank lines skipped)."""
+    hosts = []
+    try:
+        with open(path) as f:
+            for line in f:
+                words = line.split("#", 1)[0].split()
+                if words and words[0] not in hosts:
+                    hosts.append(words[0])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read hostfile: {getattr(exc, 'strerror', None) or exc}") from None
+    if not hosts:
+        raise UsageError(f"{path}: hostfile names no host")
+    return hosts
+
+
+def spans_hosts(hostfile=None, environ=None):
+    """True when the job runs over several hosts (a hostfile, or a Slurm allocation of several nodes)."""
+    env = os.environ if environ is None else environ
+    if hostfile:
+        return True
+    return in_slurm(env) and int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1) > 1
+
+
 def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_timeout=DEFAULT_HANG_TIMEOUT,
-                  mpiexec=None, cores=None, environ=None):
+                  mpiexec=None, cores=None, environ=None, launch_agent=None):
     """The ``mpiexec`` argument list for ``command`` on ``n`` ranks.
 
     Args:
@@ -95,7 +129,11 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     if hostfile:
         if not os.path.isfile(hostfile):
             raise UsageError(f"{hostfile}: hostfile not found")
+        hostfile_hosts(hostfile)
         cmd += ["--hostfile", hostfile]
+        agent = launch_agent or env.get(LAUNCH_AGENT)
+        if agent:
+            cmd += ["--prtemca", "plm_ssh_agent", agent]
     elif not slurm:
         # Spawned ranks need free slots; more slots than cores needs oversubscription.
         cmd += ["--host", f"localhost:{n + spare}"]
@@ -118,8 +156,12 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
     for key in sorted(k for k in env if k.startswith("MPIRT_")):
         cmd += ["-x", key]
-    cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT, "-x", STATUS_FILE]
-    return cmd + resolve_command(command)
+    cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT, "-x", LIFELINE]
+    command = resolve_command(command)
+    if ft == "ulfm" and spans_hosts(hostfile, env):
+        cmd += ["-x", HOST_FT]
+        command = [sys.executable, "-m", "mpirt.comm.shim", *command]
+    return cmd + command
 
 
 def run(args):
@@ -141,7 +183,7 @@ def run(args):
         # The same Slurm job running again (after a requeue): go on from what it saved.
         env[RESUME] = "1"
     cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang,
-                        environ=env)
+                        environ=env, launch_agent=args.launch_agent)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
@@ -149,18 +191,34 @@ def run(args):
         log.info("Slurm job %s run %d (requeued): the job resumes", env["SLURM_JOB_ID"], restarts + 1)
     env[FT_MODE] = ft
     env[HANG_TIMEOUT] = f"{hang:g}"
+    multi = ft == "ulfm" and spans_hosts(args.hostfile, env)
+    if multi:
+        env[HOST_FT] = "1"
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    with tempfile.TemporaryDirectory(prefix="mpirt-launch-") as tmp:
-        env[STATUS_FILE] = os.path.join(tmp, "status")
-        if ft == "ulfm":
-            code = _run_once(cmd, env, log)
-        else:
-            code = _run_restarting(cmd, env, args.max_restarts, log)
+    peers = _peers(args.hostfile, env)
+    if ft == "ulfm":
+        code = _run_once(cmd, env, log, peers, multi)
+    else:
+        code = _run_restarting(cmd, env, args.max_restarts, log, peers)
     if code == Preempted.exit_code and args.requeue:
         return _requeue(env, log, code)
     return code
+
+
+def _peers(hostfile, env):
+    """Hosts the ranks run on, as far as the launcher knows: where its lifeline must be reachable from."""
+    if hostfile:
+        return hostfile_hosts(hostfile)
+    if in_slurm(env) and env.get("SLURM_JOB_NODELIST"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                                 capture_output=True, text=True, timeout=30).stdout
+            return out.split()
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return []
 
 
 def slurm_restarts(env):
@@ -186,48 +244,138 @@ def _requeue(env, log, code):
     return 0
 
 
-def _run_once(cmd, env, log):
-    """Run mpiexec; the job's own status, when it wrote one, overrides mpiexec's."""
-    path = env[STATUS_FILE]
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    code = _call_forwarding(cmd, env)
-    reported = status.read(path)
-    if reported is None:
+def _run_once(cmd, env, log, peers=(), multi=False):
+    """Run mpiexec and wait for every rank; the job's own status, when it reported one, overrides mpiexec's."""
+    from mpirt.comm import lifeline
+
+    server = lifeline.Server(lifeline.advertised_address(peers))
+    env = dict(env, **{LIFELINE: server.env_value})
+    grace = 2 * float(env.get(HANG_TIMEOUT) or DEFAULT_HANG_TIMEOUT) + 1
+    try:
+        code = _call_forwarding(cmd, env, server, multi, grace)
+        # After a lost host mpiexec is gone while the job goes on in the ranks.
+        server.wait_ranks(grace)
+    finally:
+        server.close()
+    if server.hosts_lost or server.hosts_joined:
+        log.info("hosts lost: %s; hosts joined: %s", ", ".join(server.hosts_lost) or "none",
+                 ", ".join(server.hosts_joined) or "none")
+    if server.status is None:
         return code
-    if reported == "running":
+    if server.status == "running":
         log.error("the job ended without finishing: every rank that could coordinate it was lost")
         return code or 1
-    return reported
+    return server.status
 
 
-# Passed on to mpiexec, which passes them on to every rank: SIGUSR1 is the stop request that
+# Signals for the job, sent to every rank over its lifeline: SIGUSR1 is the stop request that
 # Slurm's --signal sends before a time limit or preemption (see mpirt.cluster.group.Preempt).
+# SIGINT and SIGTERM (Ctrl-C, kill) ask for the same clean stop; a second one ends the job now.
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+STOPPING = (signal.SIGINT, signal.SIGTERM)
 
 
-def _call_forwarding(cmd, env):
-    """``subprocess.call`` that hands FORWARDED signals sent to this process to mpiexec."""
-    proc = subprocess.Popen(cmd, env=env)
-    old = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in FORWARDED}
+def _call_forwarding(cmd, env, server, multi=False, grace=13.0):
+    """Run mpiexec; hand the job's signals to the ranks; return mpiexec's exit status.
+
+    Once the job has reported its end, ranks that have not ended within ``grace`` seconds are on a
+    frozen or cut-off host (twice the failure detector's timeout has passed): mpiexec, which would
+    wait for them forever, is ended.
+    """
+    from mpirt.log import get_logger
+
+    log = get_logger("mpirt.launch")
+    pipe = subprocess.PIPE if multi else None
+    proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe)
+    relays = []
+    if multi:  # the ranks' own output comes over their lifelines; this is the runtime's
+        relays = [threading.Thread(target=_relay, args=(src, dst), daemon=True)
+                  for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+        for t in relays:
+            t.start()
+    stops = []
+
+    def on_signal(signum, _):
+        if signum in FORWARDED:
+            server.signal_ranks(signum)
+            return
+        stops.append(signum)
+        if len(stops) == 1:
+            log.warning("%s: the job saves its state and stops (send it again to end it now)",
+                        signal.Signals(signum).name)
+            server.signal_ranks(signal.SIGUSR1)
+        else:
+            log.warning("%s again: ending the job now", signal.Signals(signum).name)
+            server.close()
+            proc.terminate()
+
+    old = {s: signal.signal(s, on_signal) for s in FORWARDED + STOPPING}
     try:
-        return proc.wait()
+        code = _wait_mpiexec(proc, server, grace)
+        for t in relays:
+            t.join(timeout=5)
+        return code
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
 
 
-def _run_restarting(cmd, env, max_restarts, log):
+def _wait_mpiexec(proc, server, grace):
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if server.over(grace):
+                break
+    proc.terminate()
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+# PRRTE's report of a lost daemon (the job goes on without that host: the job's events and the
+# launcher's summary say so), and how its help blocks are framed.
+_LOST_DAEMON = ("A daemon failed to report back", "lost communication with a remote daemon",
+                "ORTE has lost communication", "PRTE has lost communication")
+
+
+def _relay(stream, out):
+    """Copy mpiexec's output through, less PRRTE's lost-daemon help block (not an error here)."""
+    block, skipping = [], False
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        if skipping:
+            skipping = not line.startswith("-----")
+            continue
+        if line.startswith("-----") and not block:
+            block = [line]
+            continue
+        if block:
+            if any(k in line for k in _LOST_DAEMON):
+                block, skipping = [], True
+                continue
+            out.write("".join(block))
+            block = []
+        out.write(line)
+        out.flush()
+    if block:
+        out.write("".join(block))
+        out.flush()
+
+
+def _run_restarting(cmd, env, max_restarts, log, peers=()):
     """Restart mode: relaunch the whole job after a failure; the job resumes from its commits."""
     env = dict(env)
-    code = _run_once(cmd, env, log)
+    code = _run_once(cmd, env, log, peers)
     for attempt in range(1, max_restarts + 1):
         if code in (0, Preempted.exit_code):  # done, or stopped on request: not a failure
             return code
         env[RESUME] = "1"
         env[RUN] = str(int(env[RUN]) + 1)
         log.warning("restart mode: relaunching after exit status %d (restart %d of %d)", code, attempt, max_restarts)
-        code = _run_once(cmd, env, log)
+        code = _run_once(cmd, env, log, peers)
     if code == 0:
         return 0
     log.error("restart mode: giving up after %d restarts (last exit status %d)", max_restarts, code)

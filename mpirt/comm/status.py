@@ -1,40 +1,24 @@
-"""The job's own exit status, handed from the ranks to ``mpirt launch``.
+"""The job's own exit status, handed from the coordinator to ``mpirt launch`` over the lifeline.
 
-Under ULFM, mpiexec's exit status says little: it is 0 when ranks were
-SIGKILLed (failures are tolerated) and non-zero when a joined rank (a spawned
-job, which mpiexec does not treat as fault tolerant) dies, even though the job
-recovered. So the coordinator writes what really happened to the file named by
-``MPIRT_STATUS_FILE``: "running" when the job starts, then its exit code.
+Under ULFM, mpiexec's exit status says little: it is 0 when ranks were SIGKILLed (failures are
+tolerated), non-zero when a joined rank (a spawned job, which mpiexec does not treat as fault
+tolerant) dies even though the job recovered, and mpiexec is gone altogether after a lost host
+while the job goes on. So the coordinator reports what really happened: "running" when the job
+starts, then its exit code (see :mod:`mpirt.comm.lifeline`). Without ``mpirt launch`` these do
+nothing.
 """
 
-import os
-
-from mpirt.config import STATUS_FILE
-
-
-def _write(text):
-    path = os.environ.get(STATUS_FILE)
-    if not path:
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from mpirt.comm import lifeline
 
 
 def started():
-    _write("running")
+    lifeline.send("status", code="running")
 
 
 def finished(code):
-    _write(str(int(code)))
+    lifeline.send("status", code=int(code))
 
 
-def read(path):
-    """None when no mpirt job wrote the file, "running" if it never finished, else the code."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return text if text == "running" else int(text)
+def hosts_changed(lost=(), joined=()):
+    """For the launcher's closing summary: hosts lost and joined (the events log has the details)."""
+    lifeline.send("hosts", lost=list(lost), joined=list(joined))

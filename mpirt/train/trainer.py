@@ -219,8 +219,10 @@ class Trainer:
                 self._stop_preempted("on request (SIGUSR1)")
             if totals[LEAVING] >= group.size:  # Slurm's preemption and scancel: SIGTERM to all
                 self._stop_preempted("as every member was asked to leave (SIGTERM)")
-        if totals[LEAVING] and Leaving.requested:
-            group.leave()  # after the commit: the others redo nothing
+        if totals[LEAVING]:
+            group.announce_leaving(Leaving.requested)  # the view records them as left, not failed
+            if Leaving.requested:
+                group.leave()  # after the commit: the others redo nothing
         if totals[JOINERS]:
             group.fire(self.joining, step=step)
             group.grow(int(totals[JOINERS]))
@@ -266,9 +268,9 @@ class Trainer:
                            f"{state['step']} on the coordinator) after a failure")
         self._open_outputs()
         if self.reporter:
-            v = group.events.read()[-1] if group.events.path else {}
-            self.reporter.event(f"view {group.view.id}: {group.size} ranks "
-                                f"(failed {v.get('failed', '?')}, left {v.get('left', '?')}), redoing step {self.step}")
+            v = group.view
+            self.reporter.event(f"view {v.id}: {group.size} ranks "
+                                f"(failed {v.failed}, left {v.departed}), redoing step {self.step}")
 
     # -- epochs, checkpoints, the end ----------------------------------------
     def _end_epoch(self, epoch):
@@ -357,7 +359,7 @@ def run_training(cfg, dataset, group):
     except MpirtError as exc:
         # A requested stop ends together and cleanly on every member: MPI_Finalize as usual.
         failed = not isinstance(exc, Preempted)
-        if trainer.group.ec is not None and trainer.group.is_coordinator:
+        if trainer.group.ec is not None and trainer.group.is_coordinator and getattr(exc, "reports_status", True):
             status.finished(exc.exit_code)
         raise
     finally:

@@ -1,0 +1,259 @@
+"""The lifeline: one TCP connection from every rank to ``mpirt launch``.
+
+It carries what the launcher must know whatever happened to Open MPI's runtime, and binds the
+ranks' lives to the launcher's:
+
+- the job's status ("running", then its exit code) from the coordinator, and the host changes for
+  the launcher's closing summary (under ULFM mpiexec's own exit status says little, and after a
+  lost host mpiexec is gone while the job goes on: see :mod:`mpirt.comm.pmix_guard`);
+- the ranks' output once the runtime that relayed it is gone (:class:`_Relay`);
+- the job's signals (the stop request, SIGUSR1, that Slurm and Ctrl-C turn into), from the launcher
+  to every rank, whether or not mpiexec is still there to forward them;
+- the launcher's death: a rank whose lifeline reads end-of-file stops at once, so no rank outlives
+  a SIGKILLed launcher.
+
+The launcher waits for mpiexec *and* for every lifeline to close. A connection must present the
+job's token first (``MPIRT_LIFELINE`` = host:port:token), so nothing else can report for the job.
+Messages are JSON lines.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+
+from mpirt.config import HOST_FT, LIFELINE, env_flag
+
+# A rank whose launcher is gone exits with this (EX_UNAVAILABLE).
+LAUNCHER_GONE = 69
+
+
+class Server:
+    """The launcher's end. ``address`` is what ranks connect to (see :func:`advertised_address`)."""
+
+    def __init__(self, address="127.0.0.1"):
+        self.token = secrets.token_hex(16)
+        self.sock = socket.create_server(("0.0.0.0" if address != "127.0.0.1" else address, 0), backlog=1024)
+        self.env_value = f"{address}:{self.sock.getsockname()[1]}:{self.token}"
+        self.status = None  # None: no mpirt job reported; "running"; or the exit code
+        self.hosts_lost, self.hosts_joined = [], []
+        self.open = 0
+        self.ever = 0
+        self.final_at = None  # when the job reported its exit code
+        self.quiet_at = None  # when the last open lifeline closed
+        self.cond = threading.Condition()
+        self._conns = []
+        threading.Thread(target=self._accept, name="mpirt-lifeline", daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        f = conn.makefile("rb")
+        try:
+            hello = json.loads(f.readline() or b"{}")
+        except ValueError:
+            hello = {}
+        if hello.get("token") != self.token:
+            conn.close()
+            return
+        with self.cond:
+            self.open += 1
+            self.ever += 1
+            self._conns.append(conn)
+        try:
+            for line in f:
+                self._handle(json.loads(line))
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self.cond:
+                self.open -= 1
+                if self.open == 0:
+                    self.quiet_at = time.monotonic()
+                self.cond.notify_all()
+            conn.close()
+
+    def _handle(self, msg):
+        kind = msg.get("t")
+        with self.cond:
+            if kind == "status":
+                self.status = msg["code"]
+                if self.status != "running":
+                    self.final_at = self.final_at or time.monotonic()
+            elif kind == "hosts":
+                self.hosts_lost += [h for h in msg.get("lost", []) if h not in self.hosts_lost]
+                self.hosts_joined += [h for h in msg.get("joined", []) if h not in self.hosts_joined]
+            self.cond.notify_all()
+        if kind == "out":
+            stream = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
+            stream.write(msg.get("text", ""))
+            stream.flush()
+
+    def over(self, grace, settle=5.0):
+        """True when the launcher has nothing more to wait for, though mpiexec may still run.
+
+        The job reported its exit code and every lifeline closed ``settle`` seconds ago (mpiexec
+        should have ended by itself), or ``grace`` seconds passed since the report: the ranks left
+        are on a frozen or cut-off host and cannot hear the launcher; Open MPI's runtime would wait
+        for them forever.
+        """
+        with self.cond:
+            if self.final_at is None:
+                return False
+            now = time.monotonic()
+            if self.open == 0 and self.quiet_at is not None:
+                return now - max(self.quiet_at, self.final_at) >= settle
+            return now - self.final_at >= grace
+
+    def wait_ranks(self, grace):
+        """After mpiexec ended: wait until every rank's lifeline closed.
+
+        Ranks that reported nothing final yet are waited for without a bound (the job goes on
+        headless after a lost host). Once the job reported its exit code, stragglers get ``grace``
+        seconds (see :meth:`over`).
+        """
+        with self.cond:
+            while self.open > 0 and not self.over(grace, settle=0):
+                self.cond.wait(0.5)
+
+    def signal_ranks(self, signum):
+        """Deliver ``signum`` to every rank (each raises it on itself: its own handler decides)."""
+        data = (json.dumps({"t": "signal", "sig": int(signum)}) + "\n").encode()
+        with self.cond:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.sendall(data)
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with self.cond:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
+def advertised_address(peers):
+    """The address of this machine that ``peers`` (host names) reach; 127.0.0.1 without remote peers.
+
+    A UDP ``connect`` picks the route without sending anything.
+    """
+    for peer in peers:
+        try:
+            addr = socket.gethostbyname(peer)
+        except OSError:
+            continue
+        if addr.startswith("127."):
+            continue
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))
+            return s.getsockname()[0]
+    return "127.0.0.1"
+
+
+# -- the rank's end ---------------------------------------------------------------------------
+_client = {}
+
+
+def connect(member=None):
+    """Connect this rank (once) when ``mpirt launch`` gave it a lifeline; watch for the launcher's end."""
+    if "sock" in _client or not os.environ.get(LIFELINE):
+        return
+    host, port, token = os.environ[LIFELINE].rsplit(":", 2)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.settimeout(None)
+    _client.update(sock=sock, lock=threading.Lock())
+    send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member)
+    threading.Thread(target=_watch, args=(sock,), name="mpirt-lifeline", daemon=True).start()
+    # Over several hosts the output goes over the lifeline from the start: what sits in the pipe
+    # to Open MPI's daemon when a lost host takes the runtime down is lost with it.
+    _Relay.install(direct=env_flag(HOST_FT))
+
+
+def send(kind, **fields):
+    """Send one message to the launcher; False when there is no lifeline (or it broke)."""
+    sock = _client.get("sock")
+    if sock is None:
+        return False
+    data = (json.dumps({"t": kind, **fields}) + "\n").encode()
+    try:
+        with _client["lock"]:
+            sock.sendall(data)
+        return True
+    except OSError:
+        return False
+
+
+def _watch(sock):
+    # The launcher writes only signals for the job; end-of-file means it is gone.
+    try:
+        for line in sock.makefile("rb"):
+            msg = json.loads(line)
+            if msg.get("t") == "signal":
+                os.kill(os.getpid(), int(msg["sig"]))
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError):
+        os.write(2, b"mpirt: mpirt launch is gone: stopping this rank\n")
+    os._exit(LAUNCHER_GONE)
+
+
+class _Relay:
+    """stdout/stderr that fall back to the lifeline when the runtime's output pipe breaks.
+
+    Open MPI's daemon relays a rank's output; after a lost host it is gone (and this rank lives
+    on), so a write would raise BrokenPipeError in the middle of the job.
+    """
+
+    def __init__(self, stream, name, direct=False):
+        self._stream, self._name, self._broken = stream, name, direct
+        self._pending = ""
+
+    @classmethod
+    def install(cls, direct=False):
+        import logging
+
+        sys.stdout = cls(sys.stdout, "stdout", direct)
+        sys.stderr = cls(sys.stderr, "stderr", direct)
+        for handler in logging.getLogger("mpirt").handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler.stream, cls):
+                handler.setStream(sys.stderr)
+
+    def write(self, text):
+        if not self._broken:
+            try:
+                n = self._stream.write(text)
+                self._stream.flush()
+                return n
+            except (OSError, ValueError):
+                self._broken = True
+        # Whole lines only, so that the launcher does not interleave two ranks inside a line.
+        self._pending += text
+        head, sep, self._pending = self._pending.rpartition("\n")
+        if sep:
+            send("out", stream=self._name, text=head + sep)
+        return len(text)
+
+    def flush(self):
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._broken = True
+        elif self._pending:
+            send("out", stream=self._name, text=self._pending)
+            self._pending = ""
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
