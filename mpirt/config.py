@@ -20,14 +20,18 @@ FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
 LIFELINE = "MPIRT_LIFELINE"  # set by `mpirt launch`: host:port:token of its lifeline (mpirt.comm.lifeline)
 HOST_FT = "MPIRT_HOST_FT"  # set by `mpirt launch` for jobs over several hosts: ranks outlive a lost host
 LAUNCH_AGENT = "MPIRT_LAUNCH_AGENT"  # the command that reaches another host (default: ssh)
+SIMULATED_HOST = "MPIRT_SIMULATED_HOST"  # set by scripts/hosts/ssh on a simulated host: its name
 FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process kills, not node crashes)
 RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run again (requeue, restart)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, RUN, RESUME, FSYNC,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME, FSYNC,
 }
+
+# Facts about the host a process runs on: never carried to other hosts (mpiexec -x).
+HOST_LOCAL = {SIMULATED_HOST}
 
 
 def env_flag(name: str, default: bool = False) -> bool:

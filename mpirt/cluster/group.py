@@ -89,6 +89,8 @@ class ElasticGroup:
         ``stoppable``: the job acts on :class:`Preempt` (SIGUSR1); others keep the signal's default.
         """
         Leaving.install()
+        lifeline.on_cut_off(lambda why: self.events.write(
+            "quorum_lost", member=self.member, view=self.view and self.view.id, reason=why))
         self.stoppable = stoppable
         if stoppable:
             Preempt.install()

@@ -8,7 +8,8 @@ is deterministic where one struck from outside would race the job:
 - ``host-freeze``: SIGSTOP every process of the host (thawed from outside: ``local-hosts.sh thaw``);
 - ``host-cut``: take every link of the host down but loopback (a partition; ``local-hosts.sh heal``).
 
-Refused in the machine's own network namespace: there "every process of the host" is the machine.
+Refused outside a simulated host (the agent, ``scripts/hosts/ssh``, sets ``MPIRT_SIMULATED_HOST`` to
+the host's name): on a real machine "every process of the host" is the machine.
 """
 
 import fcntl
@@ -17,6 +18,7 @@ import signal
 import socket
 import struct
 
+from mpirt.config import SIMULATED_HOST as SIMULATED
 from mpirt.errors import JobError
 
 ACTIONS = ("host-crash", "host-freeze", "host-cut")
@@ -42,7 +44,7 @@ def host_pids():
 
 
 def strike(action):
-    if _netns() == _netns(1):
+    if not os.environ.get(SIMULATED) or os.environ[SIMULATED] != socket.gethostname():
         raise JobError(f"fault {action}: this rank is not on a simulated host (scripts/hosts/local-hosts.sh); "
                        f"refusing to act on the whole machine")
     if action == "host-cut":

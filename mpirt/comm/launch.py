@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 
-from mpirt.config import FT_MODE, HANG_TIMEOUT, HOST_FT, LAUNCH_AGENT, LIFELINE, MPIEXEC, RESUME, RUN, env_float
+from mpirt.config import FT_MODE, HANG_TIMEOUT, HOST_FT, HOST_LOCAL, LAUNCH_AGENT, LIFELINE, MPIEXEC, RESUME, RUN, env_float
 from mpirt.errors import Preempted, UsageError
 
 DEFAULT_HANG_TIMEOUT = 6.0
@@ -154,12 +154,18 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
             cmd += ["--mca", "mpi_ft_detector", "true", "--mca", "mpi_ft_detector_period", f"{period:g}",
                     "--mca", "mpi_ft_detector_timeout", f"{hang_timeout:g}"]
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
-    for key in sorted(k for k in env if k.startswith("MPIRT_")):
+    for key in sorted(k for k in env if k.startswith("MPIRT_") and k not in HOST_LOCAL):
         cmd += ["-x", key]
     cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT, "-x", LIFELINE]
     command = resolve_command(command)
     if ft == "ulfm" and spans_hosts(hostfile, env):
         cmd += ["-x", HOST_FT]
+        if hang_timeout > 0:
+            # A daemon cut off from the others notices within about the hang timeout and exits
+            # (with the kernel's defaults it would wait two hours) instead of outliving the job.
+            keep = max(1, round(hang_timeout))
+            cmd += ["--prtemca", "oob_tcp_keepalive_time", str(keep), "--prtemca", "oob_tcp_keepalive_intvl", "1",
+                    "--prtemca", "oob_tcp_keepalive_probes", "3"]
         command = [sys.executable, "-m", "mpirt.comm.shim", *command]
     return cmd + command
 
@@ -248,9 +254,10 @@ def _run_once(cmd, env, log, peers=(), multi=False):
     """Run mpiexec and wait for every rank; the job's own status, when it reported one, overrides mpiexec's."""
     from mpirt.comm import lifeline
 
-    server = lifeline.Server(lifeline.advertised_address(peers))
+    hang = float(env.get(HANG_TIMEOUT) or DEFAULT_HANG_TIMEOUT)
+    server = lifeline.Server(lifeline.advertised_address(peers), timeout=hang, log=log)
     env = dict(env, **{LIFELINE: server.env_value})
-    grace = 2 * float(env.get(HANG_TIMEOUT) or DEFAULT_HANG_TIMEOUT) + 1
+    grace = 2 * hang + 1
     try:
         code = _call_forwarding(cmd, env, server, multi, grace)
         # After a lost host mpiexec is gone while the job goes on in the ranks.

@@ -1,4 +1,4 @@
-"""The lifeline: one TCP connection from every rank to ``mpirt launch``.
+"""The lifeline: one TCP connection from every rank to ``mpirt launch``, and the job's failure detector.
 
 It carries what the launcher must know whatever happened to Open MPI's runtime, and binds the
 ranks' lives to the launcher's:
@@ -6,14 +6,22 @@ ranks' lives to the launcher's:
 - the job's status ("running", then its exit code) from the coordinator, and the host changes for
   the launcher's closing summary (under ULFM mpiexec's own exit status says little, and after a
   lost host mpiexec is gone while the job goes on: see :mod:`mpirt.comm.pmix_guard`);
-- the ranks' output once the runtime that relayed it is gone (:class:`_Relay`);
+- the ranks' output once the runtime that relayed it is gone, or from the start over several
+  hosts (:class:`_Relay`);
 - the job's signals (the stop request, SIGUSR1, that Slurm and Ctrl-C turn into), from the launcher
   to every rank, whether or not mpiexec is still there to forward them;
+- heartbeats both ways, every ``timeout / 4`` seconds. A rank silent for ``timeout`` seconds (its
+  host frozen or cut off, or the rank stopped) is declared failed: the launcher tells every other
+  rank, which raises the failure in its MPI library (:func:`mpirt.comm.pmix_guard.declare_failed`),
+  and closes that rank's lifeline, so that if it ever wakes up it stops before it can commit
+  (fencing). A rank that hears nothing from the launcher for ``timeout`` seconds is on the far side
+  of a partition: it stops, saying it lost the quorum. Ranks that can reach the launcher are the
+  job; no two sides can both go on.
 - the launcher's death: a rank whose lifeline reads end-of-file stops at once, so no rank outlives
   a SIGKILLed launcher.
 
 The launcher waits for mpiexec *and* for every lifeline to close. A connection must present the
-job's token first (``MPIRT_LIFELINE`` = host:port:token), so nothing else can report for the job.
+job's token first (``MPIRT_LIFELINE`` = host:port:token), so nothing else can speak for the job.
 Messages are JSON lines.
 """
 
@@ -26,28 +34,56 @@ import sys
 import threading
 import time
 
-from mpirt.config import HOST_FT, LIFELINE, env_flag
+from mpirt.config import HANG_TIMEOUT, HOST_FT, LIFELINE, env_flag, env_float
 
-# A rank whose launcher is gone exits with this (EX_UNAVAILABLE).
+# A rank whose launcher is gone exits with this (EX_UNAVAILABLE); one cut off from it, with 1.
 LAUNCHER_GONE = 69
+CUT_OFF = 1
+
+
+class _Rank:
+    def __init__(self, conn, hello):
+        self.conn = conn
+        self.proc = (hello.get("nspace", ""), int(hello.get("rank", -1)))
+        self.host = hello.get("host", "?")
+        self.last = time.monotonic()
+        self.declared = False
+        self.lock = threading.Lock()
+
+    def send(self, data):
+        try:
+            with self.lock:
+                self.conn.sendall(data)
+        except OSError:
+            pass
 
 
 class Server:
-    """The launcher's end. ``address`` is what ranks connect to (see :func:`advertised_address`)."""
+    """The launcher's end.
 
-    def __init__(self, address="127.0.0.1"):
+    Args:
+        address: what ranks connect to (see :func:`advertised_address`).
+        timeout: seconds of silence after which a rank is declared failed (0: never).
+        log: a logger for the declarations.
+    """
+
+    def __init__(self, address="127.0.0.1", timeout=0.0, log=None):
         self.token = secrets.token_hex(16)
         self.sock = socket.create_server(("0.0.0.0" if address != "127.0.0.1" else address, 0), backlog=1024)
         self.env_value = f"{address}:{self.sock.getsockname()[1]}:{self.token}"
+        self.timeout, self.log = timeout, log
         self.status = None  # None: no mpirt job reported; "running"; or the exit code
         self.hosts_lost, self.hosts_joined = [], []
+        self.declared = []  # (host, proc) of ranks this launcher declared failed
         self.open = 0
-        self.ever = 0
         self.final_at = None  # when the job reported its exit code
         self.quiet_at = None  # when the last open lifeline closed
         self.cond = threading.Condition()
-        self._conns = []
+        self._ranks = []
+        self._closed = threading.Event()
         threading.Thread(target=self._accept, name="mpirt-lifeline", daemon=True).start()
+        if timeout > 0:
+            threading.Thread(target=self._monitor, name="mpirt-detector", daemon=True).start()
 
     def _accept(self):
         while True:
@@ -66,12 +102,13 @@ class Server:
         if hello.get("token") != self.token:
             conn.close()
             return
+        rank = _Rank(conn, hello)
         with self.cond:
             self.open += 1
-            self.ever += 1
-            self._conns.append(conn)
+            self._ranks.append(rank)
         try:
             for line in f:
+                rank.last = time.monotonic()
                 self._handle(json.loads(line))
         except (OSError, ValueError):
             pass
@@ -80,6 +117,7 @@ class Server:
                 self.open -= 1
                 if self.open == 0:
                     self.quiet_at = time.monotonic()
+                self._ranks.remove(rank)
                 self.cond.notify_all()
             conn.close()
 
@@ -98,6 +136,31 @@ class Server:
             stream = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
             stream.write(msg.get("text", ""))
             stream.flush()
+
+    def _monitor(self):
+        """Heartbeats out; ranks silent for ``timeout`` declared failed (see the module's doc)."""
+        period = self.timeout / 4.0
+        beat = _line("hb")
+        while not self._closed.wait(period):
+            now = time.monotonic()
+            with self.cond:
+                ranks = list(self._ranks)
+                # After the job's end nothing is left to commit; ranks may be slow in MPI_Finalize.
+                ended = self.final_at is not None
+            silent = [] if ended else [r for r in ranks if not r.declared and now - r.last > self.timeout]
+            for r in silent:
+                r.declared = True
+                self.declared.append((r.host, r.proc))
+                # Closed now: if it wakes up, its first read is end-of-file and it stops (fencing).
+                with contextlib.suppress(OSError):
+                    r.conn.shutdown(socket.SHUT_RDWR)
+                if self.log:
+                    self.log.warning("rank %s on %s silent for %.1f s: declared failed", r.proc[1], r.host,
+                                     now - r.last)
+            notice = _line("failed", procs=[r.proc for r in silent]) if silent else b""
+            for r in ranks:
+                if not r.declared:
+                    r.send(notice + beat)
 
     def over(self, grace, settle=5.0):
         """True when the launcher has nothing more to wait for, though mpiexec may still run.
@@ -128,20 +191,24 @@ class Server:
 
     def signal_ranks(self, signum):
         """Deliver ``signum`` to every rank (each raises it on itself: its own handler decides)."""
-        data = (json.dumps({"t": "signal", "sig": int(signum)}) + "\n").encode()
+        data = _line("signal", sig=int(signum))
         with self.cond:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.sendall(data)
+            ranks = list(self._ranks)
+        for r in ranks:
+            r.send(data)
 
     def close(self):
+        self._closed.set()
         with contextlib.suppress(OSError):
             self.sock.close()
         with self.cond:
-            for conn in self._conns:
+            for r in self._ranks:
                 with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+                    r.conn.shutdown(socket.SHUT_RDWR)
+
+
+def _line(kind, **fields):
+    return (json.dumps({"t": kind, **fields}) + "\n").encode()
 
 
 def advertised_address(peers):
@@ -164,18 +231,30 @@ def advertised_address(peers):
 
 # -- the rank's end ---------------------------------------------------------------------------
 _client = {}
+_on_cut_off = []
+
+
+def on_cut_off(callback):
+    """Call ``callback(message)`` before this rank stops because it is cut off from the launcher."""
+    _on_cut_off.append(callback)
 
 
 def connect(member=None):
     """Connect this rank (once) when ``mpirt launch`` gave it a lifeline; watch for the launcher's end."""
     if "sock" in _client or not os.environ.get(LIFELINE):
         return
+    from mpirt.comm import pmix_guard
+
     host, port, token = os.environ[LIFELINE].rsplit(":", 2)
     sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.settimeout(None)
+    timeout = env_float(HANG_TIMEOUT, 0.0)
+    sock.settimeout(timeout if timeout > 0 else None)
     _client.update(sock=sock, lock=threading.Lock())
-    send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member)
-    threading.Thread(target=_watch, args=(sock,), name="mpirt-lifeline", daemon=True).start()
+    nspace, rank = pmix_guard.identity()
+    send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member, nspace=nspace, rank=rank)
+    threading.Thread(target=_watch, args=(sock, timeout), name="mpirt-lifeline", daemon=True).start()
+    if timeout > 0:
+        threading.Thread(target=_beat, args=(timeout / 4.0,), name="mpirt-heartbeat", daemon=True).start()
     # Over several hosts the output goes over the lifeline from the start: what sits in the pipe
     # to Open MPI's daemon when a lost host takes the runtime down is lost with it.
     _Relay.install(direct=env_flag(HOST_FT))
@@ -186,31 +265,49 @@ def send(kind, **fields):
     sock = _client.get("sock")
     if sock is None:
         return False
-    data = (json.dumps({"t": kind, **fields}) + "\n").encode()
     try:
         with _client["lock"]:
-            sock.sendall(data)
+            sock.sendall(_line(kind, **fields))
         return True
     except OSError:
         return False
 
 
-def _watch(sock):
-    # The launcher writes only signals for the job; end-of-file means it is gone.
+def _beat(period):
+    while send("hb"):
+        time.sleep(period)  # a heartbeat's period, not a synchronisation
+
+
+def _watch(sock, timeout):
+    from mpirt.comm import pmix_guard
+
     try:
         for line in sock.makefile("rb"):
             msg = json.loads(line)
             if msg.get("t") == "signal":
                 os.kill(os.getpid(), int(msg["sig"]))
+            elif msg.get("t") == "failed":
+                pmix_guard.declare_failed([tuple(p) for p in msg["procs"]])
+    except TimeoutError:
+        message = (f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
+                   f"the job); stopping without committing anything")
+        for callback in _on_cut_off:
+            with contextlib.suppress(Exception):  # the stop must happen whatever a record does
+                callback(message)
+        _stop(CUT_OFF, message)
     except (OSError, ValueError):
         pass
+    _stop(LAUNCHER_GONE, "mpirt launch is gone (or declared this rank failed): stopping this rank")
+
+
+def _stop(code, message):
     with contextlib.suppress(OSError):
-        os.write(2, b"mpirt: mpirt launch is gone: stopping this rank\n")
-    os._exit(LAUNCHER_GONE)
+        os.write(2, f"mpirt [{socket.gethostname()} pid {os.getpid()}]: {message}\n".encode())
+    os._exit(code)
 
 
 class _Relay:
-    """stdout/stderr that fall back to the lifeline when the runtime's output pipe breaks.
+    """stdout/stderr that go over the lifeline when the runtime's output pipe is gone (or from the start).
 
     Open MPI's daemon relays a rank's output; after a lost host it is gone (and this rank lives
     on), so a write would raise BrokenPipeError in the middle of the job.

@@ -16,10 +16,18 @@ handled, so a handler registered *first* for exactly those codes keeps the rank
 alive. Failures of processes (``PMIX_ERR_PROC_*``) are left to ULFM, which turns
 them into ``MPI_ERR_PROC_FAILED``.
 
+It also lets mpirt declare a process failed (:func:`declare_failed`): a frozen host's or a cut-off
+host's processes are alive to TCP and, as measured, Open MPI's own heartbeat detector does not
+always turn them into failures (survivors were seen waiting in Allreduce for 10 minutes). The
+launcher, which hears every rank's heartbeat on its lifeline, decides; each survivor then raises
+the process-failure event locally, exactly as the runtime would, and ULFM fails the pending
+operations and excludes the process from Shrink.
+
 No import of mpi4py here: :func:`install` is called after MPI is initialised.
 """
 
 import ctypes
+import os
 
 from mpirt.log import get_logger
 
@@ -34,8 +42,12 @@ PMIX_ERR_JOB_ABORTED_BY_SIG = -184
 PMIX_ERR_JOB_TERM_WO_SYNC = -185
 PMIX_ERR_EXIT_NONZERO_TERM = -404
 PMIX_EVENT_ACTION_COMPLETE = -334
+PMIX_ERR_PROC_TERM_WO_SYNC = -200
 PMIX_BOOL = 1
+PMIX_PROC = 22
+PMIX_RANGE_PROC_LOCAL = 7
 PMIX_EVENT_HDLR_FIRST = b"pmix.evfirst"
+PMIX_EVENT_AFFECTED_PROC = b"pmix.evproc"
 
 # The runtime going away, as opposed to a process failing.
 RUNTIME_GONE = (PMIX_ERR_LOST_CONNECTION, PMIX_ERR_UNREACH, PMIX_EVENT_JOB_END, PMIX_ERR_JOB_ABORTED,
@@ -94,3 +106,32 @@ def install():
         log.warning("libpmix not found: losing a host ends the job")
     _installed.append(ok)
     return ok
+
+
+class _Proc(ctypes.Structure):  # pmix_proc_t
+    _fields_ = [("nspace", ctypes.c_char * 256), ("rank", ctypes.c_uint32)]
+
+
+def identity():
+    """This process's PMIx name (namespace, rank in its job): how the launcher names it."""
+    return os.environ.get("PMIX_NAMESPACE", ""), int(os.environ.get("PMIX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", -1)))
+
+
+def declare_failed(procs):
+    """Tell this process's MPI library that ``procs`` [(namespace, rank)] failed. Returns the count told."""
+    lib = _libpmix()
+    if lib is None or not hasattr(lib, "PMIx_Notify_event"):
+        return 0
+    lib.PMIx_Info_create.restype = ctypes.c_void_p
+    me = _Proc(*(lambda ns, r: (ns.encode(), max(r, 0)))(*identity()))
+    told = 0
+    for nspace, rank in procs:
+        proc = _Proc(nspace.encode(), rank)
+        info = lib.PMIx_Info_create(ctypes.c_size_t(1))
+        lib.PMIx_Info_load(ctypes.c_void_p(info), PMIX_EVENT_AFFECTED_PROC, ctypes.byref(proc),
+                           ctypes.c_uint16(PMIX_PROC))
+        rc = lib.PMIx_Notify_event(ctypes.c_int(PMIX_ERR_PROC_TERM_WO_SYNC), ctypes.byref(me),
+                                   ctypes.c_int(PMIX_RANGE_PROC_LOCAL), ctypes.c_void_p(info), ctypes.c_size_t(1),
+                                   None, None)
+        told += rc >= 0
+    return told
