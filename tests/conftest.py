@@ -7,6 +7,9 @@ import subprocess
 import pytest
 
 REQUIRE_SLURM = os.environ.get("MPIRT_REQUIRE_SLURM", "") not in ("", "0")
+REQUIRE_HOSTS = os.environ.get("MPIRT_REQUIRE_HOSTS", "") not in ("", "0")
+HOSTS_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "hosts",
+                            "local-hosts.sh")
 
 
 def pytest_configure(config):
@@ -14,6 +17,7 @@ def pytest_configure(config):
         ("mpi", "runs jobs under real mpiexec (1 to 8 ranks, oversubscribed)"),
         ("cli", "runs mpirt commands in a subprocess as a user types them"),
         ("slurm", "submits jobs to a real (local) Slurm"),
+        ("hosts", "runs jobs over the simulated hosts of scripts/hosts/local-hosts.sh (root, network namespaces)"),
         ("gpu", "needs a CUDA GPU; MPIRT_REQUIRE_GPU=1 turns a skip into a failure"),
     ):
         config.addinivalue_line("markers", f"{name}: {doc}")
@@ -41,3 +45,30 @@ def slurm():
             pytest.fail(f"MPIRT_REQUIRE_SLURM=1 but {why}")
         pytest.skip(why)
     return True
+
+
+@pytest.fixture(scope="session")
+def hosts():
+    """The simulated multi-host cluster (3 hosts): started here when it is not running, stopped after.
+
+    Needs root and iproute2; without them the tests skip, unless MPIRT_REQUIRE_HOSTS=1 (CI) makes
+    that a failure.
+    """
+    why = None
+    if os.geteuid() != 0:
+        why = "simulated hosts need root (network namespaces)"
+    elif not shutil.which("ip"):
+        why = "simulated hosts need iproute2 (ip)"
+    if why:
+        if REQUIRE_HOSTS:
+            pytest.fail(f"MPIRT_REQUIRE_HOSTS=1 but {why}")
+        pytest.skip(why)
+    running = subprocess.run([HOSTS_SCRIPT, "status"], capture_output=True, text=True, timeout=30)
+    started = running.returncode != 0 or not running.stdout.startswith("hosts: 3 ")
+    if started:
+        res = subprocess.run([HOSTS_SCRIPT, "start", "3"], capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            pytest.fail(f"local-hosts.sh start failed: {res.stderr.strip()}")
+    yield True
+    if started:
+        subprocess.run([HOSTS_SCRIPT, "stop"], capture_output=True, timeout=60)

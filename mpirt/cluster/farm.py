@@ -14,7 +14,7 @@ import time
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
 from mpirt.cluster.ledger import CommitStore, ShardLedger
 from mpirt.comm import faults as faultlib
-from mpirt.comm import status
+from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, Preempted, ProcessFailure
 from mpirt.log import get_logger
 
@@ -97,6 +97,7 @@ class Farm:
         self.job.write_part(tmp, shard, result)
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step, shard=shard,
                                    phase="commit"), shard=shard, phase="commit")
+        lifeline.check_fence()  # a rank the others may have dropped must not commit
         return self.store.commit(shard, tmp)
 
     def _work(self):
@@ -192,6 +193,7 @@ class Farm:
         return "resized"
 
     def _finish(self, ledger, parked):
+        lifeline.check_fence()
         paths = [self.store.path(k) for k in range(ledger.n_shards)]
         summary = self.job.reduce(paths)
         self.store.remove_temps()  # left by writers killed before their commit

@@ -249,7 +249,7 @@ def connect(member=None):
     sock = socket.create_connection((host, int(port)), timeout=30)
     timeout = env_float(HANG_TIMEOUT, 0.0)
     sock.settimeout(timeout if timeout > 0 else None)
-    _client.update(sock=sock, lock=threading.Lock())
+    _client.update(sock=sock, lock=threading.Lock(), timeout=timeout, heard=time.monotonic())
     nspace, rank = pmix_guard.identity()
     send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member, nspace=nspace, rank=rank)
     threading.Thread(target=_watch, args=(sock, timeout), name="mpirt-lifeline", daemon=True).start()
@@ -273,6 +273,32 @@ def send(kind, **fields):
         return False
 
 
+def check_fence():
+    """Stop this rank now if the launcher may have declared it failed; call it before a commit.
+
+    Declared means: its lifeline was closed (an end-of-file is pending: it was frozen while the
+    others went on), or it has heard nothing from the launcher for half the timeout (it may be cut
+    off: the launcher declares a rank after a whole timeout of silence, so a rank that heard from
+    it within half of one was not declared yet). Without ``mpirt launch`` there is no fence.
+    """
+    sock = _client.get("sock")
+    if sock is None:
+        return
+    timeout = _client["timeout"]
+    try:
+        eof = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        eof = False
+    except OSError:
+        eof = True
+    if eof:
+        _stop(LAUNCHER_GONE, "declared failed by mpirt launch (this rank was unreachable): stopping without "
+                             "committing")
+    if timeout > 0 and time.monotonic() - _client["heard"] > timeout / 2:
+        _stop(CUT_OFF, f"no word from mpirt launch for {time.monotonic() - _client['heard']:.1f} s: stopping "
+                       f"without committing (this host may be cut off)")
+
+
 def _beat(period):
     while send("hb"):
         time.sleep(period)  # a heartbeat's period, not a synchronisation
@@ -283,6 +309,7 @@ def _watch(sock, timeout):
 
     try:
         for line in sock.makefile("rb"):
+            _client["heard"] = time.monotonic()
             msg = json.loads(line)
             if msg.get("t") == "signal":
                 os.kill(os.getpid(), int(msg["sig"]))

@@ -23,7 +23,7 @@ import torch
 
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
 from mpirt.comm import faults as faultlib
-from mpirt.comm import status
+from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
@@ -306,6 +306,7 @@ class Trainer:
     def save_checkpoint(self):
         """Write the replicated state (coordinator only); it loads on any number of ranks."""
         cfg = self.cfg
+        lifeline.check_fence()  # a coordinator the others may have dropped must not write one
         epoch = self.step // max(self.schedule.steps_per_epoch, 1)
         path = self.ckpt.save(
             self.step, spec=self.spec, params=self.model.state_dict(), optimizer=self.opt.state_dict(),

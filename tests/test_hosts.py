@@ -1,0 +1,209 @@
+"""Jobs over several hosts survive the loss of one: crash, freeze, partition (scripts/hosts/local-hosts.sh).
+
+Three simulated hosts (own hostname, own network namespace and address on a private bridge), two
+ranks each, started with ``mpirt launch --hostfile`` from a fourth, the head, through the launch
+agent ``scripts/hosts/ssh``, as on a real cluster. Each fault is struck from inside a rank of
+node2 at a given step (``host-crash``, ``host-freeze``, ``host-cut``: every process of the host at
+once), so that where it lands does not depend on timing. Each run must end as an uninterrupted
+run does: training within 1e-5 of one rank's parameters, wordcount and classify bit-identical;
+every step or shard committed once; and the lost host's processes must commit nothing afterwards.
+"""
+
+import json
+import os
+import re
+import subprocess
+import uuid
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+
+from harness import MPIRT, assert_no_leftovers, run, run_cli
+
+pytestmark = [pytest.mark.mpi, pytest.mark.cli, pytest.mark.hosts]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOSTS = os.path.join(ROOT, "scripts", "hosts", "local-hosts.sh")
+AGENT = os.path.join(ROOT, "scripts", "hosts", "ssh")
+FAULT_HOST = "node2"  # members 2 and 3 (hostfile order, 2 slots each)
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts, tmp_path_factory):
+    hostfile = tmp_path_factory.mktemp("hosts") / "hostfile"
+    hostfile.write_text("".join(f"node{i} slots=2\n" for i in (1, 2, 3)))
+    return hostfile
+
+
+def launch(cluster, command, fault, *, timeout=180):
+    """``mpirt launch`` 6 ranks over node1..node3 from the head host, with FAULT struck by member 2 (on
+    node2). Returns the result and the job's tag: what the faulted host leaves is checked after
+    :func:`settle_fault_host` (the agent passes the environment, so every process carries the tag)."""
+    tag = uuid.uuid4().hex
+    line = " ".join(f"'{a}'" for a in map(str, [MPIRT, "launch", "-n", "6", "--hostfile", cluster, "--launch-agent",
+                                               AGENT, "--hang-timeout", "2", "--", *command, "--inject-fault", fault]))
+    res = run([AGENT, "head", line], timeout=timeout, tag=tag, check_leftovers=False)
+    return res, tag
+
+
+def host_processes(host):
+    out = subprocess.run(["ip", "netns", "pids", f"mpirt-{host}"], capture_output=True, text=True).stdout
+    procs = []
+    for pid in map(int, out.split()):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    return procs
+
+
+def settle_fault_host(fault):
+    """After the job: give the faulted host back, then require that no rank of the job is left there.
+
+    A thawed host's processes find their lifelines closed and stop (fencing); a cut-off host's
+    ranks stopped on their own when they lost the quorum. Open MPI's daemon on a healed host ends
+    when its dead connection times out; the test ends it rather than wait.
+    """
+    if fault == "host-freeze":
+        subprocess.run([HOSTS, "thaw", FAULT_HOST], check=True, capture_output=True)
+    if fault == "host-cut":
+        subprocess.run([HOSTS, "heal", FAULT_HOST], check=True, capture_output=True)
+    ranks = [p for p in host_processes(FAULT_HOST) if "mpirt" in " ".join(p.cmdline()[:4])]
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"ranks left on {FAULT_HOST}: {[p.cmdline()[:4] for p in alive]}"
+    subprocess.run([HOSTS, "crash", FAULT_HOST], capture_output=True)
+    psutil.wait_procs(host_processes(FAULT_HOST), timeout=10)
+    return gone
+
+
+def events_of(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def assert_host_lost(events, fault):
+    views = [e for e in events if e["event"] == "view"]
+    assert any(sorted(v["failed"]) == [2, 3] and v["hosts_lost"] == [FAULT_HOST] for v in views), views
+    lost = [e for e in events if e["event"] == "host_lost"]
+    assert [e["host"] for e in lost] == [FAULT_HOST] and sorted(lost[0]["members"]) == [2, 3]
+    if fault == "host-cut":
+        # The cut-off side said so, and stopped (the lifeline's watch writes this before the exit).
+        quorum = sorted(e["member"] for e in events if e["event"] == "quorum_lost")
+        assert quorum == [2, 3], events
+
+
+FAULTS = ["host-crash", "host-freeze", "host-cut"]
+
+# -- training ----------------------------------------------------------------------------------
+TRAIN = ["--model", "mlp", "--epochs", "2", "--global-batch", "64", "--lr", "0.05", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hdigits")
+    data = d / "digits.h5"
+    run_cli("prepare", "digits", data, "--shard-rows", "256").check()
+    run_cli("train", "--data", data, *TRAIN, "--checkpoint-dir", d / "ref").check()
+    return data, d / "ref"
+
+
+def final_params(ckpt_dir):
+    from mpirt.checkpoint import CheckpointDir
+
+    ckpt = CheckpointDir(ckpt_dir).load_latest()
+    return ckpt.params, ckpt.position
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_training_goes_on_after_a_host_is_lost(tmp_path, cluster, digits, fault):
+    data, ref = digits
+    ckpt, audit, events = tmp_path / "ckpt", tmp_path / "audit.jsonl", tmp_path / "events.jsonl"
+    res, tag = launch(cluster, ["mpirt", "train", "--data", data, *TRAIN, "--checkpoint-dir", ckpt, "--audit", audit,
+                                "--events", events], f"{fault}:member=2:step=20")
+    res.check()
+    assert "46 steps, 2 view(s), 4 rank(s)" in res.stdout, res.output
+    assert f"hosts lost: {FAULT_HOST}" in res.stderr
+    steps_before = open(audit).read()
+    settle_fault_host(fault)
+    assert_no_leftovers(tag)
+    assert open(audit).read() == steps_before, "a lost host's rank committed after it was dropped"
+    assert_host_lost(events_of(events), fault)
+    steps = [json.loads(line)["step"] for line in steps_before.splitlines()]
+    assert steps == list(range(46)), "every step exactly once"
+    a, pos = final_params(ckpt)
+    b, _ = final_params(ref)
+    assert pos["step"] == 46
+    for k in a:
+        err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / max(float(np.max(np.abs(b[k]))), 1e-12)
+        assert err <= 1e-5, f"{k}: {err:.3g} from one rank's parameters"
+    assert sorted(os.listdir(ckpt)) == [f for f in sorted(os.listdir(ckpt)) if f.endswith(".h5")], "no temporaries"
+
+
+# -- wordcount ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    d = tmp_path_factory.mktemp("htext")
+    data = d / "text.h5"
+    run_cli("prepare", "synth-text", data, "--rows", "6000", "--features", "2048", "--shard-rows", "128").check()
+    run_cli("wordcount", data, "--out", d / "ref.h5").check()
+    with h5py.File(d / "ref.h5") as f:
+        return data, f["counts"][()], f.attrs["sha256"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_wordcount_is_bit_identical_after_a_host_is_lost(tmp_path, cluster, text, fault):
+    data, counts, digest = text
+    out, events = tmp_path / "counts.h5", tmp_path / "events.jsonl"
+    res, tag = launch(cluster, ["mpirt", "wordcount", data, "--out", out, "--events", events, "--keep-parts"],
+                      f"{fault}:member=2:step=6")
+    res.check()
+    ledger = open(f"{out}.parts/ledger.jsonl").read()
+    settle_fault_host(fault)
+    assert_no_leftovers(tag)
+    assert open(f"{out}.parts/ledger.jsonl").read() == ledger, "a lost host's rank committed after it was dropped"
+    with h5py.File(out) as f:
+        assert f.attrs["sha256"] == digest
+        np.testing.assert_array_equal(f["counts"][()], counts)
+    records = [json.loads(line) for line in ledger.splitlines()]
+    assert sorted(r["shard"] for r in records) == list(range(38)) and not any(r.get("duplicate") for r in records)
+    assert_host_lost(events_of(events), fault)
+
+
+# -- classify ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def classify_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hclassify")
+    data = d / "digits.h5"
+    run_cli("prepare", "digits", data, "--shard-rows", "32", "--test-fraction", "0.3").check()
+    run_cli("train", "--data", data, "--model", "mlp", "--epochs", "2", "--seed", "2", "--no-progress",
+            "--checkpoint-dir", d / "mlp").check()
+    ckpt = next((d / "mlp").iterdir())
+    run_cli("classify", "--data", data, "--checkpoint", ckpt, "--out", d / "ref.h5").check()
+    return data, ckpt, d / "ref.h5"
+
+
+@pytest.mark.parametrize("fault", ["host-crash", "host-cut"])
+def test_classify_is_identical_after_a_host_is_lost(tmp_path, cluster, classify_setup, fault):
+    data, ckpt, ref = classify_setup
+    out, events = tmp_path / "pred.h5", tmp_path / "events.jsonl"
+    res, tag = launch(cluster, ["mpirt", "classify", "--data", data, "--checkpoint", ckpt, "--out", out,
+                                "--events", events], f"{fault}:member=2:step=4")
+    res.check()
+    settle_fault_host(fault)
+    assert_no_leftovers(tag)
+    assert int(re.search(r"(\d+) view\(s\)", res.stdout).group(1)) >= 2, res.stdout
+    with h5py.File(ref) as a, h5py.File(out) as b:
+        assert a.attrs["sha256"] == b.attrs["sha256"]
+        for k in a:
+            np.testing.assert_array_equal(a[k][()], b[k][()])
+    assert_host_lost(events_of(events), fault)
+
+
+def test_host_faults_are_refused_outside_a_simulated_host(tmp_path, digits):
+    data, _ = digits
+    res = run_cli("launch", "-n", "2", "--hang-timeout", "2", "--", "mpirt", "train", "--data", data, *TRAIN,
+                  "--inject-fault", "host-crash:member=1:step=3", timeout=120)
+    assert res.returncode != 0
+    assert "not on a simulated host" in res.stderr and "Traceback" not in res.output
