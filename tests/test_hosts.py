@@ -43,7 +43,7 @@ def launch(cluster, command, fault, *, timeout=180):
     :func:`settle_fault_host` (the agent passes the environment, so every process carries the tag)."""
     tag = uuid.uuid4().hex
     line = " ".join(f"'{a}'" for a in map(str, [MPIRT, "launch", "-n", "6", "--hostfile", cluster, "--launch-agent",
-                                               AGENT, "--hang-timeout", "2", "--", *command, "--inject-fault", fault]))
+                                               AGENT, "--hang-timeout", "3", "--", *command, "--inject-fault", fault]))
     res = run([AGENT, "head", line], timeout=timeout, tag=tag, check_leftovers=False)
     return res, tag
 
@@ -85,7 +85,8 @@ def events_of(path):
 
 def assert_host_lost(events, fault):
     views = [e for e in events if e["event"] == "view"]
-    assert any(sorted(v["failed"]) == [2, 3] and v["hosts_lost"] == [FAULT_HOST] for v in views), views
+    brief = [(v["view"], v["failed"], v["left"], v["hosts_lost"]) for v in views]
+    assert any(sorted(v["failed"]) == [2, 3] and v["hosts_lost"] == [FAULT_HOST] for v in views), brief
     lost = [e for e in events if e["event"] == "host_lost"]
     assert [e["host"] for e in lost] == [FAULT_HOST] and sorted(lost[0]["members"]) == [2, 3]
     if fault == "host-cut":

@@ -141,13 +141,18 @@ class Server:
         """Heartbeats out; ranks silent for ``timeout`` declared failed (see the module's doc)."""
         period = self.timeout / 4.0
         beat = _line("hb")
+        tick = time.monotonic()
         while not self._closed.wait(period):
             now = time.monotonic()
+            # A launcher that did not run for a while (a loaded machine) has not read what the ranks
+            # sent meanwhile: judge nobody on this round.
+            late, tick = now - tick > 2 * period, now
             with self.cond:
                 ranks = list(self._ranks)
                 # After the job's end nothing is left to commit; ranks may be slow in MPI_Finalize.
                 ended = self.final_at is not None
-            silent = [] if ended else [r for r in ranks if not r.declared and now - r.last > self.timeout]
+            silent = [] if ended or late else [r for r in ranks if not r.declared and now - r.last > self.timeout
+                                               and not _pending(r.conn)]
             for r in silent:
                 r.declared = True
                 self.declared.append((r.host, r.proc))
@@ -205,6 +210,16 @@ class Server:
             for r in self._ranks:
                 with contextlib.suppress(OSError):
                     r.conn.shutdown(socket.SHUT_RDWR)
+
+
+def _pending(conn):
+    """True when ``conn`` has bytes not read yet (the rank spoke; its reader thread is behind)."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False
 
 
 def _line(kind, **fields):
@@ -294,9 +309,10 @@ def check_fence():
     if eof:
         _stop(LAUNCHER_GONE, "declared failed by mpirt launch (this rank was unreachable): stopping without "
                              "committing")
-    if timeout > 0 and time.monotonic() - _client["heard"] > timeout / 2:
-        _stop(CUT_OFF, f"no word from mpirt launch for {time.monotonic() - _client['heard']:.1f} s: stopping "
-                       f"without committing (this host may be cut off)")
+    silent = time.monotonic() - _client["heard"]
+    if timeout > 0 and silent > timeout / 2:
+        _cut_off(f"lost the quorum: no word from mpirt launch for {silent:.1f} s (this host may be cut off from "
+                 f"the job); stopping without committing anything")
 
 
 def _beat(period):
@@ -316,15 +332,18 @@ def _watch(sock, timeout):
             elif msg.get("t") == "failed":
                 pmix_guard.declare_failed([tuple(p) for p in msg["procs"]])
     except TimeoutError:
-        message = (f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
-                   f"the job); stopping without committing anything")
-        for callback in _on_cut_off:
-            with contextlib.suppress(Exception):  # the stop must happen whatever a record does
-                callback(message)
-        _stop(CUT_OFF, message)
+        _cut_off(f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
+                 f"the job); stopping without committing anything")
     except (OSError, ValueError):
         pass
     _stop(LAUNCHER_GONE, "mpirt launch is gone (or declared this rank failed): stopping this rank")
+
+
+def _cut_off(message):
+    for callback in _on_cut_off:
+        with contextlib.suppress(Exception):  # the stop must happen whatever a record does
+            callback(message)
+    _stop(CUT_OFF, message)
 
 
 def _stop(code, message):
