@@ -43,10 +43,18 @@ def host_pids():
     return pids
 
 
+def on_simulated_host():
+    return bool(os.environ.get(SIMULATED)) and os.environ[SIMULATED] == socket.gethostname()
+
+
+def refusal(action):
+    return (f"fault {action}: this rank is not on a simulated host (scripts/hosts/local-hosts.sh); refusing to "
+            f"act on the whole machine")
+
+
 def strike(action):
-    if not os.environ.get(SIMULATED) or os.environ[SIMULATED] != socket.gethostname():
-        raise JobError(f"fault {action}: this rank is not on a simulated host (scripts/hosts/local-hosts.sh); "
-                       f"refusing to act on the whole machine")
+    if not on_simulated_host():
+        raise JobError(refusal(action))
     if action == "host-cut":
         _links_down()
         return
