@@ -1,6 +1,10 @@
-"""Recovery after a SIGKILL, broken down, at 2/4/8 ranks; hang detection; torchrun restart as baseline.
+"""Recovery after a SIGKILL, broken down, at 2/4/8 ranks; hang detection; torchrun restart as baseline;
+and the loss of a whole host (crash, partition) at 6 and 12 ranks over 3 simulated hosts.
 
-    python -m bench recovery [--ranks 2 4 8] [--repeat 3] [--hang-timeout 2]
+    python -m bench recovery [--ranks 2 4 8] [--repeat 3] [--hang-timeout 2] [--host-ranks 6 12]
+
+The host rows need root (scripts/hosts/local-hosts.sh: network namespaces); ``--host-ranks`` with no
+value skips them.
 
 mpirt's side runs the test suite's shard job (tests/jobs/squares.py) under
 ``mpirt launch`` with an injected fault and reads the phases from the events log
@@ -114,11 +118,69 @@ def torchrun_restart(n):
     return (first - kill) * 1e3, None
 
 
+HOSTS = os.path.join(ROOT, "scripts", "hosts", "local-hosts.sh")
+AGENT = os.path.join(ROOT, "scripts", "hosts", "ssh")
+
+
+def host_recovery(n, fault, hang_timeout, shards=400):
+    """``n`` ranks over node1..node3 (n/3 each), member 2 strikes ``fault`` on its host (node1 holds the
+    coordinator). Phases in ms, from the fault to the first unit committed after it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hostfile = os.path.join(tmp, "hostfile")
+        with open(hostfile, "w") as f:
+            f.write("".join(f"node{i} slots={n // 3}\n" for i in (1, 2, 3)))
+        out = os.path.join(tmp, "out.npy")
+        victim = n // 3  # the first member on node2
+        line = " ".join([sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--hostfile", hostfile,
+                         "--launch-agent", AGENT, "--hang-timeout", str(hang_timeout), "--", sys.executable, JOB,
+                         out, "--shards", str(shards), "--inject-fault", f"{fault}:member={victim}:step=20"])
+        try:
+            subprocess.run([AGENT, "head", line], check=True, timeout=300, env=_env(), capture_output=True)
+            events = _read(out + ".events")
+            ledger = _read(out + ".parts/ledger.jsonl")
+        finally:  # give the host back, whatever the fault left there
+            subprocess.run([HOSTS, "heal", "node2"], capture_output=True)
+            subprocess.run([HOSTS, "crash", "node2"], capture_output=True)
+    fault_t = next(e["time"] for e in events if e["event"] == "fault")
+    view = next(e for e in events if e["event"] == "view" and e["view"] == 1)
+    replan = next(e for e in events if e["event"] == "replan" and e["view"] == 1)
+    first = min(r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered"))
+    b = view["breakdown"]
+    phases = {
+        "detect": (view["error_time"] - fault_t) * 1e3,
+        "revoke+shrink": (b["revoke_s"] + b["shrink_s"]) * 1e3,
+        "agree": (b["agree_s"] + b["sync_s"]) * 1e3,
+        "replan": replan["replan_s"] * 1e3,
+        "first unit": (first - replan["time"]) * 1e3,
+        "reconfigure": (first - view["error_time"]) * 1e3,
+        "lost": len(view["failed"]),
+    }
+    phases["total"] = (first - fault_t) * 1e3
+    return phases
+
+
+def host_rows(ranks, repeat, hang_timeout, results):
+    subprocess.run([HOSTS, "start", "3"], check=True, capture_output=True)
+    rows = []
+    for fault in ("host-crash", "host-cut"):
+        for n in ranks:
+            runs = [host_recovery(n, fault, hang_timeout) for _ in range(repeat)]
+            results.setdefault(fault, {})[n] = runs
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            rows.append([fault, n, int(med["lost"])] + [f"{med[k]:.1f}" for k in (
+                "detect", "revoke+shrink", "agree", "replan", "first unit", "reconfigure", "total")])
+    print(f"\n## Loss of a whole host: 3 hosts, n/3 ranks each (ms, median of {repeat} runs; "
+          f"heartbeat timeout {hang_timeout:g} s)\n")
+    print(table(rows, ["fault", "ranks", "members lost", "detect", "revoke+shrink", "agree+sync", "re-plan",
+                       "first unit", "after detection", "total"]))
+
+
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m bench recovery")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--hang-timeout", type=float, default=2.0)
+    p.add_argument("--host-ranks", type=int, nargs="*", default=[6, 12])
     args = p.parse_args(argv)
     results = {"kill": {}, "hang": {}, "torchrun": {}}
     rows = []
@@ -145,5 +207,7 @@ def main(argv):
         hang_rows.append([n, f"{args.hang_timeout * 1e3:.0f}", f"{det:.0f}", f"{det / (args.hang_timeout * 1e3):.2f}"])
     print("\n## Hang (SIGSTOP) detection against the configured bound (ms)\n")
     print(table(hang_rows, ["ranks", "bound", "detected after", "ratio"]))
+    if args.host_ranks:
+        host_rows(args.host_ranks, args.repeat, args.hang_timeout, results)
     print("\nwrote", write_results("recovery", results))
     return 0

@@ -137,8 +137,9 @@ class Farm:
         stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
         while True:
             step = len(ledger.done)
-            join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
-                                                actions=("join",)) if f not in join]
+            if self.group.can_grow():
+                join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
+                                                    actions=("join",)) if f not in join]
             self._fire(self.faults.due(member=self.member, is_coordinator=True, step=step,
                                        actions=faultlib.SELF), step=step)
             if Leaving.requested:

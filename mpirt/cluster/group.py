@@ -69,6 +69,7 @@ class ElasticGroup:
         self.joined = False
         self.stoppable = False
         self.leaving = set()  # members known (here) to have announced a graceful leave
+        self._said_no_growth = False
 
     @property
     def rank(self):
@@ -214,6 +215,21 @@ class ElasticGroup:
         # Members that left have exited already: their pids are not ours to signal.
         kill_local([old.host_of(m) for m in self.view.failed])
         return result
+
+    def can_grow(self):
+        """Whether joiners can be spawned: not after a lost host took Open MPI's runtime down.
+
+        Asked by the coordinator when it decides on a join, so that every member follows one answer.
+        """
+        from mpirt.comm import pmix_guard
+
+        if self.ec.host_ft and pmix_guard.runtime_gone():
+            if not self._said_no_growth:
+                log.warning("a host was lost and Open MPI's runtime with it: joins are refused until the job is "
+                            "run again")
+                self._said_no_growth = True
+            return False
+        return True
 
     def grow(self, count):
         """Collective: spawn ``count`` joiners running ``spawn_argv`` and merge them in (not synced yet)."""

@@ -255,7 +255,9 @@ def _run_once(cmd, env, log, peers=(), multi=False):
     from mpirt.comm import lifeline
 
     hang = float(env.get(HANG_TIMEOUT) or DEFAULT_HANG_TIMEOUT)
-    server = lifeline.Server(lifeline.advertised_address(peers), timeout=hang, log=log)
+    # On one host a frozen host is a frozen job and nothing can be cut: Open MPI's detector and
+    # the survivors on the host handle a hung rank. Over several hosts the launcher detects too.
+    server = lifeline.Server(lifeline.advertised_address(peers), timeout=hang if multi else 0.0, log=log)
     env = dict(env, **{LIFELINE: server.env_value})
     grace = 2 * hang + 1
     try:

@@ -10,7 +10,7 @@ ranks' lives to the launcher's:
   hosts (:class:`_Relay`);
 - the job's signals (the stop request, SIGUSR1, that Slurm and Ctrl-C turn into), from the launcher
   to every rank, whether or not mpiexec is still there to forward them;
-- heartbeats both ways, every ``timeout / 4`` seconds. A rank silent for ``timeout`` seconds (its
+- over several hosts, heartbeats both ways, every ``timeout / 4`` seconds. A rank silent for ``timeout`` seconds (its
   host frozen or cut off, or the rank stopped) is declared failed: the launcher tells every other
   rank, which raises the failure in its MPI library (:func:`mpirt.comm.pmix_guard.declare_failed`),
   and closes that rank's lifeline, so that if it ever wakes up it stops before it can commit
@@ -262,7 +262,8 @@ def connect(member=None):
 
     host, port, token = os.environ[LIFELINE].rsplit(":", 2)
     sock = socket.create_connection((host, int(port)), timeout=30)
-    timeout = env_float(HANG_TIMEOUT, 0.0)
+    # Heartbeats only over several hosts (see launch.py): one host has no partition to detect.
+    timeout = env_float(HANG_TIMEOUT, 0.0) if env_flag(HOST_FT) else 0.0
     sock.settimeout(timeout if timeout > 0 else None)
     _client.update(sock=sock, lock=threading.Lock(), timeout=timeout, heard=time.monotonic())
     nspace, rank = pmix_guard.identity()

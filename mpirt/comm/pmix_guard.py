@@ -112,6 +112,11 @@ class _Proc(ctypes.Structure):  # pmix_proc_t
     _fields_ = [("nspace", ctypes.c_char * 256), ("rank", ctypes.c_uint32)]
 
 
+def runtime_gone():
+    """True once this process heard that Open MPI's runtime went away (no more spawning)."""
+    return PMIX_ERR_LOST_CONNECTION in seen
+
+
 def identity():
     """This process's PMIx name (namespace, rank in its job): how the launcher names it."""
     return os.environ.get("PMIX_NAMESPACE", ""), int(os.environ.get("PMIX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", -1)))

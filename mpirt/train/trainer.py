@@ -162,7 +162,7 @@ class Trainer:
         group.fire(due, step=step)
         self._mark_fired(step, faultlib.SELF, "take")
         self.joining = [f for f in group.faults.due(member=group.member, is_coordinator=coord, step=step,
-                                                    actions=("join",))] if coord else []
+                                                    actions=("join",))] if coord and group.can_grow() else []
         stats = self._compute(step)
         stats[LEAVING] = 1.0 if Leaving.requested else 0.0
         stats[JOINERS] = sum(f.count for f in self.joining)
