@@ -49,7 +49,8 @@ def slurm():
 
 @pytest.fixture(scope="session")
 def hosts():
-    """The simulated multi-host cluster (3 hosts): started here when it is not running, stopped after.
+    """The simulated multi-host cluster (4 hosts: node4 is the one that joins): started here when it is
+    not running, stopped after.
 
     Needs root and iproute2; without them the tests skip, unless MPIRT_REQUIRE_HOSTS=1 (CI) makes
     that a failure.
@@ -64,9 +65,9 @@ def hosts():
             pytest.fail(f"MPIRT_REQUIRE_HOSTS=1 but {why}")
         pytest.skip(why)
     running = subprocess.run([HOSTS_SCRIPT, "status"], capture_output=True, text=True, timeout=30)
-    started = running.returncode != 0 or not running.stdout.startswith("hosts: 3 ")
+    started = running.returncode != 0 or not running.stdout.startswith("hosts: 4 ")
     if started:
-        res = subprocess.run([HOSTS_SCRIPT, "start", "3"], capture_output=True, text=True, timeout=60)
+        res = subprocess.run([HOSTS_SCRIPT, "start", "4"], capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
             pytest.fail(f"local-hosts.sh start failed: {res.stderr.strip()}")
     yield True

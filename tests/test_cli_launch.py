@@ -2,7 +2,9 @@
 
 import json
 import os
+import signal
 import sys
+import time
 
 import pytest
 
@@ -70,3 +72,79 @@ def test_restart_mode_relaunches_and_resumes(tmp_path):
     with open(f"{out}.parts/ledger.jsonl") as f:
         shards = sorted(json.loads(line)["shard"] for line in f)
     assert shards == list(range(12)), "every shard committed exactly once across the restart"
+
+
+def _start_training(tmp_path, digits_args, tag):
+    """`mpirt launch -n 2 -- mpirt train` long enough to be signalled mid-run; returns (proc, audit, ckpt)."""
+    import subprocess
+
+    from harness import base_env
+
+    data = tmp_path / "digits.h5"
+    run_cli("prepare", "digits", data, "--shard-rows", "256").check()
+    audit, ckpt = tmp_path / "audit.jsonl", tmp_path / "ckpt"
+    proc = subprocess.Popen([MPIRT, "launch", "-n", "2", "--hang-timeout", "2", "--", "mpirt", "train", "--data",
+                             data, "--model", "mlp", "--epochs", "200", "--no-progress", "--checkpoint-dir", ckpt,
+                             "--audit", audit, *digits_args],
+                            env=base_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return proc, audit, ckpt
+
+
+def _wait_for_steps(proc, audit, steps, timeout=120):
+    """Block until the audit log has ``steps`` committed steps (it is written as they commit)."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if audit.exists() and sum(1 for _ in open(audit)) >= steps:
+            return
+        assert proc.poll() is None, proc.communicate()
+        select.select([], [], [], 0.05)  # poll the file: the job gives no other signal of progress
+    raise AssertionError(f"fewer than {steps} steps in {timeout} s")
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    import uuid
+
+    import psutil
+
+    from harness import kill_tagged, tagged_processes
+
+    tag = uuid.uuid4().hex
+    proc, audit, _ = _start_training(tmp_path, [], tag)
+    try:
+        _wait_for_steps(proc, audit, 20)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
+        proc.wait()
+        # Each rank's lifeline reads end-of-file and the rank stops; then mpiexec has nothing to wait for.
+        _, alive = psutil.wait_procs(tagged_processes(tag), timeout=30)
+        assert not alive, [p.cmdline()[:4] for p in alive]
+    finally:
+        kill_tagged(tag)
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_to_the_launcher_is_a_clean_stop(tmp_path, sig):
+    import uuid
+
+    from harness import assert_no_leftovers
+
+    tag = uuid.uuid4().hex
+    proc, audit, ckpt = _start_training(tmp_path, [], tag)
+    try:
+        _wait_for_steps(proc, audit, 20)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        assert_no_leftovers(tag)
+    assert proc.returncode == 75, err
+    assert "saves its state and stops" in err and "stopped on request" in err, err
+    # The launcher returned only after the checkpoint was in place: no temporary left.
+    names = sorted(os.listdir(ckpt))
+    assert names and all(n.endswith(".h5") and ".tmp" not in n for n in names), names
+    assert "Traceback" not in err

@@ -37,12 +37,12 @@ def cluster(hosts, tmp_path_factory):
     return hostfile
 
 
-def launch(cluster, command, fault, *, timeout=180):
+def launch(hostfile, command, fault, *, timeout=180):
     """``mpirt launch`` 6 ranks over node1..node3 from the head host, with FAULT struck by member 2 (on
     node2). Returns the result and the job's tag: what the faulted host leaves is checked after
     :func:`settle_fault_host` (the agent passes the environment, so every process carries the tag)."""
     tag = uuid.uuid4().hex
-    line = " ".join(f"'{a}'" for a in map(str, [MPIRT, "launch", "-n", "6", "--hostfile", cluster, "--launch-agent",
+    line = " ".join(f"'{a}'" for a in map(str, [MPIRT, "launch", "-n", "6", "--hostfile", hostfile, "--launch-agent",
                                                AGENT, "--hang-timeout", "3", "--", *command, "--inject-fault", fault]))
     res = run([AGENT, "head", line], timeout=timeout, tag=tag, check_leftovers=False)
     return res, tag
@@ -140,6 +140,32 @@ def test_training_goes_on_after_a_host_is_lost(tmp_path, cluster, digits, fault)
         err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / max(float(np.max(np.abs(b[k]))), 1e-12)
         assert err <= 1e-5, f"{k}: {err:.3g} from one rank's parameters"
     assert sorted(os.listdir(ckpt)) == [f for f in sorted(os.listdir(ckpt)) if f.endswith(".h5")], "no temporaries"
+
+
+def test_a_new_host_joins_then_a_host_is_lost(tmp_path, cluster, digits):
+    """Growth onto a host that had no member in the first view (node4, in the hostfile with free
+    slots), then a crash of node2 with the joiners on board."""
+    data, ref = digits
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(cluster.read_text() + "node4 slots=2\n")
+    ckpt, events = tmp_path / "ckpt", tmp_path / "events.jsonl"
+    res, tag = launch(hostfile, ["mpirt", "train", "--data", data, *TRAIN, "--checkpoint-dir", ckpt,
+                                 "--events", events, "--inject-fault", "join:count=2:step=10"],
+                      "host-crash:member=2:step=30")
+    res.check()
+    settle_fault_host("host-crash")
+    assert_no_leftovers(tag)
+    assert "hosts lost: node2; hosts joined: node4" in res.stderr, res.stderr
+    views = [e for e in events_of(events) if e["event"] == "view"]
+    assert [(v["joined"], v["hosts_joined"], sorted(v["failed"]), v["hosts_lost"]) for v in views] == [
+        ([], [], [], []), ([6, 7], ["node4"], [], []), ([], [], [2, 3], ["node2"])]
+    assert [h.split(":")[0] for h in views[1]["hosts"][6:]] == ["node4", "node4"]
+    a, pos = final_params(ckpt)
+    b, _ = final_params(ref)
+    assert pos["step"] == 46
+    for k in a:
+        err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / max(float(np.max(np.abs(b[k]))), 1e-12)
+        assert err <= 1e-5, f"{k}: {err:.3g} from one rank's parameters"
 
 
 # -- wordcount ---------------------------------------------------------------------------------
