@@ -1,10 +1,13 @@
 """Seeded chaos: random fault schedules against the elastic task farm; counts lost and duplicated units.
 
-    python -m bench chaos [--schedules 20] [--seed 0] [--ranks 4]
+    python -m bench chaos [--schedules 20] [--seed 0] [--ranks 4] [--hosts]
 
 Each schedule draws 1 to 3 faults (kill, hang, leave of a random member or the coordinator,
 joins) at random steps, runs the test suite's shard job under `mpirt launch`, and checks
 the result against the fault-free one and the ledger for every shard exactly once.
+With ``--hosts`` the job runs on 6 ranks over 3 simulated hosts (scripts/hosts/local-hosts.sh,
+root) and every schedule has one host fault (crash, freeze or partition of a random host, the
+coordinator's included) mixed with 0 to 2 process faults on the other hosts.
 Not part of CI's default run: it takes minutes.
 """
 
@@ -41,16 +44,47 @@ def schedule(rng, ranks):
     return faults
 
 
-def run_one(faults, ranks, tmp):
+HOSTS = os.path.join(ROOT, "scripts", "hosts", "local-hosts.sh")
+AGENT = os.path.join(ROOT, "scripts", "hosts", "ssh")
+PER_HOST = 2
+
+
+def host_schedule(rng):
+    """One host fault (any of the 3 hosts) plus 0 to 2 process faults on members of the other hosts."""
+    host = rng.randint(1, 3)
+    on_host = [(host - 1) * PER_HOST + i for i in range(PER_HOST)]
+    faults = [f"{rng.choice(['host-crash', 'host-freeze', 'host-cut'])}:member={rng.choice(on_host)}"
+              f":step={rng.randint(1, SHARDS - 10)}"]
+    others = [m for m in range(3 * PER_HOST) if m not in on_host]
+    for m in rng.sample(others, rng.randint(0, 2)):
+        faults.append(f"{rng.choice(['kill', 'hang', 'leave'])}:member={m}:step={rng.randint(1, SHARDS - 10)}")
+    return faults, f"node{host}"
+
+
+def run_one(faults, ranks, tmp, host=None):
     out = os.path.join(tmp, "out.npy")
-    cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(ranks), "--spare", "4", "--hang-timeout", "2", "--",
-           sys.executable, JOB, out, "--shards", str(SHARDS)]
+    cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(ranks), "--hang-timeout", "3" if host else "2"]
+    if host:
+        hostfile = os.path.join(tmp, "hostfile")
+        with open(hostfile, "w") as f:
+            f.write("".join(f"node{i} slots={PER_HOST}\n" for i in (1, 2, 3)))
+        cmd += ["--hostfile", hostfile, "--launch-agent", AGENT]
+    else:
+        cmd += ["--spare", "4"]
+    cmd += ["--", sys.executable, JOB, out, "--shards", str(SHARDS)]
     for f in faults:
         cmd += ["--inject-fault", f]
     env = dict(os.environ)
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    if host:
+        cmd = [AGENT, "head", " ".join(cmd)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    finally:
+        if host:  # give the host back, whatever the fault left on it
+            for action in ("thaw", "heal", "crash"):
+                subprocess.run([HOSTS, action, host], capture_output=True)
     records = []
     if os.path.exists(out + ".parts/ledger.jsonl"):
         with open(out + ".parts/ledger.jsonl") as f:
@@ -69,13 +103,16 @@ def main(argv):
     p.add_argument("--schedules", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--hosts", action="store_true", help="6 ranks over 3 simulated hosts, one host fault each")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     results = []
+    if args.hosts and subprocess.run([HOSTS, "status"], capture_output=True).returncode != 0:
+        subprocess.run([HOSTS, "start", "3"], check=True, capture_output=True)
     for i in range(args.schedules):
-        faults = schedule(rng, args.ranks)
+        faults, host = host_schedule(rng) if args.hosts else (schedule(rng, args.ranks), None)
         with tempfile.TemporaryDirectory() as tmp:
-            r = run_one(faults, args.ranks, tmp)
+            r = run_one(faults, 3 * PER_HOST if host else args.ranks, tmp, host)
         results.append(r)
         print(f"{i:3d} {'ok  ' if r['survived'] else 'FAIL'} lost={r['lost']} dup={r['duplicated']} {' '.join(faults)}",
               flush=True)
@@ -83,5 +120,5 @@ def main(argv):
     lost = sum(r["lost"] for r in results)
     dup = sum(r["duplicated"] for r in results)
     print(f"\nsurvived {survived}/{len(results)} schedules; lost units {lost}; duplicated units {dup}")
-    print("wrote", write_results("chaos", results))
+    print("wrote", write_results("chaos-hosts" if args.hosts else "chaos", results))
     return 0 if survived == len(results) and not lost and not dup else 1
