@@ -7,9 +7,11 @@ and must keep heavy imports (mpi4py, h5py, torch) inside its functions.
 
 import argparse
 import importlib
+import os
 import sys
 
 from mpirt import __version__
+from mpirt.config import DEBUG
 from mpirt.errors import MpirtError, Preempted
 
 # Modules that register sub-commands, in the order `mpirt --help` lists them.
@@ -33,6 +35,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mpirt", description="Elastic message-passing runtime (MPI/ULFM, HDF5, PyTorch).")
     parser.add_argument("--version", action="version", version=f"mpirt {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error (every rank of a launched job: MPIRT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
 def _run(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG] = "1"  # ranks that `mpirt launch` starts inherit it
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2
@@ -74,3 +80,29 @@ def _run(argv):
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as exc:  # a bug, or something nobody anticipated: say it in one line, once
+        return _unexpected(args.command, exc)
+
+
+def _unexpected(command, exc):
+    """One line naming the error and where it happened; the traceback with --debug (MPIRT_DEBUG=1).
+
+    Under ``mpirt launch`` the line also goes to the launcher, which shows the first one instead of
+    a generic "the job failed".
+    """
+    import socket
+    import traceback
+
+    from mpirt.comm import lifeline
+    from mpirt.config import env_flag
+
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK")
+    where = f" (rank {rank} on {socket.gethostname()})" if rank is not None else ""
+    line = f"{type(exc).__name__}: {exc}{where}"
+    if env_flag(DEBUG):
+        traceback.print_exc()
+    else:
+        line += "; run with 'mpirt --debug' for the traceback"
+    sys.stderr.write(f"mpirt {command}: error: {line}\n")
+    lifeline.send("error", text=line)
+    return 1

@@ -16,6 +16,7 @@ KERNEL_BACKEND = "MPIRT_KERNEL_BACKEND"  # cupy | torch | numpy | auto
 HANG_TIMEOUT = "MPIRT_HANG_TIMEOUT"  # seconds without progress before a rank is declared hung
 MPIEXEC = "MPIRT_MPIEXEC"  # the mpiexec to launch with (default: next to sys.executable)
 LOG_LEVEL = "MPIRT_LOG_LEVEL"
+DEBUG = "MPIRT_DEBUG"  # 1: an unexpected error in a rank prints its traceback (mpirt --debug)
 FT_MODE = "MPIRT_FT"  # set by `mpirt launch`: "ulfm" or "restart"
 LIFELINE = "MPIRT_LIFELINE"  # set by `mpirt launch`: host:port:token of its lifeline (mpirt.comm.lifeline)
 HOST_FT = "MPIRT_HOST_FT"  # set by `mpirt launch` for jobs over several hosts: ranks outlive a lost host
@@ -27,7 +28,7 @@ RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume fr
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME, FSYNC,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME, FSYNC,
 }
 
 # Facts about the host a process runs on: never carried to other hosts (mpiexec -x).

@@ -51,6 +51,7 @@ def test_launch_usage_errors_are_one_line_exit_2(args, words):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], res.stderr
+    assert lines[0].startswith(("mpirt launch: error:", "mpirt: error:")), lines[0]
     assert "Traceback" not in res.output
 
 

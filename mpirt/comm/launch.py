@@ -55,7 +55,7 @@ def add_parser(sub):
                    help="in a Slurm batch job: when the job stops on request (SIGUSR1, exit 75), requeue it "
                         "(scontrol requeue); a requeued job (SLURM_RESTART_COUNT > 0) resumes")
     p.add_argument("--dry-run", action="store_true", help="print the mpiexec line and exit")
-    p.add_argument("command", nargs="+", metavar="COMMAND", help="the command each rank runs (after --)")
+    p.add_argument("job", nargs="+", metavar="COMMAND", help="the command each rank runs (after --)")
     p.set_defaults(handler="mpirt.comm.launch:run")
 
 
@@ -181,7 +181,7 @@ def run(args):
     elif ft == "ulfm" and not ulfm_compiled():
         raise UsageError("--ft ulfm: this MPI library has no ULFM (use --ft restart or Open MPI 5)")
     hang = args.hang_timeout if args.hang_timeout is not None else env_float(HANG_TIMEOUT, DEFAULT_HANG_TIMEOUT)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.job[1:] if args.job[:1] == ["--"] else args.job
     env = dict(os.environ)
     restarts = slurm_restarts(env)
     env[RUN] = str(restarts + 1)
@@ -272,7 +272,10 @@ def _run_once(cmd, env, log, peers=(), multi=False):
     if server.status is None:
         return code
     if server.status == "running":
-        log.error("the job ended without finishing: every rank that could coordinate it was lost")
+        if server.first_error:
+            log.error("the job failed: %s", server.first_error)
+        else:
+            log.error("the job ended without finishing: every rank that could coordinate it was lost")
         return code or 1
     return server.status
 

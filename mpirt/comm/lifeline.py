@@ -75,6 +75,7 @@ class Server:
         self.status = None  # None: no mpirt job reported; "running"; or the exit code
         self.hosts_lost, self.hosts_joined = [], []
         self.declared = []  # (host, proc) of ranks this launcher declared failed
+        self.first_error = None  # the first unexpected error a rank reported (its one line)
         self.open = 0
         self.final_at = None  # when the job reported its exit code
         self.quiet_at = None  # when the last open lifeline closed
@@ -128,6 +129,8 @@ class Server:
                 self.status = msg["code"]
                 if self.status != "running":
                     self.final_at = self.final_at or time.monotonic()
+            elif kind == "error" and self.first_error is None:
+                self.first_error = msg.get("text")
             elif kind == "hosts":
                 self.hosts_lost += [h for h in msg.get("lost", []) if h not in self.hosts_lost]
                 self.hosts_joined += [h for h in msg.get("joined", []) if h not in self.hosts_joined]
