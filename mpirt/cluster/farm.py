@@ -9,14 +9,17 @@ at unit boundaries, when every worker is parked waiting for its next lease.
 """
 
 import os
+import shutil
 import time
 
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
 from mpirt.cluster.ledger import CommitStore, ShardLedger
+from mpirt.cluster.parts import PartsDir, check_not_link
 from mpirt.comm import faults as faultlib
 from mpirt.comm import status
-from mpirt.errors import JobError, Preempted, ProcessFailure
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure
 from mpirt.log import get_logger
+from mpirt.outputs import os_error_line
 
 log = get_logger("mpirt.farm")
 
@@ -26,8 +29,12 @@ TAG_REQ, TAG_REPLY, TAG_VIEW = 701, 702, 703
 class Farm:
     """One process's part in a shard job. Use :func:`run_shard_job`."""
 
-    def __init__(self, job, *, parts_dir, events_path=None, faults=None, min_ranks=1, resume=False):
+    def __init__(self, job, *, parts_dir, events_path=None, faults=None, min_ranks=1, resume=False,
+                 remove_parts=False):
         self.job = job
+        self.remove_parts = remove_parts
+        check_not_link(parts_dir)  # before anything (the default events log) is created in it
+        self.parts = PartsDir(parts_dir)
         self.store = CommitStore(parts_dir)
         self.group = ElasticGroup(events_path=events_path or os.path.join(parts_dir, "events.jsonl"),
                                   faults=faults, min_ranks=min_ranks, spawn_argv=job.spawn_argv)
@@ -52,11 +59,18 @@ class Farm:
         if group.joined:
             group.sync_view(joiner=True)
             return
-        if self.ec.rank == 0 and not self.resume:
-            for shard in self.store.committed():
-                os.unlink(self.store.path(shard))
-            if os.path.exists(self.store.log_path):
-                os.unlink(self.store.log_path)
+        refusal = None
+        if self.ec.rank == 0:
+            try:
+                self.parts.claim(self.job.identity(), self.resume)
+            except MpirtError as exc:
+                refusal = str(exc)
+            except OSError as exc:
+                refusal = f"{exc.filename or self.parts.dir}: {exc.strerror}"
+        with self.ec.guard():
+            refusal = self.ec.comm.bcast(refusal, root=0)
+        if refusal is not None:
+            raise JobError(refusal if self.ec.rank == 0 else "")  # one line, from the coordinator
         if self.ec.rank == 0:
             status.started()
         group.sync_view()
@@ -91,7 +105,13 @@ class Farm:
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, shard=shard), shard=shard)
         result = self.job.map(shard)
         tmp = self.store.temp_path(shard)
-        self.job.write_part(tmp, shard, result)
+        try:
+            self.job.write_part(tmp, shard, result)
+        except BaseException as exc:
+            os.unlink(tmp)
+            if isinstance(exc, OSError):  # a full disk: one line, not a traceback
+                raise JobError(os_error_line(exc, self.store.path(shard))) from None
+            raise
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step, shard=shard,
                                    phase="commit"), shard=shard, phase="commit")
         return self.store.commit(shard, tmp)
@@ -118,6 +138,7 @@ class Farm:
 
     def _coordinate(self):
         comm, store, view = self.ec.comm, self.store, self.view
+        self.parts.lock()  # a coordinator taking over: the lock died with the one before
         t_plan = time.perf_counter()
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
         logged = {r["shard"] for r in store.logged()}
@@ -188,7 +209,10 @@ class Farm:
 
     def _finish(self, ledger, parked):
         paths = [self.store.path(k) for k in range(ledger.n_shards)]
-        summary = self.job.reduce(paths)
+        try:
+            summary = self.job.reduce(paths)
+        except OSError as exc:
+            raise JobError(os_error_line(exc, getattr(self.job, "out_path", None) or self.parts.dir)) from None
         self.store.remove_temps()  # left by writers killed before their commit
         with self.ec.guard():
             for src in parked:
@@ -207,11 +231,15 @@ class Farm:
                         f"committed; run again with --resume to go on")
 
     def close(self, failed=False):
+        self.parts.release()
         self.group.close(failed)
 
 
 def run_shard_job(job, **options):
     """Run ``job`` (a :class:`mpirt.jobs.shardjob.ShardJob`) on the current MPI job.
+
+    Options: ``parts_dir`` (required), ``events_path``, ``faults``, ``min_ranks``, ``resume``, and
+    ``remove_parts`` (delete ``parts_dir`` once the output is written).
 
     Returns the reduce summary on the process that finished as coordinator, None elsewhere.
     """
@@ -219,6 +247,9 @@ def run_shard_job(job, **options):
     failed = True
     try:
         summary = farm.run()
+        if summary is not None and farm.remove_parts:
+            # Still under the lock: released first, a new job could claim the directory we delete.
+            shutil.rmtree(farm.parts.dir, ignore_errors=True)
         failed = False
     except (JobError, Preempted) as exc:
         failed = not isinstance(exc, Preempted)  # a requested stop ends cleanly everywhere
