@@ -77,11 +77,14 @@ def check_output(path, kind, inputs=(), force=False, flag="output"):
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return  # nothing there (or a dangling symlink, which the rename replaces, not follows)
+        st = None  # nothing there (or a dangling symlink, which the rename replaces, not follows)
     for label, other in inputs:
-        if other is not None and _same(st, other):
+        # by name too: two outputs not yet written (--jsonl and OUT.h5) have no inode to compare
+        if other is not None and (os.path.realpath(path) == os.path.realpath(other) or _same(st, other)):
             raise UsageError(f"{flag} {path}: is the same file as {label} {other}; writing it would destroy it "
                              f"(give another output name)")
+    if st is None:
+        return
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
     if not stat.S_ISREG(st.st_mode):
@@ -92,6 +95,8 @@ def check_output(path, kind, inputs=(), force=False, flag="output"):
 
 
 def _same(st, other):
+    if st is None:
+        return False
     try:
         o = os.stat(other)
     except OSError:

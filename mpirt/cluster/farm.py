@@ -66,7 +66,7 @@ class Farm:
             except MpirtError as exc:
                 refusal = str(exc)
             except OSError as exc:
-                refusal = f"{exc.filename or self.parts.dir}: {exc.strerror}"
+                refusal = os_error_line(exc, exc.filename or self.parts.dir)
         with self.ec.guard():
             refusal = self.ec.comm.bcast(refusal, root=0)
         if refusal is not None:
