@@ -51,14 +51,15 @@ def check_input(path, what="input"):
         raise DataError(f"{path}: is {_what(st.st_mode)}; give the {what} as a regular file")
 
 
-def check_parent(path, flag):
+def check_parent(path, flag=None):
     """Refuse an output whose directory does not exist: the one rule for every command."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise UsageError(f"{flag} {path}: directory {directory} does not exist (create it first)")
+        raise UsageError(f"{f'{flag} ' if flag else ''}{path}: directory {directory} does not exist "
+                         f"(create it first)")
 
 
-def check_output(path, kind, inputs=(), force=False, flag="output"):
+def check_output(path, kind, inputs=(), force=False, flag=None):
     """Check that writing ``path`` destroys nothing the user did not mean to replace.
 
     Args:
@@ -67,13 +68,14 @@ def check_output(path, kind, inputs=(), force=False, flag="output"):
         inputs: (label, path) pairs of what the command reads (or writes elsewhere): none may be
             ``path`` itself, by any name (hard links and symlinks included: same device and inode).
         force: replace an existing regular file of another kind.
-        flag: how the output was given, for messages.
+        flag: how the output was given (``--out``), for messages; None for a positional one.
 
     Raises:
         UsageError: one line naming the path and what to do.
     """
     path = os.fspath(path)
     check_parent(path, flag)
+    name = f"{flag} {path}" if flag else path
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -81,16 +83,16 @@ def check_output(path, kind, inputs=(), force=False, flag="output"):
     for label, other in inputs:
         # by name too: two outputs not yet written (--jsonl and OUT.h5) have no inode to compare
         if other is not None and (os.path.realpath(path) == os.path.realpath(other) or _same(st, other)):
-            raise UsageError(f"{flag} {path}: is the same file as {label} {other}; writing it would destroy it "
+            raise UsageError(f"{name}: is the same file as {label} {other}; writing it would destroy it "
                              f"(give another output name)")
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+        raise UsageError(f"{name}: is a directory; give a file name")
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{flag} {path}: is {_what(st.st_mode)}; give a regular file name")
+        raise UsageError(f"{name}: is {_what(st.st_mode)}; give a regular file name")
     if not force and not is_output(path, kind):
-        raise UsageError(f"{flag} {path}: exists and is not a {KINDS[kind]} written by mpirt; "
+        raise UsageError(f"{name}: exists and is not a {KINDS[kind]} written by mpirt; "
                          f"give --force to replace it, or another name")
 
 

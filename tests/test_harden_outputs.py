@@ -120,9 +120,10 @@ def test_resume_with_another_split_or_data_set_is_refused(tmp_path, text):
     assert '"train" there, "val" here' in line
     refused(run_cli("wordcount", other, "--out", out, "--resume"), 1, "data set")
     assert sha(out) == before
-    # without --resume the directory is simply this job's again
+    # without --resume the directory is simply this job's again; at the end only mpirt's files go
+    (tmp_path / "c.h5.parts" / "notes.txt").write_text("mine")
     run_cli("wordcount", data, "--out", out, "--split", "val").check()
-    assert not os.path.exists(f"{out}.parts")
+    assert os.listdir(f"{out}.parts") == ["notes.txt"]
 
 
 def test_classify_resume_with_another_model_or_top_k_is_refused(tmp_path, digits):

@@ -9,7 +9,6 @@ at unit boundaries, when every worker is parked waiting for its next lease.
 """
 
 import os
-import shutil
 import time
 
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
@@ -249,7 +248,10 @@ def run_shard_job(job, **options):
         summary = farm.run()
         if summary is not None and farm.remove_parts:
             # Still under the lock: released first, a new job could claim the directory we delete.
-            shutil.rmtree(farm.parts.dir, ignore_errors=True)
+            try:
+                farm.parts.remove()
+            except OSError as exc:  # the output is written: a leftover directory is not a failure
+                log.warning("could not remove %s: %s", farm.parts.dir, exc)
         failed = False
     except (JobError, Preempted) as exc:
         failed = not isinstance(exc, Preempted)  # a requested stop ends cleanly everywhere

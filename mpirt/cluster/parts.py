@@ -108,6 +108,17 @@ class PartsDir:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def remove(self):
+        """Remove the directory at the job's end, under the lock: only what mpirt put there (a file of
+        the user's in it keeps the directory)."""
+        for name in os.listdir(self.dir):
+            if _OURS.match(name) or name in (JOB_FILE, LOCK_FILE) or name.startswith(f"{JOB_FILE}."):
+                os.unlink(os.path.join(self.dir, name))
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass  # not empty: someone else's files are in it
+
     def release(self):
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -124,7 +124,7 @@ def _check_paths(args):
     if getattr(args, "jsonl", None):
         check_output(args.jsonl, "jsonl", inputs, force=args.force, flag="--jsonl")
         inputs.append(("--jsonl", args.jsonl))
-    check_output(args.output, "dataset", inputs, force=args.force, flag="OUT.h5")
+    check_output(args.output, "dataset", inputs, force=args.force)
 
 
 def _terminated(signum, frame):
