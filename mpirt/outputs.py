@@ -162,11 +162,17 @@ def check_train_paths(args):
     for flag, value in (("--checkpoint-dir", args.checkpoint_dir), ("--report", args.report)):
         if value:
             check_output_dir(value, flag)
+    inputs = [("--data", args.data)] + ([("--key-file", args.key_file)] if args.key_file else [])
     for flag, value in (("--audit", args.audit), ("--events", args.events)):
         if value:
             check_parent(value, flag)
             if os.path.isdir(value):
                 raise UsageError(f"{flag} {value}: is a directory; give a file name")
+            st = os.stat(value) if os.path.exists(value) else None
+            for label, other in inputs:
+                if os.path.realpath(value) == os.path.realpath(other) or _same(st, other):
+                    raise UsageError(f"{flag} {value}: is the same file as {label} {other}; writing it would "
+                                     f"destroy it (give another name)")
 
 
 # -- a full disk ----------------------------------------------------------------

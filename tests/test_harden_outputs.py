@@ -293,6 +293,10 @@ def test_bad_checkpoint_dir_or_report_is_refused_before_training(tmp_path, digit
         refused(run_cli("train", "--data", data, "--model", "linear", flag, tmp_path / "no" / "dir"), 2,
                 f"directory {tmp_path / 'no'} does not exist")
     assert afile.read_text() == "x" and not (tmp_path / "no").exists()
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(data.read_bytes())
+    refused(run_cli("train", "--data", copy, "--model", "linear", "--audit", copy), 2, "--audit", "same file")
+    assert sha(copy) == sha(data)
 
 
 def test_a_fifo_as_data_or_checkpoint_is_refused_not_waited_on(tmp_path, digits):
