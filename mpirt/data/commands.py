@@ -81,7 +81,8 @@ def add_parser(sub):
     prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, synth-text)",
                           description="Make a sharded, checksummed HDF5 data set (docs/dataset-format.md). "
                                       "The output is written under a temporary name and renamed into place: "
-                                      "an existing OUT.h5 is replaced only when the new one is complete.")
+                                      "an existing OUT.h5 (an mpirt data set, or any file with --force) is "
+                                      "replaced only when the new one is complete.")
     kinds = prep.add_subparsers(dest="kind", metavar="KIND", parser_class=type(prep), required=True)
     p = kinds.add_parser("text", help="JSONL with text (HTML allowed) and label fields")
     p.add_argument("input", metavar="IN.jsonl")

@@ -35,14 +35,18 @@ class ShardJob:
         return {"shard_sizes": hashlib.sha256(repr(list(self.shard_sizes)).encode()).hexdigest()}
 
 
-def dataset_digest(dataset, split):
-    """A data set split's content digest, cheaply: its shard table and shard checksums, and the
+def dataset_digest(dataset):
+    """A data set's content digest, cheaply: every split's shard table and shard checksums, and the
     root attributes that give rows their meaning (classes, features, hashing)."""
-    g = dataset.file[split]
     h = hashlib.sha256()
-    h.update(g["shards"][()].tobytes())
-    h.update(g["shard_sha256"][()].tobytes())
-    h.update(repr(sorted((k, str(v)) for k, v in dataset.attrs.items())).encode())
+    for name in dataset.splits:
+        g = dataset.file[name]
+        h.update(g["shards"][()].tobytes())
+        h.update(g["shard_sha256"][()].tobytes())
+    for key in sorted(dataset.attrs):
+        value = dataset.attrs[key]
+        # tolist(): str() of a long array (class names) abbreviates it with "..."
+        h.update(f"{key}={value.tolist() if hasattr(value, 'tolist') else value!r};".encode())
     return h.hexdigest()
 
 

@@ -33,7 +33,7 @@ class WordCount(ShardJob):
         self.spawn_argv = list(spawn_argv)
 
     def identity(self):
-        return {"job": "wordcount", "data": dataset_digest(self.dataset, self.split_name), "split": self.split_name}
+        return {"job": "wordcount", "data": dataset_digest(self.dataset), "split": self.split_name}
 
     def map(self, shard):
         batch = self.split.read_shard(shard)
