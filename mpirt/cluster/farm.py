@@ -8,6 +8,7 @@ and commits are create-if-absent, so nothing is done twice. Joiners are spawned
 at unit boundaries, when every worker is parked waiting for its next lease.
 """
 
+import contextlib
 import os
 import time
 
@@ -107,7 +108,8 @@ class Farm:
         try:
             self.job.write_part(tmp, shard, result)
         except BaseException as exc:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             if isinstance(exc, OSError):  # a full disk: one line, not a traceback
                 raise JobError(os_error_line(exc, self.store.path(shard))) from None
             raise
@@ -247,7 +249,7 @@ def run_shard_job(job, **options):
     try:
         summary = farm.run()
         if summary is not None and farm.remove_parts:
-            # Still under the lock: released first, a new job could claim the directory we delete.
+            # Under the lock still: released first, a new job could claim the directory as we empty it.
             try:
                 farm.parts.remove()
             except OSError as exc:  # the output is written: a leftover directory is not a failure

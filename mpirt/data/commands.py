@@ -5,7 +5,6 @@ handlers, so ``mpirt --help`` stays fast.
 """
 
 import argparse
-import os
 import signal
 
 

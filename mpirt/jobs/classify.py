@@ -60,7 +60,8 @@ class Classify(ShardJob):
     def identity(self):
         # Everything that changes a shard's predictions; the device too (float results may differ).
         return {"job": "classify", "data": dataset_digest(self.dataset), "split": self.split_name,
-                "checkpoints": [file_digest(c.path) for c in self.ckpts], "top_k": self.top_k, "device": self.device}
+                "checkpoints": [file_digest(c.path) for c in self.ckpts], "top_k": self.top_k,
+                "device": self.device}
 
     def models(self):
         if self._models is None:
