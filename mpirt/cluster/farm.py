@@ -67,6 +67,8 @@ class Farm:
                 refusal = str(exc)
             except OSError as exc:
                 refusal = os_error_line(exc, exc.filename or self.parts.dir)
+            except Exception as exc:  # reported and fatal, but after the bcast: the others wait in it
+                refusal = f"{self.parts.dir}: cannot claim it for this job: {type(exc).__name__}: {exc}"
         with self.ec.guard():
             refusal = self.ec.comm.bcast(refusal, root=0)
         if refusal is not None:
