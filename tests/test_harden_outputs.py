@@ -230,6 +230,9 @@ def test_shard_jobs_on_a_full_disk_are_one_line(small_disk, text, digits):
     assert sha(out) == before and temporaries(d) == []
     refused(run_cli("classify", "--data", digits[0], "--checkpoint", digits[1][0], "--out", d / "p.h5"), 1,
             f"no space left on {d} writing")
+    refused(run_cli("launch", "-n", "2", "--", "mpirt", "wordcount", text[0], "--out", out, "--force"), 1,
+            f"no space left on {d} writing")
+    assert sha(out) == before and temporaries(d) == []
     assert temporaries(d) == []
 
 
