@@ -127,7 +127,11 @@ class Farm:
                 kind, *payload = comm.recv(source=0, tag=TAG_REPLY)
                 if kind == "lease":
                     shard, step = payload
-                    first = self._work_on(shard, step)
+                    try:
+                        first = self._work_on(shard, step)
+                    except JobError as exc:  # a full disk: the coordinator stops everyone with this line
+                        comm.send(("failed", str(exc)), dest=0, tag=TAG_REQ)
+                        continue
                     comm.send(("done", (shard, first, Leaving.requested, Preempt.requested)), dest=0, tag=TAG_REQ)
                 elif kind == "bye":
                     self.group.leave()
@@ -137,6 +141,8 @@ class Farm:
                 elif kind == "stop":
                     if payload and payload[0] == "preempted":
                         raise Preempted("")
+                    if payload and payload[0] == "failed":
+                        raise JobError("")  # the coordinator prints why
                     return None
 
     def _coordinate(self):
@@ -154,6 +160,7 @@ class Farm:
         parked = []
         join = []
         stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
+        failure = None  # a worker's one-line error: the same, then every rank stops with it
         while True:
             step = len(ledger.done)
             join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
@@ -163,13 +170,16 @@ class Farm:
             if Leaving.requested:
                 self.group.leave()
             stopping = stopping or Preempt.requested
+            if failure and len(parked) == len(active):
+                self._stop_all(parked, "failed")
+                raise JobError(failure)
             if stopping and not ledger.finished and len(parked) == len(active):
                 return self._stop_preempted(ledger, parked)
             if join and len(parked) == len(active):
                 return self._resize(join, parked)
             if ledger.finished and len(parked) == len(active):
                 return self._finish(ledger, parked)
-            if not active and not stopping:
+            if not active and not (stopping or failure):
                 shard = ledger.lease(self.member)
                 first = self._work_on(shard, step)
                 self._record(ledger, shard, self.member, first)
@@ -179,6 +189,10 @@ class Farm:
                 kind, payload = comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REQ, status=st)
             src = st.Get_source()
             member = view.members[src]
+            if kind == "failed":
+                failure = failure or payload
+                parked.append(src)
+                continue
             if kind == "done":
                 shard, first, leaving, preempt = payload
                 stopping = stopping or preempt
@@ -188,7 +202,7 @@ class Farm:
                     with self.ec.guard():
                         comm.send(("bye",), dest=src, tag=TAG_REPLY)
                     continue
-            shard = None if (join or stopping) else ledger.lease(member)
+            shard = None if (join or stopping or failure) else ledger.lease(member)
             if shard is None:
                 parked.append(src)
                 continue
@@ -215,23 +229,25 @@ class Farm:
         try:
             summary = self.job.reduce(paths)
         except OSError as exc:
+            self._stop_all(parked, "failed")
             raise JobError(os_error_line(exc, getattr(self.job, "out_path", None) or self.parts.dir)) from None
         self.store.remove_temps()  # left by writers killed before their commit
-        with self.ec.guard():
-            for src in parked:
-                self.ec.comm.send(("stop",), dest=src, tag=TAG_REPLY)
+        self._stop_all(parked)
         summary = dict(summary or {}, views=self.view.id + 1, shards=ledger.n_shards)
         self.events.write("finish", view=self.view.id, members=self.view.members)
         return summary
 
     def _stop_preempted(self, ledger, parked):
         """Every lease has come back committed: tell the workers, stop with exit status 75."""
-        with self.ec.guard():
-            for src in parked:
-                self.ec.comm.send(("stop", "preempted"), dest=src, tag=TAG_REPLY)
+        self._stop_all(parked, "preempted")
         self.events.write("preempted", view=self.view.id, members=self.view.members, done=len(ledger.done))
         raise Preempted(f"stopped on request (SIGUSR1) with {len(ledger.done)} of {ledger.n_shards} shards "
                         f"committed; run again with --resume to go on")
+
+    def _stop_all(self, parked, why=None):
+        with self.ec.guard():
+            for src in parked:
+                self.ec.comm.send(("stop", why) if why else ("stop",), dest=src, tag=TAG_REPLY)
 
     def close(self, failed=False):
         self.parts.release()
