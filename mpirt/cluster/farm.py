@@ -17,7 +17,7 @@ from mpirt.cluster.ledger import CommitStore, ShardLedger
 from mpirt.cluster.parts import PartsDir, check_not_link
 from mpirt.comm import faults as faultlib
 from mpirt.comm import status
-from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, RecoverableError
 from mpirt.log import get_logger
 from mpirt.outputs import os_error_line
 
@@ -129,8 +129,10 @@ class Farm:
                     shard, step = payload
                     try:
                         first = self._work_on(shard, step)
-                    except JobError as exc:  # a full disk: the coordinator stops everyone with this line
-                        comm.send(("failed", str(exc)), dest=0, tag=TAG_REQ)
+                    except RecoverableError:
+                        raise
+                    except MpirtError as exc:  # a full disk, a bad shard: the coordinator stops every
+                        comm.send(("failed", str(exc)), dest=0, tag=TAG_REQ)  # rank with this one line
                         continue
                     comm.send(("done", (shard, first, Leaving.requested, Preempt.requested)), dest=0, tag=TAG_REQ)
                 elif kind == "bye":
