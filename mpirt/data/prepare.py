@@ -7,7 +7,6 @@ bounded by the blocks in flight and one chunk per split, whatever the input size
 The output is written under a temporary name and renamed into place when complete.
 """
 
-import contextlib
 import math
 import os
 
@@ -173,27 +172,27 @@ def _run(in_path, out_path, opts, params, calls, workers, skip_bad, shard_rows, 
     skipped, line_base = 0, 0
     with atomic_path(out_path) as tmp:
         writer = DatasetWriter(tmp, TOKENS, params.n_features, shard_rows, attrs=attrs, max_shards=max_shards)
-        # closing(): on an error the workers stop at once, not whenever the traceback is freed.
-        with contextlib.closing(ordered_map(calls, workers)) as results:
-            try:
-                for res in results:
-                    if raw is not None:
-                        raw.write(res.raw)
-                    if res.bad:
-                        if not skip_bad:
-                            line, why = res.bad[0]
-                            raise DataError(f"{in_path}:{line_base + line + 1}: {why} (--skip-bad skips such lines)")
-                        skipped += len(res.bad)
-                    if len(res.rows):
-                        _append(writer, strat, table, res, line_base)
-                    line_base += res.lines
-                if not table.names:
-                    raise DataError(f"{in_path}: no rows" + (f" ({skipped} bad lines skipped)" if skipped else ""))
-                names, remap = table.final()
-                writer.finish(names, remap)
-            except BaseException:
-                writer.abort()
-                raise
+        results = ordered_map(calls, workers)
+        try:
+            for res in results:
+                if raw is not None:
+                    raw.write(res.raw)
+                if res.bad:
+                    if not skip_bad:
+                        line, why = res.bad[0]
+                        raise DataError(f"{in_path}:{line_base + line + 1}: {why} (--skip-bad skips such lines)")
+                    skipped += len(res.bad)
+                if len(res.rows):
+                    _append(writer, strat, table, res, line_base)
+                line_base += res.lines
+            if not table.names:
+                raise DataError(f"{in_path}: no rows" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+            names, remap = table.final()
+            writer.finish(names, remap)
+        except BaseException:
+            results.close()  # stop the workers now, not whenever the traceback is freed
+            writer.abort()
+            raise
     return {"rows": writer.rows(), "skipped": skipped, "classes": names}
 
 
