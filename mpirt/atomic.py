@@ -1,7 +1,14 @@
-"""Write-then-rename, so an output path never holds half a file."""
+"""Write-then-rename, so an output path never holds half a file.
+
+Temporary names say who owns them: ``OUT.PID@HOST.XXXXXXXX.tmp``. A writer that was SIGKILLed
+(or lost its machine) leaves its temporary behind; the next writer of the same output removes
+those whose process is gone on this host, and never touches one a live process may still own.
+"""
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
 
 
@@ -15,7 +22,8 @@ def atomic_path(path, suffix=".tmp"):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
+    remove_stale(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{_owner()}.", suffix=suffix, dir=directory)
     os.close(fd)
     # mkstemp makes the file private; give it the mode a plain open() would have.
     umask = os.umask(0)
@@ -30,6 +38,39 @@ def atomic_path(path, suffix=".tmp"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _owner():
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def remove_stale(path, suffix=".tmp"):
+    """Remove the temporaries of ``path`` left by dead writers on this host; return their names."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.(\d+)@(.+)\.[A-Za-z0-9_]{8}" + re.escape(suffix) + "$")
+    host, removed = socket.gethostname(), []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and m.group(2) == host and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))  # unlink removes a link, never what it points to
+                removed.append(name)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def fsync(path):

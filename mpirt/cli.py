@@ -73,7 +73,8 @@ def _run(argv):
             sys.stderr.write(f"mpirt {args.command}: {exc}\n")
         return exc.exit_code
     except MpirtError as exc:
-        sys.stderr.write(f"mpirt {args.command}: error: {exc}\n")
+        if str(exc):  # ranks that only follow the coordinator's refusal stay silent
+            sys.stderr.write(f"mpirt {args.command}: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"mpirt {args.command}: interrupted\n")

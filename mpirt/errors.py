@@ -58,6 +58,12 @@ class Preempted(MpirtError):
     exit_code = 75
 
 
+class Terminated(MpirtError):
+    """SIGTERM to a command that cleans up on the way out (``prepare``); exit status 128 + 15."""
+
+    exit_code = 143
+
+
 class RecoverableError(MpirtError):
     """The membership changed under a collective; survivors can recover in place."""
 

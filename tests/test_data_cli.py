@@ -79,7 +79,9 @@ def test_synth_text_streams_and_dumps_its_jsonl(tmp_path):
 def test_output_is_replaced_atomically(tmp_path):
     out = tmp_path / "o.h5"
     out.write_text("an old file")
-    run_cli("prepare", "digits", out).check()
+    assert "--force" in run_cli("prepare", "digits", out).check(2).stderr  # not an mpirt data set: kept
+    assert out.read_text() == "an old file"
+    run_cli("prepare", "digits", out, "--force").check()
     assert summary(out)["feature_kind"] == "dense"
     assert os.listdir(tmp_path) == ["o.h5"]
 

@@ -159,6 +159,7 @@ def test_train_script_preempted_requeues_and_resumes_to_the_uninterrupted_model(
     from mpirt.checkpoint import CheckpointDir
 
     ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()  # outputs into a missing directory are refused (issue 10)
     run_cli("launch", "-n", "2", "--", "mpirt", "train", "--data", digits, *TRAIN, "--no-progress",
             "--checkpoint-dir", ref_dir / "ckpt", timeout=240).check()
     run_dir = tmp_path / "run"

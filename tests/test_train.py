@@ -33,6 +33,7 @@ def text(tmp_path_factory):
 
 def train(tmp_path, data, n, *extra, model="mlp", faults=(), spare=0, name="run", timeout=180):
     run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)  # outputs into a missing directory are refused (issue 10)
     args = ["launch", "-n", str(n), "--spare", str(spare), "--hang-timeout", "2", "--",
             "mpirt", "train", "--data", data, "--model", model, *COMMON,
             "--checkpoint-dir", run_dir / "ckpt", "--audit", run_dir / "audit.jsonl",

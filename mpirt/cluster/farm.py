@@ -8,15 +8,18 @@ and commits are create-if-absent, so nothing is done twice. Joiners are spawned
 at unit boundaries, when every worker is parked waiting for its next lease.
 """
 
+import contextlib
 import os
 import time
 
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
 from mpirt.cluster.ledger import CommitStore, ShardLedger
+from mpirt.cluster.parts import PartsDir, check_not_link
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
-from mpirt.errors import JobError, Preempted, ProcessFailure
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, RecoverableError
 from mpirt.log import get_logger
+from mpirt.outputs import os_error_line
 
 log = get_logger("mpirt.farm")
 
@@ -26,8 +29,12 @@ TAG_REQ, TAG_REPLY, TAG_VIEW = 701, 702, 703
 class Farm:
     """One process's part in a shard job. Use :func:`run_shard_job`."""
 
-    def __init__(self, job, *, parts_dir, events_path=None, faults=None, min_ranks=1, resume=False):
+    def __init__(self, job, *, parts_dir, events_path=None, faults=None, min_ranks=1, resume=False,
+                 remove_parts=False):
         self.job = job
+        self.remove_parts = remove_parts
+        check_not_link(parts_dir)  # before anything (the default events log) is created in it
+        self.parts = PartsDir(parts_dir)
         self.store = CommitStore(parts_dir)
         self.group = ElasticGroup(events_path=events_path or os.path.join(parts_dir, "events.jsonl"),
                                   faults=faults, min_ranks=min_ranks, spawn_argv=job.spawn_argv)
@@ -52,11 +59,20 @@ class Farm:
         if group.joined:
             group.sync_view(joiner=True)
             return
-        if self.ec.rank == 0 and not self.resume:
-            for shard in self.store.committed():
-                os.unlink(self.store.path(shard))
-            if os.path.exists(self.store.log_path):
-                os.unlink(self.store.log_path)
+        refusal = None
+        if self.ec.rank == 0:
+            try:
+                self.parts.claim(self.job.identity(), self.resume)
+            except MpirtError as exc:
+                refusal = str(exc)
+            except OSError as exc:
+                refusal = os_error_line(exc, exc.filename or self.parts.dir)
+            except Exception as exc:  # reported and fatal, but after the bcast: the others wait in it
+                refusal = f"{self.parts.dir}: cannot claim it for this job: {type(exc).__name__}: {exc}"
+        with self.ec.guard():
+            refusal = self.ec.comm.bcast(refusal, root=0)
+        if refusal is not None:
+            raise JobError(refusal if self.ec.rank == 0 else "")  # one line, from the coordinator
         if self.ec.rank == 0:
             status.started()
         group.sync_view()
@@ -94,7 +110,14 @@ class Farm:
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, shard=shard), shard=shard)
         result = self.job.map(shard)
         tmp = self.store.temp_path(shard)
-        self.job.write_part(tmp, shard, result)
+        try:
+            self.job.write_part(tmp, shard, result)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):  # a full disk: one line, not a traceback
+                raise JobError(os_error_line(exc, self.store.path(shard))) from None
+            raise
         self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step, shard=shard,
                                    phase="commit"), shard=shard, phase="commit")
         lifeline.check_fence()  # a rank the others may have dropped must not commit
@@ -108,7 +131,13 @@ class Farm:
                 kind, *payload = comm.recv(source=0, tag=TAG_REPLY)
                 if kind == "lease":
                     shard, step = payload
-                    first = self._work_on(shard, step)
+                    try:
+                        first = self._work_on(shard, step)
+                    except RecoverableError:
+                        raise
+                    except MpirtError as exc:  # a full disk, a bad shard: the coordinator stops every
+                        comm.send(("failed", str(exc)), dest=0, tag=TAG_REQ)  # rank with this one line
+                        continue
                     comm.send(("done", (shard, first, Leaving.requested, Preempt.requested)), dest=0, tag=TAG_REQ)
                 elif kind == "bye":
                     self.group.leave()
@@ -118,10 +147,13 @@ class Farm:
                 elif kind == "stop":
                     if payload and payload[0] == "preempted":
                         raise Preempted("")
+                    if payload and payload[0] == "failed":
+                        raise JobError("")  # the coordinator prints why
                     return None
 
     def _coordinate(self):
         comm, store, view = self.ec.comm, self.store, self.view
+        self.parts.lock()  # a coordinator taking over: the lock died with the one before
         t_plan = time.perf_counter()
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
         self.faults.fired |= store.faults_fired()
@@ -135,6 +167,7 @@ class Farm:
         parked = []
         join = []
         stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
+        failure = None  # a worker's one-line error: the same, then every rank stops with it
         while True:
             step = len(ledger.done)
             if self.group.can_grow():
@@ -145,13 +178,16 @@ class Farm:
             if Leaving.requested:
                 self.group.leave()
             stopping = stopping or Preempt.requested
+            if failure and len(parked) == len(active):
+                self._stop_all(parked, "failed")
+                raise JobError(failure)
             if stopping and not ledger.finished and len(parked) == len(active):
                 return self._stop_preempted(ledger, parked)
             if join and len(parked) == len(active):
                 return self._resize(join, parked)
             if ledger.finished and len(parked) == len(active):
                 return self._finish(ledger, parked)
-            if not active and not stopping:
+            if not active and not (stopping or failure):
                 shard = ledger.lease(self.member)
                 first = self._work_on(shard, step)
                 self._record(ledger, shard, self.member, first)
@@ -161,6 +197,10 @@ class Farm:
                 kind, payload = comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REQ, status=st)
             src = st.Get_source()
             member = view.members[src]
+            if kind == "failed":
+                failure = failure or payload
+                parked.append(src)
+                continue
             if kind == "done":
                 shard, first, leaving, preempt = payload
                 stopping = stopping or preempt
@@ -171,7 +211,7 @@ class Farm:
                     with self.ec.guard():
                         comm.send(("bye",), dest=src, tag=TAG_REPLY)
                     continue
-            shard = None if (join or stopping) else ledger.lease(member)
+            shard = None if (join or stopping or failure) else ledger.lease(member)
             if shard is None:
                 parked.append(src)
                 continue
@@ -196,30 +236,39 @@ class Farm:
     def _finish(self, ledger, parked):
         lifeline.check_fence()
         paths = [self.store.path(k) for k in range(ledger.n_shards)]
-        summary = self.job.reduce(paths)
+        try:
+            summary = self.job.reduce(paths)
+        except OSError as exc:
+            self._stop_all(parked, "failed")
+            raise JobError(os_error_line(exc, getattr(self.job, "out_path", None) or self.parts.dir)) from None
         self.store.remove_temps()  # left by writers killed before their commit
-        with self.ec.guard():
-            for src in parked:
-                self.ec.comm.send(("stop",), dest=src, tag=TAG_REPLY)
+        self._stop_all(parked)
         summary = dict(summary or {}, views=self.view.id + 1, shards=ledger.n_shards)
         self.events.write("finish", view=self.view.id, members=self.view.members)
         return summary
 
     def _stop_preempted(self, ledger, parked):
         """Every lease has come back committed: tell the workers, stop with exit status 75."""
-        with self.ec.guard():
-            for src in parked:
-                self.ec.comm.send(("stop", "preempted"), dest=src, tag=TAG_REPLY)
+        self._stop_all(parked, "preempted")
         self.events.write("preempted", view=self.view.id, members=self.view.members, done=len(ledger.done))
         raise Preempted(f"stopped on request (SIGUSR1) with {len(ledger.done)} of {ledger.n_shards} shards "
                         f"committed; run again with --resume to go on")
 
+    def _stop_all(self, parked, why=None):
+        with self.ec.guard():
+            for src in parked:
+                self.ec.comm.send(("stop", why) if why else ("stop",), dest=src, tag=TAG_REPLY)
+
     def close(self, failed=False):
+        self.parts.release()
         self.group.close(failed)
 
 
 def run_shard_job(job, **options):
     """Run ``job`` (a :class:`mpirt.jobs.shardjob.ShardJob`) on the current MPI job.
+
+    Options: ``parts_dir`` (required), ``events_path``, ``faults``, ``min_ranks``, ``resume``, and
+    ``remove_parts`` (delete ``parts_dir`` once the output is written).
 
     Returns the reduce summary on the process that finished as coordinator, None elsewhere.
     """
@@ -227,6 +276,12 @@ def run_shard_job(job, **options):
     failed = True
     try:
         summary = farm.run()
+        if summary is not None and farm.remove_parts:
+            # Under the lock still: released first, a new job could claim the directory as we empty it.
+            try:
+                farm.parts.remove()
+            except OSError as exc:  # the output is written: a leftover directory is not a failure
+                log.warning("could not remove %s: %s", farm.parts.dir, exc)
         failed = False
     except (JobError, Preempted) as exc:
         failed = not isinstance(exc, Preempted)  # a requested stop ends cleanly everywhere

@@ -5,7 +5,7 @@ handlers, so ``mpirt --help`` stays fast.
 """
 
 import argparse
-import os
+import signal
 
 
 def _power_of_two(text):
@@ -60,6 +60,8 @@ def _common(p):
     p.add_argument("--test-fraction", type=_fraction, default=0.1, metavar="F", help="stratified (default 0.1)")
     p.add_argument("--seed", type=_int_at_least(0, 2**63 - 1), default=0, metavar="S",
                    help="split seed; synth-text: also the documents' (default 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output file that is not an mpirt data set")
 
 
 def _text_options(p):
@@ -78,7 +80,8 @@ def add_parser(sub):
     prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, synth-text)",
                           description="Make a sharded, checksummed HDF5 data set (docs/dataset-format.md). "
                                       "The output is written under a temporary name and renamed into place: "
-                                      "an existing OUT.h5 is replaced only when the new one is complete.")
+                                      "an existing OUT.h5 (an mpirt data set, or any file with --force) is "
+                                      "replaced only when the new one is complete.")
     kinds = prep.add_subparsers(dest="kind", metavar="KIND", parser_class=type(prep), required=True)
     p = kinds.add_parser("text", help="JSONL with text (HTML allowed) and label fields")
     p.add_argument("input", metavar="IN.jsonl")
@@ -110,24 +113,37 @@ def add_parser(sub):
     p.set_defaults(handler="mpirt.data.commands:run_inspect")
 
 
-def _check_output(path):
-    from mpirt.errors import UsageError
+def _check_paths(args):
+    """Every path, before any work: one line for a mistake, and nothing destroyed."""
+    from mpirt.outputs import check_input, check_output
 
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"{path}: directory {out_dir} does not exist (create it first)")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory; give a file name for the data set")
+    inputs = []
+    if getattr(args, "input", None) is not None:
+        check_input(args.input)
+        inputs.append(("the input", args.input))
+    if getattr(args, "jsonl", None):
+        check_output(args.jsonl, "jsonl", inputs, force=args.force, flag="--jsonl")
+        inputs.append(("--jsonl", args.jsonl))
+    check_output(args.output, "dataset", inputs, force=args.force)
+
+
+def _terminated(signum, frame):
+    # A second SIGTERM must not interrupt the clean-up that this one starts.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from mpirt.errors import Terminated
+
+    raise Terminated("terminated (SIGTERM); temporary files removed")
 
 
 def run_prepare(args):
     from mpirt.data import dense, prepare
     from mpirt.errors import DataError
+    from mpirt.outputs import os_error_line
 
     opts = prepare.Options(args.shards, args.shard_rows, args.val_fraction, args.test_fraction, args.seed)
-    _check_output(args.output)
-    if getattr(args, "jsonl", None):
-        _check_output(args.jsonl)
+    _check_paths(args)
+    # SIGTERM unwinds like Ctrl-C does, through the code that removes the temporary files.
+    signal.signal(signal.SIGTERM, _terminated)
     text = {}
     if args.kind in ("text", "synth-text"):
         text = dict(n_features=args.features or (1 << (args.hash_bits or 20)), hash_seed=args.hash_seed,
@@ -144,7 +160,9 @@ def run_prepare(args):
         else:
             result = dense.prepare_digits(args.output, opts)
     except OSError as exc:  # disk full, permission denied, an unreadable input: one line, not a traceback
-        raise DataError(f"{exc.filename or args.output}: {exc.strerror or exc}") from None
+        raise DataError(os_error_line(exc, args.output)) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rows = result["rows"]
     skipped = f", {result['skipped']} bad lines skipped" if result["skipped"] else ""
     print(f"{args.output}: {rows['train']} train, {rows['val']} val, {rows['test']} test rows, "
@@ -156,7 +174,9 @@ def run_inspect(args):
     import json
 
     from mpirt.data.verify import verify
+    from mpirt.outputs import check_input
 
+    check_input(args.path, "data set")
     summary = verify(args.path)
     if args.json:
         print(json.dumps(summary, indent=1))

@@ -172,8 +172,9 @@ def _run(in_path, out_path, opts, params, calls, workers, skip_bad, shard_rows, 
     skipped, line_base = 0, 0
     with atomic_path(out_path) as tmp:
         writer = DatasetWriter(tmp, TOKENS, params.n_features, shard_rows, attrs=attrs, max_shards=max_shards)
+        results = ordered_map(calls, workers)
         try:
-            for res in ordered_map(calls, workers):
+            for res in results:
                 if raw is not None:
                     raw.write(res.raw)
                 if res.bad:
@@ -189,6 +190,7 @@ def _run(in_path, out_path, opts, params, calls, workers, skip_bad, shard_rows, 
             names, remap = table.final()
             writer.finish(names, remap)
         except BaseException:
+            results.close()  # stop the workers now, not whenever the traceback is freed
             writer.abort()
             raise
     return {"rows": writer.rows(), "skipped": skipped, "classes": names}

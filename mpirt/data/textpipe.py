@@ -9,9 +9,11 @@ the main process in order, which is what lets the main process skip reading.
 """
 
 import concurrent.futures as cf
+import ctypes
 import json
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from dataclasses import dataclass
 
@@ -161,6 +163,33 @@ def default_workers():
     return max(1, min(cores, 8))
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_init(parent):
+    """Make a worker die with its parent, whatever kills the parent (SIGKILL included)."""
+    # Ctrl-C reaches the whole process group: only the parent acts on it (and stops us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # fork copied the parent's SIGTERM handler, which raises to clean up the parent's files.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent kills its workers when it can
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def _kill_workers(pool):
+    # The executor has no public way to stop tasks that are running (terminate_workers() is
+    # Python 3.14); without this, an interrupted prepare would wait for every block in flight.
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            proc.kill()
+        except (OSError, ValueError):  # exited already
+            pass
+
+
 def ordered_map(calls, workers):
     """Run ``fn(*args)`` for each (fn, args) of ``calls``; yield the results in order.
 
@@ -175,8 +204,9 @@ def ordered_map(calls, workers):
             yield fn(*args)
         return
     # fork: workers inherit the imported modules (no re-import per worker) and start at once.
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
-    pending = deque()
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
+                                  initializer=_worker_init, initargs=(os.getpid(),))
+    pending, finished = deque(), False
     try:
         for fn, args in calls:
             pending.append(pool.submit(fn, *args))
@@ -184,9 +214,12 @@ def ordered_map(calls, workers):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+        finished = True
     except cf.process.BrokenProcessPool:
         raise MpirtError("a tokenising worker process died (killed, or out of memory?)") from None
     finally:
         for fut in pending:
             fut.cancel()
+        if not finished:  # an error, a signal, or the consumer stopped early: stop now
+            _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)

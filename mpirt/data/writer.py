@@ -168,8 +168,10 @@ class DatasetWriter:
     def __init__(self, path, kind, n_features, shard_rows, feature_shape=None, attrs=None, max_shards=None):
         if kind not in (DENSE, TOKENS):
             raise ValueError(f"unknown feature kind {kind!r}")
-        self.file = h5py.File(path, "w", track_order=False)
-        self.kind = kind
+        # No chunk cache: every chunk is written whole, once, so the cache saves nothing, and
+        # without it a full disk fails the write call itself (see mpirt.outputs.h5_writing).
+        self.file = h5py.File(path, "w", track_order=False, rdcc_nbytes=0)
+        self.path, self.kind = path, kind
         root = self.file.attrs
         root["mpirt_format"] = FORMAT
         root["schema_version"] = SCHEMA_VERSION
@@ -198,8 +200,11 @@ class DatasetWriter:
             w.finish(remap)
         self.file.attrs["class_names"] = np.array([str(c) for c in class_names], dtype=h5py.string_dtype())
         self.file.attrs["n_classes"] = len(class_names)
+        self.file.flush()  # fails while the file is still open, so abort() can still discard it
         self.file.close()
 
     def abort(self):
-        """Close without completing (the caller removes the temporary file)."""
-        self.file.close()
+        """Close without completing, even on a full disk (the caller removes the temporary file)."""
+        from mpirt.outputs import discard_h5
+
+        discard_h5(self.file, self.path)

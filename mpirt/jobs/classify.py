@@ -18,7 +18,8 @@ import numpy as np
 
 from mpirt.atomic import atomic_path
 from mpirt.errors import CheckpointError
-from mpirt.jobs.shardjob import ShardJob
+from mpirt.jobs.shardjob import ShardJob, dataset_digest, file_digest
+from mpirt.outputs import h5_writing, mark
 
 
 def check_compatible(ckpt, dataset):
@@ -55,6 +56,12 @@ class Classify(ShardJob):
         self.out_path = out_path
         self.spawn_argv = list(spawn_argv)
         self._models = None
+
+    def identity(self):
+        # Everything that changes a shard's predictions; the device too (float results may differ).
+        return {"job": "classify", "data": dataset_digest(self.dataset), "split": self.split_name,
+                "checkpoints": [file_digest(c.path) for c in self.ckpts], "top_k": self.top_k,
+                "device": self.device}
 
     def models(self):
         if self._models is None:
@@ -94,7 +101,7 @@ class Classify(ShardJob):
 
     def write_part(self, path, shard, result):
         row_index, top, prob, y = result
-        with h5py.File(path, "w") as f:
+        with h5_writing(path) as f:
             f["row_index"], f["top_k"], f["prob"], f["y"] = row_index, top, prob, y
             f.attrs["shard"] = shard
 
@@ -114,7 +121,8 @@ class Classify(ShardJob):
         accuracy = float(np.mean(out["top_k"][:, 0] == out["y"])) if n else None
         digest = hashlib.sha256(out["row_index"].tobytes() + out["top_k"].tobytes() + out["prob"].tobytes())
         with atomic_path(self.out_path) as tmp:
-            with h5py.File(tmp, "w") as f:
+            with h5_writing(tmp) as f:
+                mark(f, "predictions")
                 for name, value in out.items():
                     f.create_dataset(name, data=value, track_times=False)
                 f.attrs["class_names"] = list(self.dataset.class_names)

@@ -13,12 +13,17 @@ def add_elastic_options(p):
     p.add_argument("--resume", action="store_true", help="keep what a killed run committed and go on")
 
 
+def _add_force(p, kind):
+    p.add_argument("--force", action="store_true", help=f"replace an existing --out that is not a {kind}")
+
+
 def add_parser(sub):
     p = sub.add_parser("wordcount", help="count hashed tokens per class over a text data set (shard job)")
     p.add_argument("data", metavar="DATA.h5")
     p.add_argument("--out", required=True, metavar="COUNTS.h5")
     p.add_argument("--split", default="train", choices=("train", "val", "test"))
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
+    _add_force(p, "wordcount output")
     add_elastic_options(p)
     p.set_defaults(handler="mpirt.jobs.commands:run_wordcount")
 
@@ -32,6 +37,7 @@ def add_parser(sub):
     p.add_argument("--key-file", metavar="FILE", help="HMAC key: refuse unsigned checkpoints (or MPIRT_CHECKPOINT_KEY)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
+    _add_force(p, "classify output")
     add_elastic_options(p)
     p.set_defaults(handler="mpirt.jobs.commands:run_classify")
 
@@ -49,37 +55,56 @@ def spawn_argv(args, positional, options):
     return argv
 
 
-def _parts_cleanup(out, keep):
-    if not keep:
-        import shutil
+def check_paths(args, kind, data, others=()):
+    """Every path of a shard job, before MPI work starts (every rank decides alike).
 
-        shutil.rmtree(out + ".parts", ignore_errors=True)
+    Args:
+        kind: the output's kind (:data:`mpirt.outputs.KINDS`).
+        data: the data set; others: (flag, path) of the other inputs.
+    """
+    from mpirt.outputs import check_input, check_output, check_parent
+
+    check_input(data, "data set")
+    for flag, path in others:
+        check_input(path, flag.lstrip("-").replace("-", " "))
+    inputs = [("--data" if args.command == "classify" else "DATA.h5", data), *others]
+    if args.events:
+        check_parent(args.events, "--events")
+        inputs.append(("--events", args.events))
+    check_output(args.out, kind, inputs, force=args.force, flag="--out")
+
+
+def _run_job(job, args, out, events, faults):
+    from mpirt.cluster.farm import run_shard_job
+
+    return run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
+                         min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1",
+                         remove_parts=not args.keep_parts)
 
 
 def run_classify(args):
     from mpirt.checkpoint import resolve_key
-    from mpirt.cluster.farm import run_shard_job
     from mpirt.comm.faults import FaultPlan
     from mpirt.errors import UsageError
     from mpirt.jobs.classify import Classify
 
     if args.min_ranks < 1 or args.top_k < 1:
         raise UsageError("--min-ranks and --top-k must be >= 1")
+    check_paths(args, "predictions", args.data, [("--checkpoint", c) for c in args.checkpoint]
+                + ([("--key-file", args.key_file)] if args.key_file else []))
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
     ckpts = [os.path.abspath(c) for c in args.checkpoint]
     options = [("--data", os.path.abspath(args.data)), ("--out", out), ("--split", args.split),
                ("--top-k", args.top_k), ("--device", args.device), ("--events", events),
-               ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts),
+               ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts), ("--force", args.force),
                ("--key-file", os.path.abspath(args.key_file) if args.key_file else None)]
     options += [("--checkpoint", c) for c in ckpts]
     job = Classify(args.data, ckpts, out, split=args.split, top_k=args.top_k, key=resolve_key(args.key_file),
                    device=args.device, spawn_argv=spawn_argv(args, [], options))
-    summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
-                            min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
+    summary = _run_job(job, args, out, events, faults)
     if summary is not None:
-        _parts_cleanup(out, args.keep_parts)
         acc = summary["accuracy"]
         print(f"classify: {summary['rows']} rows, {summary['models']} model(s), {summary['shards']} shards, "
               f"{summary['views']} view(s)" + (f", accuracy {100 * acc:.2f}%" if acc is not None else "")
@@ -88,26 +113,22 @@ def run_classify(args):
 
 
 def run_wordcount(args):
-    from mpirt.cluster.farm import run_shard_job
     from mpirt.comm.faults import FaultPlan
     from mpirt.errors import UsageError
     from mpirt.jobs.wordcount import WordCount
 
     if args.min_ranks < 1:
         raise UsageError("--min-ranks must be >= 1")
+    check_paths(args, "wordcount", args.data)
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
     argv = spawn_argv(args, [args.data], [("--out", out), ("--split", args.split), ("--events", events),
-                                           ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts)])
+                                           ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts),
+                                           ("--force", args.force)])
     job = WordCount(args.data, out, args.split, spawn_argv=argv)
-    summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
-                            min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
+    summary = _run_job(job, args, out, events, faults)
     if summary is not None:
-        if not args.keep_parts:
-            import shutil
-
-            shutil.rmtree(out + ".parts", ignore_errors=True)
         print(f"wordcount: {summary['rows']} rows, {summary['tokens']} tokens, {summary['shards']} shards, "
               f"{summary['views']} view(s) -> {out} (sha256 {summary['sha256'][:16]})")
     return 0

@@ -1,5 +1,7 @@
 """The map-over-shards job interface that the task farm runs."""
 
+import hashlib
+
 
 class ShardJob:
     """Subclass and fill in; the farm calls these on whichever rank holds the shard.
@@ -23,3 +25,35 @@ class ShardJob:
     def reduce(self, paths):
         """Combine the committed parts (in shard order) into the job's output; return a summary dict."""
         raise NotImplementedError
+
+    def identity(self):
+        """What makes two runs the same job (JSON-able): ``--resume`` keeps parts only of the same.
+
+        Name every input's digest and every option that changes a shard's result. The default
+        knows only the shards; override it.
+        """
+        return {"shard_sizes": hashlib.sha256(repr(list(self.shard_sizes)).encode()).hexdigest()}
+
+
+def dataset_digest(dataset):
+    """A data set's content digest, cheaply: every split's shard table and shard checksums, and the
+    root attributes that give rows their meaning (classes, features, hashing)."""
+    h = hashlib.sha256()
+    for name in dataset.splits:
+        g = dataset.file[name]
+        h.update(g["shards"][()].tobytes())
+        h.update(g["shard_sha256"][()].tobytes())
+    for key in sorted(dataset.attrs):
+        value = dataset.attrs[key]
+        # tolist(): str() of a long array (class names) abbreviates it with "..."
+        h.update(f"{key}={value.tolist() if hasattr(value, 'tolist') else value!r};".encode())
+    return h.hexdigest()
+
+
+def file_digest(path):
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

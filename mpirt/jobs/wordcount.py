@@ -11,7 +11,8 @@ import numpy as np
 
 from mpirt.atomic import atomic_path
 from mpirt.errors import DataError
-from mpirt.jobs.shardjob import ShardJob
+from mpirt.jobs.shardjob import ShardJob, dataset_digest
+from mpirt.outputs import h5_writing, mark
 
 
 class WordCount(ShardJob):
@@ -31,6 +32,9 @@ class WordCount(ShardJob):
         self.out_path = out_path
         self.spawn_argv = list(spawn_argv)
 
+    def identity(self):
+        return {"job": "wordcount", "data": dataset_digest(self.dataset), "split": self.split_name}
+
     def map(self, shard):
         batch = self.split.read_shard(shard)
         lengths = np.diff(np.asarray(batch.offsets, dtype=np.int64))
@@ -41,7 +45,7 @@ class WordCount(ShardJob):
 
     def write_part(self, path, shard, result):
         keys, counts, rows = result
-        with h5py.File(path, "w", track_order=False) as f:
+        with h5_writing(path, track_order=False) as f:
             f.create_dataset("keys", data=keys, track_times=False)
             f.create_dataset("counts", data=counts, track_times=False)
             f.attrs["shard"] = shard
@@ -57,7 +61,8 @@ class WordCount(ShardJob):
         counts = total.reshape(self.n_classes, self.n_features)
         digest = hashlib.sha256(counts.tobytes()).hexdigest()
         with atomic_path(self.out_path) as tmp:
-            with h5py.File(tmp, "w") as f:
+            with h5_writing(tmp) as f:
+                mark(f, "wordcount")
                 f.create_dataset("counts", data=counts, compression="gzip", shuffle=True, track_times=False)
                 f.attrs["class_names"] = list(self.dataset.class_names)
                 f.attrs["split"] = self.split_name

@@ -110,8 +110,10 @@ def train_argv(args):
 def run_train(args):
     from mpirt.comm.faults import FaultPlan
     from mpirt.data.reader import open_dataset
+    from mpirt.outputs import check_train_paths
     from mpirt.train.trainer import run_training, start_group
 
+    check_train_paths(args)  # a bad --checkpoint-dir or --report must not cost a training run
     group = start_group(os.path.abspath(args.events) if args.events else None, FaultPlan(args.inject_fault),
                         args.min_ranks, train_argv(args))
     try:
