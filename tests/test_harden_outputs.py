@@ -8,6 +8,7 @@ found only after training, outputs into missing directories created silently.
 
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import uuid
 
 import h5py
+import psutil
 import pytest
 
 from harness import MPIRT, base_env, kill_tagged, run, run_cli, tagged_processes
@@ -156,12 +158,13 @@ def test_a_second_job_on_the_same_out_is_refused_while_the_first_runs(tmp_path, 
                              env=base_env(tag), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        deadline = time.time() + 60
         parts = tmp_path / "c.h5.parts"
-        while len([n for n in os.listdir(parts) if n.endswith(".h5")] if parts.exists() else []) < 2:
-            assert time.time() < deadline and first.poll() is None, "the first job never committed a shard"
-            time.sleep(0.2)
-        time.sleep(0.5)  # let the stop take effect
+        # Wait until the first job has stopped itself: the process state says so (no timing guess).
+        proc = psutil.Process(first.pid)
+        deadline = time.monotonic() + 60
+        while proc.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline and first.poll() is None, "the first job never stopped itself"
+            select.select([], [], [], 0.05)
         committed = sorted(os.listdir(parts))
         for extra in ([], ["--resume"]):
             refused(run_cli("wordcount", text[1], "--out", out, *extra), 1, "in use by another job",

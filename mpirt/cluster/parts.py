@@ -27,7 +27,7 @@ JOB_FILE = "job.json"
 LOCK_FILE = "lock"
 # What a fresh (not --resume) start removes: committed parts, their temporaries, the commit log and
 # the default events log (whose fired faults a new job must not inherit). Nothing else is touched.
-_OURS = re.compile(r"^(shard-\d{6}\.h5|shard-\d{6}\..*\.tmp|ledger\.jsonl|events\.jsonl)$")
+_OURS = re.compile(r"^(shard-\d{6}\.h5|shard-\d{6}\..*\.tmp|ledger\.jsonl|events\.jsonl|faults\.jsonl)$")
 _LABELS = {"data": "data set", "split": "--split", "checkpoints": "checkpoints", "top_k": "--top-k",
            "device": "--device", "job": "command", "shard_sizes": "shards"}
 
