@@ -102,6 +102,7 @@ class ElasticGroup:
             return self
         self.ec = ElasticComm()
         lifeline.connect(self.ec.rank)
+        self.faults.check_host_faults()
         if self.ec.rank == 0 and self.ec.ft_problem and self.ec.size > 1:
             log.warning("fault tolerance is off: %s", self.ec.ft_problem)
         members = list(range(self.ec.size))

@@ -99,6 +99,10 @@ class FaultPlan:
         run = int(env.get(RUN) or 1)
         self.faults = [f for f in (parse(s, i) for i, s in enumerate(all_specs)) if f.run in (None, run)]
         self.fired = set()
+
+
+    def check_host_faults(self):
+        """Refuse host faults outside a simulated host (called by every rank once it is in the job)."""
         host = [f for f in self.faults if f.action in hostfaults.ACTIONS]
         if host and not hostfaults.on_simulated_host():
             raise UsageError(hostfaults.refusal(host[0].action))

@@ -10,7 +10,8 @@ ranks' lives to the launcher's:
   hosts (:class:`_Relay`);
 - the job's signals (the stop request, SIGUSR1, that Slurm and Ctrl-C turn into), from the launcher
   to every rank, whether or not mpiexec is still there to forward them;
-- over several hosts, heartbeats both ways, every ``timeout / 4`` seconds. A rank silent for ``timeout`` seconds (its
+- over several hosts, heartbeats both ways (ranks every ``timeout / 4`` seconds, the launcher every
+  ``timeout / 8``). A rank silent for ``timeout`` seconds (its
   host frozen or cut off, or the rank stopped) is declared failed: the launcher tells every other
   rank, which raises the failure in its MPI library (:func:`mpirt.comm.pmix_guard.declare_failed`),
   and closes that rank's lifeline, so that if it ever wakes up it stops before it can commit
@@ -142,7 +143,8 @@ class Server:
 
     def _monitor(self):
         """Heartbeats out; ranks silent for ``timeout`` declared failed (see the module's doc)."""
-        period = self.timeout / 4.0
+        # Ranks check, before a commit, that they heard from here within timeout/2: beat well inside it.
+        period = self.timeout / 8.0
         beat = _line("hb")
         tick = time.monotonic()
         while not self._closed.wait(period):
@@ -314,6 +316,8 @@ def check_fence():
         _stop(LAUNCHER_GONE, "declared failed by mpirt launch (this rank was unreachable): stopping without "
                              "committing")
     silent = time.monotonic() - _client["heard"]
+    if silent > timeout / 2 and _pending(sock):
+        silent = 0.0  # the launcher spoke; this rank's reader is behind (a loaded machine)
     if timeout > 0 and silent > timeout / 2:
         _cut_off(f"lost the quorum: no word from mpirt launch for {silent:.1f} s (this host may be cut off from "
                  f"the job); stopping without committing anything")
@@ -351,8 +355,11 @@ def _cut_off(message):
 
 
 def _stop(code, message):
+    line = f"mpirt [{socket.gethostname()} pid {os.getpid()}]: {message}\n"
+    if code != LAUNCHER_GONE:
+        send("out", stream="stderr", text=line)  # the launcher may still hear it
     with contextlib.suppress(OSError):
-        os.write(2, f"mpirt [{socket.gethostname()} pid {os.getpid()}]: {message}\n".encode())
+        os.write(2, line.encode())
     os._exit(code)
 
 
