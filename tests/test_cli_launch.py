@@ -129,8 +129,9 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.cli
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_to_the_launcher_is_a_clean_stop(tmp_path, sig):
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)])
+def test_sigterm_or_ctrl_c_to_the_launcher_is_a_clean_stop(tmp_path, sig, group):
+    """SIGTERM or SIGINT to `mpirt launch`, or Ctrl-C at its terminal (its whole process group)."""
     import uuid
 
     from harness import assert_no_leftovers
@@ -139,7 +140,10 @@ def test_sigterm_or_ctrl_c_to_the_launcher_is_a_clean_stop(tmp_path, sig):
     proc, audit, ckpt = _start_training(tmp_path, [], tag)
     try:
         _wait_for_steps(proc, audit, 20)
-        os.kill(proc.pid, sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
     finally:
         assert_no_leftovers(tag)

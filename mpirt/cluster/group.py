@@ -160,7 +160,7 @@ class ElasticGroup:
         change_ms = round(1e3 * (breakdown.get("total_s", 0) + time.perf_counter() - t0), 3)
         for host, members in lost.items():
             self.events.write("host_lost", view=view.id, host=host, members=members,
-                              detect_s=breakdown.get("detect_s"), change_ms=change_ms)
+                              detected_at=self.error_time, change_ms=change_ms)
             log.warning("host %s lost: members %s (view %d, reconfigured in %.1f ms after detection)",
                         host, members, view.id, change_ms)
         if lost or joined_hosts:
@@ -186,7 +186,6 @@ class ElasticGroup:
         """
         self.error_time = self.error_time or time.time()
         t0 = time.perf_counter()
-        detect_s = max(0.0, time.time() - self.error_time)
         old = self.view
         while True:
             parts = self.ec.shrink()
@@ -209,7 +208,6 @@ class ElasticGroup:
                          next_member=old.next_member, left=old.left, fired=old.fired)
         require_min(self.ec.size, self.min_ranks)
         parts["total_s"] = time.perf_counter() - t0
-        parts["detect_s"] = detect_s
         result = self.sync_view(failed=failed, breakdown=parts, payload=payload, before=old)
         # A hung (SIGSTOPped) rank is only *declared* failed; make it so, so that it can never wake up
         # and act on a unit handed to someone else (on another host its own quorum check stops it).

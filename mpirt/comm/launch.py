@@ -298,7 +298,10 @@ def _call_forwarding(cmd, env, server, multi=False, grace=13.0):
 
     log = get_logger("mpirt.launch")
     pipe = subprocess.PIPE if multi else None
-    proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe)
+    # A session of its own: Ctrl-C at the terminal reaches this launcher only, which turns it into a
+    # clean stop; mpiexec would abort the job on it. The ranks die with the launcher through their
+    # lifelines, not through the process group.
+    proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, start_new_session=True)
     relays = []
     if multi:  # the ranks' own output comes over their lifelines; this is the runtime's
         relays = [threading.Thread(target=_relay, args=(src, dst), daemon=True)
