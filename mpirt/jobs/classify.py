@@ -117,7 +117,8 @@ class Classify(ShardJob):
             with h5py.File(tmp, "w") as f:
                 for name, value in out.items():
                     f.create_dataset(name, data=value, track_times=False)
-                f.attrs["class_names"] = list(self.dataset.class_names)
+                f.create_dataset("class_names", data=list(self.dataset.class_names),  # no 64 KiB attribute cap
+                                 dtype=h5py.string_dtype(), track_times=False)
                 f.attrs["split"] = self.split_name
                 f.attrs["checkpoints"] = [c.path for c in self.ckpts]
                 f.attrs["checkpoint_signed"] = [bool(c.signed) for c in self.ckpts]

@@ -3,13 +3,18 @@
 import os
 import sys
 
+from mpirt import flags
+
+# The fused top-k kernel (mpirt.kernels.predict_topk) keeps k candidates per row in one warp.
+TOP_K_MAX = 32
+
 
 def add_elastic_options(p):
     """Options every elastic job takes."""
     p.add_argument("--events", metavar="FILE", help="membership events log (JSON lines)")
     p.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
                    help="deterministic fault, e.g. kill:member=1:step=3 (repeatable; see docs)")
-    p.add_argument("--min-ranks", type=int, default=1, metavar="N", help="stop when fewer ranks remain")
+    p.add_argument("--min-ranks", type=flags.positive, default=1, metavar="N", help="stop when fewer ranks remain")
     p.add_argument("--resume", action="store_true", help="keep what a killed run committed and go on")
 
 
@@ -28,7 +33,8 @@ def add_parser(sub):
     p.add_argument("--checkpoint", required=True, action="append", metavar="CKPT.h5",
                    help="a checkpoint of 'mpirt train'; repeat for an ensemble (mean of probabilities)")
     p.add_argument("--out", required=True, metavar="PRED.h5")
-    p.add_argument("--top-k", type=int, default=1, metavar="K")
+    p.add_argument("--top-k", type=flags.integer(1, TOP_K_MAX), default=1, metavar="K",
+                   help=f"classes kept per row, most likely first (1..{TOP_K_MAX})")
     p.add_argument("--key-file", metavar="FILE", help="HMAC key: refuse unsigned checkpoints (or MPIRT_CHECKPOINT_KEY)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")

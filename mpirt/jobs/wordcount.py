@@ -59,7 +59,8 @@ class WordCount(ShardJob):
         with atomic_path(self.out_path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("counts", data=counts, compression="gzip", shuffle=True, track_times=False)
-                f.attrs["class_names"] = list(self.dataset.class_names)
+                f.create_dataset("class_names", data=list(self.dataset.class_names),  # no 64 KiB attribute cap
+                                 dtype=h5py.string_dtype(), track_times=False)
                 f.attrs["split"] = self.split_name
                 f.attrs["rows"] = rows
                 f.attrs["tokens"] = int(counts.sum())
