@@ -156,6 +156,7 @@ def run_inspect(args):
     import json
 
     from mpirt.data.verify import verify
+    from mpirt.log import escape
 
     summary = verify(args.path)
     if args.json:
@@ -165,7 +166,7 @@ def run_inspect(args):
     classes = summary["classes"]
     print(f"{args.path}: {summary['feature_kind']}, {summary['n_features']} features"
           + (f" {tuple(shape)}" if shape else "") + f", {len(classes)} classes: "
-          + ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else ""))
+          + ", ".join(escape(c) for c in classes[:10]) + (" ..." if len(classes) > 10 else ""))
     for name, s in summary["splits"].items():
         extra = f"  {s['tokens']:>11} tokens" if "tokens" in s else ""
         print(f"  {name:<5} {s['rows']:>9} rows  {s['shards']:>5} shards of chunks of {s['chunk_rows']}{extra}"

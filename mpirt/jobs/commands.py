@@ -36,6 +36,7 @@ def add_parser(sub):
     p.add_argument("--top-k", type=flags.integer(1, TOP_K_MAX), default=1, metavar="K",
                    help=f"classes kept per row, most likely first (1..{TOP_K_MAX})")
     p.add_argument("--key-file", metavar="FILE", help="HMAC key: refuse unsigned checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--no-verify", action="store_true", help="use signed checkpoints without their key")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
     add_elastic_options(p)
@@ -55,6 +56,23 @@ def spawn_argv(args, positional, options):
     return argv
 
 
+def require_world(min_ranks):
+    """Refuse a shard job started on fewer ranks than ``--min-ranks`` (before, it ran silently).
+
+    The first point where the world size is known; a spawned joiner joins a running job and skips it.
+    """
+    from mpirt.comm import mpi
+    from mpirt.errors import UsageError
+
+    MPI = mpi.MPI()
+    if MPI.Comm.Get_parent() != MPI.COMM_NULL:
+        return
+    size = MPI.COMM_WORLD.Get_size()
+    if size < min_ranks:
+        mpi.skip_finalize()  # as a job stopping on an error does: a rank that exits first must not block the rest
+        raise UsageError(f"--min-ranks {min_ranks}: the job started with only {size} rank(s)")
+
+
 def _parts_cleanup(out, keep):
     if not keep:
         import shutil
@@ -71,17 +89,18 @@ def run_classify(args):
 
     if args.min_ranks < 1 or args.top_k < 1:
         raise UsageError("--min-ranks and --top-k must be >= 1")
+    require_world(args.min_ranks)
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
     ckpts = [os.path.abspath(c) for c in args.checkpoint]
     options = [("--data", os.path.abspath(args.data)), ("--out", out), ("--split", args.split),
                ("--top-k", args.top_k), ("--device", args.device), ("--events", events),
-               ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts),
+               ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts), ("--no-verify", args.no_verify),
                ("--key-file", os.path.abspath(args.key_file) if args.key_file else None)]
     options += [("--checkpoint", c) for c in ckpts]
     job = Classify(args.data, ckpts, out, split=args.split, top_k=args.top_k, key=resolve_key(args.key_file),
-                   device=args.device, spawn_argv=spawn_argv(args, [], options))
+                   device=args.device, spawn_argv=spawn_argv(args, [], options), verify=not args.no_verify)
     summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
                             min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
     if summary is not None:
@@ -101,6 +120,7 @@ def run_wordcount(args):
 
     if args.min_ranks < 1:
         raise UsageError("--min-ranks must be >= 1")
+    require_world(args.min_ranks)
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
