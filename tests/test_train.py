@@ -165,6 +165,7 @@ def test_every_member_leaving_at_once_is_a_stop_with_a_checkpoint(tmp_path, digi
 def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
     key = tmp_path / "key"
     key.write_text("s3cret\n")
+    key.chmod(0o600)
     res, run_dir = train(tmp_path, digits, 2, "--key-file", key, "--epochs", "1")
     res.check()
     ckpt = sorted((run_dir / "ckpt").iterdir())[-1]
@@ -179,7 +180,7 @@ def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "fasttext"], "needs hashed tokens"),
-    (["--model", "mlp", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--model", "mlp", "--epochs", "0"], "--epochs: 0 is not >= 1"),
     (["--model", "nope"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line(tmp_path, digits, args, words):
