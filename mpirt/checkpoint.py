@@ -12,6 +12,11 @@ hex HMAC-SHA256 of the manifest. Groups: ``params/<name>`` one dataset per param
 
 Written to a temporary name beside the target, fsynced, renamed (:func:`mpirt.atomic.atomic_path`):
 a kill during a save leaves the previous checkpoint as it was.
+
+Reading checks the manifest's names, dtypes and shapes against the file's datasets and their
+stored bytes before reading any of them (a crafted header must not make every rank allocate what it
+claims), then the digests. ``mpirt train`` adds to ``meta``: ``data_sha256`` (the data set's digest),
+``features`` (text: how tokens were hashed) and ``run`` (the run's identity, :mod:`mpirt.train.rundir`).
 """
 
 import glob
@@ -174,7 +179,8 @@ def _datasets(path, f, expected):
     total = 0
     for name, d in found.items():
         _, dtype, shape = expected[name].split(":", 2)
-        if d.dtype.str != dtype or list(d.shape) != json.loads(shape):
+        # (_digest's ascontiguousarray makes a 0-d array 1-d: a scalar's manifest shape is [1])
+        if d.dtype.str != dtype or (list(d.shape) or [1]) != json.loads(shape):
             raise TamperedCheckpointError(f"{path}: contents do not match its manifest (tampered or corrupted): "
                                           f"{name}")
         nbytes = d.size * d.dtype.itemsize

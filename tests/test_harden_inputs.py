@@ -135,6 +135,8 @@ def test_fasttext_on_2e32_buckets_is_capped_with_one_line(tmp_path):
     run_cli("prepare", "synth-text", data, "--rows", "200", "--hash-bits", "32", "--shard-rows", "64").check()
     line = one_line_error(train(data, model="fasttext"), 2, "parameters", "--hash-bits")
     assert "1024.0 GiB" in line
+    one_line_error(run_cli("wordcount", data, "--out", tmp_path / "c.h5"), 1, "128 GiB", "--hash-bits")
+    assert not (tmp_path / "c.h5").exists()
 
 
 # -- item 6: numeric flags -------------------------------------------------------------------------

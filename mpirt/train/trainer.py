@@ -243,8 +243,8 @@ class Trainer:
         """Every member saw the same sums: all stop before applying step ``step``, and the last
         checkpoint written stays the newest (a NaN model is never saved)."""
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
-        last = self.ckpt.latest() if self.ckpt else None
-        keep = f"the last good checkpoint is {last}" if last else "nothing was saved"
+        mine = self.ckpt.paths() if self.ckpt else []
+        keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
         raise JobError(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
                        f"{keep} (try a smaller --lr)")
 
