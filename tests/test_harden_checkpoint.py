@@ -11,7 +11,6 @@ import os
 import shutil
 
 import h5py
-import numpy as np
 import pytest
 
 from harness import MPIRT, run, run_cli

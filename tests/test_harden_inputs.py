@@ -6,6 +6,7 @@ traceback, and the inputs are left as they were.
 """
 
 import json
+import os
 import shutil
 
 import h5py
@@ -90,7 +91,9 @@ def test_classify_and_wordcount_verify_the_shard_they_map(tmp_path, digits, text
     (lambda f: (f["train/y"].resize((10**12,)), f["train/row_index"].resize((10**12,)),
                 f["train/offsets"].resize((10**12 + 1,)), f["train"].attrs.__setitem__("n_rows", 10**12)),
      "the file holds"),
-], ids=["duplicated-table", "empty-table", "n_rows-1e12", "declared-1e12-rows"])
+    (lambda f: _replace(f["train"], "y", f["train/y"][()].astype("<f8")), "the format says <i8"),
+    (lambda f: _replace(f["train"], "shards", f["train/shards"][()].reshape(-1)), "the format says (k, 2)"),
+], ids=["duplicated-table", "empty-table", "n_rows-1e12", "declared-1e12-rows", "float-labels", "flat-table"])
 def test_crafted_shard_tables_and_extents_are_refused_before_reading(tmp_path, text, edit, words):
     data = edited(text, tmp_path, edit)
     one_line_error(run_cli("wordcount", data, "--out", tmp_path / "c.h5", timeout=60), 1, "train", words)
@@ -238,3 +241,11 @@ def test_many_classes_are_stored_and_old_files_still_read(tmp_path):
         del f["class_names"]
         f.attrs["class_names"] = names
     assert "10 classes" in run_cli("inspect", old).check().stdout
+
+
+def test_a_fifo_as_data_or_checkpoint_is_refused_not_waited_on(tmp_path, digits):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_line_error(run_cli("train", "--data", fifo, "--model", "mlp", timeout=30), 1, "not a regular file")
+    one_line_error(run_cli("classify", "--data", digits, "--checkpoint", fifo, "--out", tmp_path / "p.h5",
+                           timeout=30), 1, "not a regular file")

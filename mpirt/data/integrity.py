@@ -74,6 +74,23 @@ def check_root(path, ds):
         raise DataError(f"{path}: n_features {ds.n_features} is not a power of two between 2 and 2^32")
 
 
+# The format's dtypes (docs/dataset-format.md): a crafted file must not change what a row costs.
+SCHEMA_DTYPES = {"y": "<i8", "row_index": "<i8", "shards": "<i8", "X": "<f4", "ids": "<u4", "offsets": "<i8",
+                 "shard_sha256": "|S64"}
+
+
+def check_schema(where, group):
+    """Each dataset of a split has the format's dtype and rank (before any of it is read)."""
+    for name, dt in SCHEMA_DTYPES.items():
+        if name in group and group[name].dtype.str != dt:
+            raise DataError(f"{where}: '{name}' is {group[name].dtype.str}, the format says {dt}")
+    for name in ("y", "row_index", "ids", "offsets", "shard_sha256"):
+        if name in group and group[name].ndim != 1:
+            raise DataError(f"{where}: '{name}' has shape {group[name].shape}, the format says one dimension")
+    if group["shards"].ndim != 2 or group["shards"].shape[1] != 2:
+        raise DataError(f"{where}: 'shards' has shape {group['shards'].shape}, the format says (k, 2)")
+
+
 def check_extents(where, group, names):
     """Each dataset's declared size is held by the file (mpirt never compresses, so a complete
     dataset's storage is at least its size; an unallocated one reads as zeros of any size)."""

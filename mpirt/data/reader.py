@@ -22,7 +22,8 @@ import h5py
 import numpy as np
 
 from mpirt.data.format import DENSE, SPLITS, ShardHasher
-from mpirt.data.integrity import check_header, check_layout, check_root, check_shard  # noqa: F401 (check_header: its old home)
+# check_header lived here before; it is re-exported for the code that imports it from this module.
+from mpirt.data.integrity import check_header, check_layout, check_root, check_schema, check_shard  # noqa: F401
 from mpirt.errors import DataError
 
 # HDF5's chunk cache (8 MiB per dataset by default) holds whole chunks: reading 64 rows of an
@@ -143,6 +144,7 @@ class Split:
         self.group = g = dataset.file[name]
         self.kind = dataset.feature_kind
         self.dense = self.kind == DENSE
+        check_schema(f"{dataset.path}: {name}", g)
         self.n_rows = int(g.attrs["n_rows"])
         self.chunk_rows = max(int(g.attrs["chunk_rows"]), 1)
         self.shards = g["shards"][()].reshape(-1, 2).astype(np.int64)
@@ -311,7 +313,10 @@ class Dataset:
         if name not in SPLITS:
             raise DataError(f"{self.path}: no split '{name}' (splits: {', '.join(SPLITS)})")
         if name not in self._splits:
-            self._splits[name] = Split(self, name)
+            try:
+                self._splits[name] = Split(self, name)
+            except (KeyError, OSError, ValueError, TypeError) as exc:
+                raise DataError(f"{self.path}: damaged split '{name}' ({_short(exc)})") from None
         return self._splits[name]
 
     def close(self):

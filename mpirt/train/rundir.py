@@ -32,7 +32,8 @@ def identity(cfg, data_sha256):
     """What makes two runs the same run: every input of a step's result (not --epochs: more epochs
     continue the same sequence of steps; not where or how often checkpoints are written)."""
     return {"data_sha256": data_sha256, "global_batch": int(cfg.global_batch), "seed": int(cfg.seed),
-            "spec": cfg.spec, "optimizer": cfg.optimizer, "lr": float(cfg.lr), "momentum": float(cfg.momentum),
+            "spec": cfg.spec, "optimizer": cfg.optimizer, "lr": float(cfg.lr),
+            "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None,  # Adam ignores it
             "weight_decay": float(cfg.weight_decay), "compress": cfg.compress}
 
 

@@ -243,7 +243,9 @@ class Trainer:
         """Every member saw the same sums: all stop before applying step ``step``, and the last
         checkpoint written stays the newest (a NaN model is never saved)."""
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
-        mine = self.ckpt.paths() if self.ckpt else []
+        # From the directory itself, not self.ckpt (the coordinator's): every rank prints the same line.
+        d = rundir.RunDir(self.cfg.checkpoint_dir, ident=self.ident) if self.cfg.checkpoint_dir else None
+        mine = d.paths() if d else []
         keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
         raise JobError(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
                        f"{keep} (try a smaller --lr)")
