@@ -87,13 +87,15 @@ class Trainer:
     # -- start ---------------------------------------------------------------
     def start(self):
         group = self.group
+        if not group.joined and group.size < self.cfg.min_ranks:  # the first point the world size is known
+            # All refuse together: a rank still busy when the first exits would get prte's SIGTERM,
+            # which the group traps for graceful leaves, and linger after the launcher returned.
+            group.ec.comm.Barrier()
+            raise UsageError(f"--min-ranks {self.cfg.min_ranks}: the job started with only {group.size} rank(s)")
         self._build()
         if group.joined:
             self.load_state(group.sync_view(joiner=True))
         else:
-            if group.size < self.cfg.min_ranks:  # the first point where the world size is known
-                raise UsageError(f"--min-ranks {self.cfg.min_ranks}: the job started with only {group.size} "
-                                 f"rank(s)")
             state = None
             if group.is_coordinator:
                 status.started()
