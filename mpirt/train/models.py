@@ -52,8 +52,12 @@ def max_params():
     gradients, Adam's state and the allreduce buffers, on every rank)."""
     import os
 
+    from mpirt.errors import UsageError
+
     raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
-    return int(raw) if raw.isdigit() else 1 << 30
+    if raw and not (raw.isdigit() and int(raw) > 0):
+        raise UsageError(f"{MAX_PARAMS_ENV}={raw!r} is not a positive integer")
+    return int(raw) if raw else 1 << 30
 
 
 def param_shapes(spec):
