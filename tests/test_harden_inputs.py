@@ -143,11 +143,13 @@ def test_fasttext_on_2e32_buckets_is_capped_with_one_line(tmp_path):
 
 
 # -- item 6: numeric flags -------------------------------------------------------------------------
+# The cases of the issue (each trained to exit 0 or gave a traceback on cdcce81), then ones that
+# were refused already and must stay so now that the checks moved into the flags' types.
 @pytest.mark.parametrize("flag, value", [
-    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--weight-decay", "nan"), ("--momentum", "-5"),
-    ("--seed", "-1"), ("--seed", "1e23"), ("--seed", str(2**64)), ("--hidden", "-1"), ("--hidden", "0"),
-    ("--channels", "0"), ("--bucket-mb", "nan"), ("--epochs", "0"), ("--checkpoint-every", "-1"),
-    ("--global-batch", "0"), ("--keep", "0"), ("--min-ranks", "0"),
+    ("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"), ("--momentum", "-5"), ("--seed", "-1"),
+    ("--seed", str(2**64)), ("--hidden", "-1"), ("--hidden", "0"), ("--channels", "0"), ("--bucket-mb", "nan"),
+    ("--lr", "0"), ("--seed", "1e23"), ("--epochs", "0"), ("--checkpoint-every", "-1"), ("--global-batch", "0"),
+    ("--keep", "0"), ("--min-ranks", "0"),
 ])
 def test_train_numeric_flags_are_validated(digits, flag, value):
     one_line_error(train(digits, flag, value), 2, flag)
