@@ -251,3 +251,11 @@ def test_a_fifo_as_data_or_checkpoint_is_refused_not_waited_on(tmp_path, digits)
     one_line_error(run_cli("train", "--data", fifo, "--model", "mlp", timeout=30), 1, "not a regular file")
     one_line_error(run_cli("classify", "--data", digits, "--checkpoint", fifo, "--out", tmp_path / "p.h5",
                            timeout=30), 1, "not a regular file")
+
+
+def test_crafted_class_names_dataset_is_refused_before_reading(tmp_path, digits):
+    def edit(f):
+        del f["class_names"]
+        f.create_dataset("class_names", shape=(10**9,), dtype=h5py.string_dtype(), chunks=(1024,))
+    data = edited(digits, tmp_path, edit)
+    one_line_error(run_cli("inspect", data), 1, "'class_names' declares", "the file holds 0 bytes")

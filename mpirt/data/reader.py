@@ -23,7 +23,8 @@ import numpy as np
 
 from mpirt.data.format import DENSE, SPLITS, ShardHasher
 # check_header lived here before; it is re-exported for the code that imports it from this module.
-from mpirt.data.integrity import check_header, check_layout, check_root, check_schema, check_shard  # noqa: F401
+from mpirt.data.integrity import (check_extents, check_header, check_layout, check_root,  # noqa: F401
+                                  check_schema, check_shard)
 from mpirt.errors import DataError
 
 # HDF5's chunk cache (8 MiB per dataset by default) holds whole chunks: reading 64 rows of an
@@ -299,6 +300,8 @@ class Dataset:
         self.feature_shape = tuple(int(x) for x in np.atleast_1d(a["feature_shape"])) \
             if "feature_shape" in a else None
         # A dataset since many classes overflowed the 64 KiB attribute limit; older files have the attribute.
+        if "class_names" in file:
+            check_extents(path, file, ["class_names"])
         names = file["class_names"][()] if "class_names" in file else a["class_names"]
         self.class_names = [_text(c) for c in np.atleast_1d(names)]
         self.n_classes = int(a["n_classes"])
