@@ -70,7 +70,8 @@ def _run(argv):
             sys.stderr.write(f"mpirt {args.command}: {exc}\n")
         return exc.exit_code
     except MpirtError as exc:
-        sys.stderr.write(f"mpirt {args.command}: error: {exc}\n")
+        if str(exc):  # ranks other than the coordinator stop with its status but leave the line to it
+            sys.stderr.write(f"mpirt {args.command}: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"mpirt {args.command}: interrupted\n")

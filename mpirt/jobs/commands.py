@@ -70,7 +70,8 @@ def require_world(min_ranks):
     size = MPI.COMM_WORLD.Get_size()
     if size < min_ranks:
         mpi.skip_finalize()  # as a job stopping on an error does: a rank that exits first must not block the rest
-        raise UsageError(f"--min-ranks {min_ranks}: the job started with only {size} rank(s)")
+        raise UsageError(f"--min-ranks {min_ranks}: the job started with only {size} rank(s)"
+                         if MPI.COMM_WORLD.Get_rank() == 0 else "")  # one line, not one a rank
 
 
 def _parts_cleanup(out, keep):

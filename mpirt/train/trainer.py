@@ -91,7 +91,8 @@ class Trainer:
             # All refuse together: a rank still busy when the first exits would get prte's SIGTERM,
             # which the group traps for graceful leaves, and linger after the launcher returned.
             group.ec.comm.Barrier()
-            raise UsageError(f"--min-ranks {self.cfg.min_ranks}: the job started with only {group.size} rank(s)")
+            raise UsageError(f"--min-ranks {self.cfg.min_ranks}: the job started with only {group.size} rank(s)"
+                             if group.is_coordinator else "")
         self._build()
         if group.joined:
             self.load_state(group.sync_view(joiner=True))
@@ -104,8 +105,8 @@ class Trainer:
                 except MpirtError as exc:  # every rank stops with the coordinator's reason
                     state = {"error": exc}
             state = group.sync_view(payload=state)
-            if state is not None and "error" in state:
-                raise state["error"]
+            if state is not None and "error" in state:  # one line, the coordinator's: the others stop quietly
+                raise state["error"] if group.is_coordinator else type(state["error"])("")
             if state is not None:
                 self.load_state(state)
         self._open_outputs()
@@ -244,10 +245,10 @@ class Trainer:
     def _stop_non_finite(self, step, totals):
         """Every member saw the same sums: all stop before applying step ``step``, and the last
         checkpoint written stays the newest (a NaN model is never saved)."""
+        if not self.group.is_coordinator:
+            raise JobError("")  # the same stop everywhere; the coordinator says it once
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
-        # From the directory itself, not self.ckpt (the coordinator's): every rank prints the same line.
-        d = rundir.RunDir(self.cfg.checkpoint_dir, ident=self.ident) if self.cfg.checkpoint_dir else None
-        mine = d.paths() if d else []
+        mine = self.ckpt.paths() if self.ckpt else []
         keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
         raise JobError(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
                        f"{keep} (try a smaller --lr)")
