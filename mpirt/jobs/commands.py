@@ -60,6 +60,8 @@ def require_world(min_ranks):
     """Refuse a shard job started on fewer ranks than ``--min-ranks`` (before, it ran silently).
 
     The first point where the world size is known; a spawned joiner joins a running job and skips it.
+    Call it right before the farm starts: it initialises MPI, and from then on a rank must reach the
+    farm's heartbeat pump within --hang-timeout (loading models first could take longer).
     """
     from mpirt.comm import mpi
     from mpirt.errors import UsageError
@@ -90,7 +92,6 @@ def run_classify(args):
 
     if args.min_ranks < 1 or args.top_k < 1:
         raise UsageError("--min-ranks and --top-k must be >= 1")
-    require_world(args.min_ranks)
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
@@ -102,6 +103,7 @@ def run_classify(args):
     options += [("--checkpoint", c) for c in ckpts]
     job = Classify(args.data, ckpts, out, split=args.split, top_k=args.top_k, key=resolve_key(args.key_file),
                    device=args.device, spawn_argv=spawn_argv(args, [], options), verify=not args.no_verify)
+    require_world(args.min_ranks)
     summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
                             min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
     if summary is not None:
@@ -121,13 +123,13 @@ def run_wordcount(args):
 
     if args.min_ranks < 1:
         raise UsageError("--min-ranks must be >= 1")
-    require_world(args.min_ranks)
     faults = FaultPlan(args.inject_fault)
     out = os.path.abspath(args.out)
     events = os.path.abspath(args.events) if args.events else None
     argv = spawn_argv(args, [args.data], [("--out", out), ("--split", args.split), ("--events", events),
                                            ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts)])
     job = WordCount(args.data, out, args.split, spawn_argv=argv)
+    require_world(args.min_ranks)
     summary = run_shard_job(job, parts_dir=out + ".parts", events_path=events, faults=faults,
                             min_ranks=args.min_ranks, resume=args.resume or os.environ.get("MPIRT_RESUME") == "1")
     if summary is not None:
