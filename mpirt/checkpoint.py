@@ -12,6 +12,11 @@ hex HMAC-SHA256 of the manifest. Groups: ``params/<name>`` one dataset per param
 
 Written to a temporary name beside the target, fsynced, renamed (:func:`mpirt.atomic.atomic_path`):
 a kill during a save leaves the previous checkpoint as it was.
+
+Reading checks the manifest's names, dtypes and shapes against the file's datasets and their
+stored bytes before reading any of them (a crafted header must not make every rank allocate what it
+claims), then the digests. ``mpirt train`` adds to ``meta``: ``data_sha256`` (the data set's digest),
+``features`` (text: how tokens were hashed) and ``run`` (the run's identity, :mod:`mpirt.train.rundir`).
 """
 
 import glob
@@ -114,32 +119,81 @@ def _manifest(arrays, attrs, groups):
     return json.dumps(entries, sort_keys=True)
 
 
-def load(path, key=None):
+def load(path, key=None, verify=True):
     """Read and verify ``path``.
+
+    Args:
+        key: the HMAC key: the signature must match it (an unsigned file is refused).
+        verify: without a key, refuse a signed file (its signature cannot be checked, and a file
+            whose arrays and manifest were both redone still passes the manifest). False trusts it
+            (``--no-verify``); the manifest is checked either way.
 
     Raises:
         CheckpointError: missing, unreadable or foreign file; TamperedCheckpointError: contents or
-            signature do not match.
+            signature do not match, or datasets the manifest does not declare or the file cannot hold.
     """
     import h5py
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not os.path.isfile(path):  # a FIFO or a device would block or stream forever
+        raise CheckpointError(f"{path}: not a regular file")
     try:
         f = h5py.File(path, "r")
     except OSError:
         raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupted?)") from None
     try:
         with f:
-            return _read(path, f, key)
+            return _read(path, f, key, verify)
     except (KeyError, ValueError, OSError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
 
 
-def _read(path, f, key):
+def _check_signature(path, f, manifest, key, verify):
+    signature = f.attrs.get("signature")
+    if key:
+        if signature is None:
+            raise TamperedCheckpointError(f"{path}: is not signed but a checkpoint key is set")
+        expect = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expect, str(signature)):
+            raise TamperedCheckpointError(f"{path}: signature does not match (tampered, or signed with another key)")
+    elif signature is not None and verify:
+        raise TamperedCheckpointError(f"{path}: signed: give the key (--key-file or {CHECKPOINT_KEY}), "
+                                      f"or --no-verify to trust it")
+    return signature is not None
+
+
+def _datasets(path, f, expected):
+    """The file's datasets by name, checked against the manifest before any is read: a crafted
+    file must not make every rank allocate what its headers claim (2^40 elements) to find out."""
     import h5py
 
+    found = {}
+    f.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    declared = {k for k in expected if not k.startswith("@")}
+    odd = sorted(found.keys() ^ declared)
+    if odd:
+        raise TamperedCheckpointError(f"{path}: contents do not match its manifest (tampered or corrupted): "
+                                      f"{', '.join(odd[:3])}")
+    total = 0
+    for name, d in found.items():
+        _, dtype, shape = expected[name].split(":", 2)
+        # (_digest's ascontiguousarray makes a 0-d array 1-d: a scalar's manifest shape is [1])
+        if d.dtype.str != dtype or (list(d.shape) or [1]) != json.loads(shape):
+            raise TamperedCheckpointError(f"{path}: contents do not match its manifest (tampered or corrupted): "
+                                          f"{name}")
+        nbytes = d.size * d.dtype.itemsize
+        if d.dtype.kind not in "biuf" or (nbytes and d.id.get_storage_size() < nbytes):
+            raise TamperedCheckpointError(f"{path}: dataset {name} declares {nbytes} bytes that the file does not "
+                                          f"hold (crafted or truncated)")
+        total += nbytes
+    if total > os.path.getsize(path):
+        raise TamperedCheckpointError(f"{path}: datasets declare {total} bytes, more than the file's size")
+    return found
+
+
+def _read(path, f, key, verify=True):
     if f.attrs.get("mpirt_format") != FORMAT:
         raise CheckpointError(f"{path}: not an mpirt checkpoint")
     if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
@@ -148,18 +202,13 @@ def _read(path, f, key):
     manifest = f.attrs.get("manifest")
     if manifest is None:
         raise TamperedCheckpointError(f"{path}: has no manifest (tampered or corrupted)")
-    signature = f.attrs.get("signature")
-    if key:
-        if signature is None:
-            raise TamperedCheckpointError(f"{path}: is not signed but a checkpoint key is set")
-        expect = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expect, str(signature)):
-            raise TamperedCheckpointError(f"{path}: signature does not match (tampered, or signed with another key)")
-    arrays = {}
-    f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    signed = _check_signature(path, f, manifest, key, verify)
+    expected = json.loads(manifest)
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        raise TamperedCheckpointError(f"{path}: its manifest is not a map of digests (tampered or corrupted)")
+    arrays = {name: d[()] for name, d in _datasets(path, f, expected).items()}
     attrs = {k: (f.attrs[k] if k != "world_size" else int(f.attrs[k])) for k in ATTRS}
     groups = f["optimizer"].attrs["param_groups"] if "optimizer" in f else "[]"
-    expected = json.loads(manifest)
     actual = json.loads(_manifest({k: np.asarray(v) for k, v in arrays.items()}, attrs, groups))
     bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
     if bad:
@@ -176,29 +225,42 @@ def _read(path, f, key):
         optimizer={"state": opt_state, "param_groups": json.loads(groups)} if "optimizer" in f else {},
         position=json.loads(attrs["position"]),
         rng={k[len("rng/"):]: np.asarray(v) for k, v in arrays.items() if k.startswith("rng/")},
-        world_size=attrs["world_size"], meta=json.loads(attrs["meta"]), signed=bool(key and signature))
+        world_size=attrs["world_size"], meta=json.loads(attrs["meta"]), signed=signed and bool(key))
 
 
 def resolve_key(key_file=None):
-    """The HMAC key: ``--key-file``'s contents, else ``$MPIRT_CHECKPOINT_KEY``, else None."""
+    """The HMAC key: ``--key-file``'s contents, else ``$MPIRT_CHECKPOINT_KEY``, else None.
+
+    Raises:
+        UsageError: a key file that group or others may access (refused as ssh refuses such a
+            private key: whoever can read it can sign), or an empty ``MPIRT_CHECKPOINT_KEY``.
+    """
+    from mpirt.errors import UsageError
+
     if key_file:
         try:
             with open(key_file, "rb") as f:
-                key = f.read().rstrip(b"\r\n")
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & 0o077:
+                    raise UsageError(f"{key_file}: key file is accessible by group or others "
+                                     f"(mode {mode & 0o777:o}); run 'chmod 600 {key_file}'")
+                key = f.read(1 << 20).rstrip(b"\r\n")
         except OSError as exc:
             raise CheckpointError(f"{key_file}: cannot read the key file ({exc.strerror})") from None
         if not key:
             raise CheckpointError(f"{key_file}: the key file is empty")
         return key
     env = os.environ.get(CHECKPOINT_KEY)
+    if env is not None and not env.strip():  # an unset-by-mistake key must not mean "unsigned"
+        raise UsageError(f"{CHECKPOINT_KEY} is set but empty: unset it for unsigned checkpoints, or give the key")
     return env.encode() if env else None
 
 
 class CheckpointDir:
     """``DIR/ckpt-{step:08d}.h5``, the newest ``keep`` kept."""
 
-    def __init__(self, directory, keep=3, key=None):
-        self.directory, self.keep, self.key = os.fspath(directory), max(1, int(keep)), key
+    def __init__(self, directory, keep=3, key=None, verify=True):
+        self.directory, self.keep, self.key, self.verify = os.fspath(directory), max(1, int(keep)), key, verify
 
     def save(self, step, **fields):
         os.makedirs(self.directory, exist_ok=True)
@@ -217,4 +279,4 @@ class CheckpointDir:
 
     def load_latest(self):
         path = self.latest()
-        return load(path, key=self.key) if path else None
+        return load(path, key=self.key, verify=self.verify) if path else None

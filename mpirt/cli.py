@@ -67,6 +67,9 @@ def _run(argv):
         parser.print_help(sys.stderr)
         return 2
     try:
+        from mpirt.flags import reject_non_finite
+
+        reject_non_finite(args)
         return int(_resolve(args.handler)(args) or 0)
     except Preempted as exc:
         if str(exc):  # the coordinator's one line; the other ranks stop silently

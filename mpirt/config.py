@@ -24,11 +24,13 @@ LAUNCH_AGENT = "MPIRT_LAUNCH_AGENT"  # the command that reaches another host (de
 SIMULATED_HOST = "MPIRT_SIMULATED_HOST"  # set by scripts/hosts/ssh on a simulated host: its name
 FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process kills, not node crashes)
 RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run again (requeue, restart)
+MAX_PARAMS = "MPIRT_MAX_PARAMS"  # the most parameters a model may have (default 2^30)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
-    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME, FSYNC,
+    HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME,
+    FSYNC, MAX_PARAMS,
 }
 
 # Facts about the host a process runs on: never carried to other hosts (mpiexec -x).
@@ -47,9 +49,14 @@ def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
+    import math
+
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # NaN compares false with everything: it would disable what it sets
         from mpirt.errors import UsageError
 
-        raise UsageError(f"{name}={raw!r} is not a number") from None
+        raise UsageError(f"{name}={raw!r} is not a finite number")
+    return value

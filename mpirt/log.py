@@ -45,3 +45,15 @@ def get_logger(name: str = "mpirt") -> logging.Logger:
         root.setLevel(os.environ.get(LOG_LEVEL, "INFO").upper())
         root.propagate = False
     return logger
+
+
+def escape(text):
+    """``text`` with non-printable characters as Python escapes (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    For names read from files (class names) on their way to a terminal: raw, an escape sequence
+    in a hostile data set recolours the terminal, moves the cursor or fakes whole lines.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -162,6 +162,7 @@ def test_key_sources(tmp_path, monkeypatch):
     assert resolve_key() == b"abc"
     f = tmp_path / "k"
     f.write_text("xyz\n")
+    f.chmod(0o600)  # a key others can read is refused (tests/test_harden_checkpoint.py)
     assert resolve_key(f) == b"xyz"
     f.write_text("")
     with pytest.raises(CheckpointError, match="empty"):

@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     for model, seed in (("linear", 1), ("mlp", 2)):
         run_cli("train", "--data", data, "--model", model, "--epochs", "2", "--seed", seed, "--no-progress",
                 "--checkpoint-dir", d / model).check()
-        ckpts.append(next((d / model).iterdir()))
+        ckpts.append(next((d / model).glob("ckpt-*.h5")))  # beside run.json and .lock
     return data, ckpts
 
 

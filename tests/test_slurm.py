@@ -191,7 +191,7 @@ def test_classify_script_recovers_a_killed_task_stops_requeues_and_finishes_iden
     run_cli("prepare", "digits", data, "--shard-rows", "64").check()
     run_cli("launch", "-n", "2", "--", "mpirt", "train", "--data", data, "--model", "mlp", "--epochs", "1",
             "--global-batch", "64", "--checkpoint-dir", tmp_path / "ckpt", "--no-progress").check()
-    ckpt = sorted((tmp_path / "ckpt").iterdir())[-1]
+    ckpt = sorted((tmp_path / "ckpt").glob("ckpt-*.h5"))[-1]
     run_cli("classify", "--data", data, "--split", "train", "--checkpoint", ckpt, "--out", tmp_path / "ref.h5").check()
     out = tmp_path / "pred.h5"
     env = {"MPIRT_VENV": VENV, "DATA": data, "SPLIT": "train", "CHECKPOINTS": ckpt, "OUT": out}

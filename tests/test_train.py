@@ -135,7 +135,7 @@ def test_resume_after_the_whole_job_was_killed(tmp_path, digits, reference):
     res.check()
     assert_same_model(reference, final_params(run_dir)[0])
     assert_exactly_once(run_dir, n_train(digits))
-    ckpts = sorted(os.listdir(run_dir / "ckpt"))
+    ckpts = sorted(n for n in os.listdir(run_dir / "ckpt") if n.startswith("ckpt-"))
     assert len(ckpts) == 3, ckpts  # --keep 3
 
 
@@ -166,9 +166,10 @@ def test_every_member_leaving_at_once_is_a_stop_with_a_checkpoint(tmp_path, digi
 def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
     key = tmp_path / "key"
     key.write_text("s3cret\n")
+    key.chmod(0o600)
     res, run_dir = train(tmp_path, digits, 2, "--key-file", key, "--epochs", "1")
     res.check()
-    ckpt = sorted((run_dir / "ckpt").iterdir())[-1]
+    ckpt = sorted((run_dir / "ckpt").glob("ckpt-*.h5"))[-1]
     with h5py.File(ckpt, "r+") as f:
         name = next(iter(f["params"]))
         f["params"][name][(0,) * f["params"][name].ndim] += 1.0
@@ -180,7 +181,7 @@ def test_signed_checkpoints_refuse_tampering(tmp_path, digits):
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "fasttext"], "needs hashed tokens"),
-    (["--model", "mlp", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--model", "mlp", "--epochs", "0"], "--epochs: 0 is not >= 1"),
     (["--model", "nope"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line(tmp_path, digits, args, words):

@@ -174,6 +174,7 @@ def run_inspect(args):
     import json
 
     from mpirt.data.verify import verify
+    from mpirt.log import escape
     from mpirt.outputs import check_input
 
     check_input(args.path, "data set")
@@ -185,7 +186,7 @@ def run_inspect(args):
     classes = summary["classes"]
     print(f"{args.path}: {summary['feature_kind']}, {summary['n_features']} features"
           + (f" {tuple(shape)}" if shape else "") + f", {len(classes)} classes: "
-          + ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else ""))
+          + ", ".join(escape(c) for c in classes[:10]) + (" ..." if len(classes) > 10 else ""))
     for name, s in summary["splits"].items():
         extra = f"  {s['tokens']:>11} tokens" if "tokens" in s else ""
         print(f"  {name:<5} {s['rows']:>9} rows  {s['shards']:>5} shards of chunks of {s['chunk_rows']}{extra}"

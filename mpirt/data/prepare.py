@@ -81,7 +81,7 @@ class ClassTable:
     """
 
     def __init__(self):
-        self.ids, self.names, self.all_int = {}, [], True
+        self.ids, self.names, self.all_int, self.is_text = {}, [], True, []
 
     def encode(self, labels):
         ids, names = self.ids, self.names
@@ -92,7 +92,11 @@ class ClassTable:
             if c is None:
                 c = ids[key] = len(names)
                 names.append(key)
+                self.is_text.append(isinstance(lab, str))
                 self.all_int = self.all_int and not isinstance(lab, str)
+            elif self.is_text[c] != isinstance(lab, str):  # "1" and 1 must not silently become one class
+                raise DataError(f"the text label \"{key}\" and the number {key} would be one class; "
+                                f"give labels of one type")
             out[i] = c
         return out
 

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from mpirt.data.format import DENSE, FEATURE_KINDS, FORMAT, SCHEMA_VERSION, SPLITS, TOKENS, ShardHasher
+from mpirt.data.format import DENSE, SPLITS, ShardHasher
+# check_header lived here before; it is re-exported for the code that imports it from this module.
+from mpirt.data.integrity import (check_extents, check_header, check_layout, check_root,  # noqa: F401
+                                  check_schema, check_shard)
 from mpirt.errors import DataError
 
 # HDF5's chunk cache (8 MiB per dataset by default) holds whole chunks: reading 64 rows of an
@@ -142,9 +145,12 @@ class Split:
         self.group = g = dataset.file[name]
         self.kind = dataset.feature_kind
         self.dense = self.kind == DENSE
+        check_schema(f"{dataset.path}: {name}", g)
         self.n_rows = int(g.attrs["n_rows"])
         self.chunk_rows = max(int(g.attrs["chunk_rows"]), 1)
         self.shards = g["shards"][()].reshape(-1, 2).astype(np.int64)
+        check_layout(f"{dataset.path}: {name}", dataset, self)
+        self.checked = set()  # shards whose rows passed check_shard in this process
         self._y, self._ri = _ChunkRows(g["y"], self.chunk_rows), _ChunkRows(g["row_index"], self.chunk_rows)
         if self.dense:
             self._X = _Rows(g["X"])
@@ -198,10 +204,30 @@ class Split:
             np.cumsum(np.concatenate([np.diff(o) for o in offs]), out=offsets[1:])
         return Batch(y, ri, ids=ids, offsets=offsets)
 
-    def read_shard(self, k):
-        """All rows of shard ``k``."""
+    def read_shard(self, k, check=True):
+        """All rows of shard ``k``; ``check``: verify them (once per process, see :meth:`check_shard`)."""
         a, b = self.shards[k]
-        return self.read(a, b)
+        batch = self.read(a, b)
+        if check and k not in self.checked:
+            check_shard(self, k, batch)
+            self.checked.add(k)
+        return batch
+
+    def check_rows(self, i, j, batch=None):
+        """Verify every shard that rows [i, j) touch and no earlier read has verified.
+
+        ``batch``: rows [i, j) already in memory (then no shard inside them is read again).
+        """
+        ks = np.flatnonzero((self.shards[:, 1] > i) & (self.shards[:, 0] < j))
+        for k in ks.tolist():
+            if k in self.checked:
+                continue
+            a, b = (int(x) for x in self.shards[k])
+            if batch is not None and i <= a and b <= j:
+                check_shard(self, k, _rows(batch, a - i, b - i))
+                self.checked.add(k)
+            else:
+                self.read_shard(k)
 
     def chunk_ranges(self):
         """(c, 2) int64 [start, stop) ranges of the HDF5 row chunks: the unit to shuffle at."""
@@ -237,6 +263,14 @@ class Split:
         return self.shard_digest(k) == self.stored_digest(k)
 
 
+def _rows(batch, a, b):
+    """Rows [a, b) of an in-memory batch, as a Batch (views, no copy)."""
+    if batch.X is not None:
+        return Batch(batch.y[a:b], batch.row_index[a:b], X=batch.X[a:b])
+    off = batch.offsets[a:b + 1]
+    return Batch(batch.y[a:b], batch.row_index[a:b], ids=batch.ids[off[0]:off[-1]], offsets=off - off[0])
+
+
 def _concat(parts, rows):
     return np.concatenate(parts) if parts else rows.empty(0)
 
@@ -265,7 +299,11 @@ class Dataset:
         self.n_features = int(a["n_features"])
         self.feature_shape = tuple(int(x) for x in np.atleast_1d(a["feature_shape"])) \
             if "feature_shape" in a else None
-        self.class_names = [_text(c) for c in np.atleast_1d(a["class_names"])]
+        # A dataset since many classes overflowed the 64 KiB attribute limit; older files have the attribute.
+        if "class_names" in file:
+            check_extents(path, file, ["class_names"])
+        names = file["class_names"][()] if "class_names" in file else a["class_names"]
+        self.class_names = [_text(c) for c in np.atleast_1d(names)]
         self.n_classes = int(a["n_classes"])
         self._splits = {}
 
@@ -278,7 +316,10 @@ class Dataset:
         if name not in SPLITS:
             raise DataError(f"{self.path}: no split '{name}' (splits: {', '.join(SPLITS)})")
         if name not in self._splits:
-            self._splits[name] = Split(self, name)
+            try:
+                self._splits[name] = Split(self, name)
+            except (KeyError, OSError, ValueError, TypeError) as exc:
+                raise DataError(f"{self.path}: damaged split '{name}' ({_short(exc)})") from None
         return self._splits[name]
 
     def close(self):
@@ -314,6 +355,8 @@ def open_dataset(path, verify_header=True):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not a data set")
+    if not os.path.isfile(path):  # a FIFO would block the open forever
+        raise DataError(f"{path}: not a regular file")
     try:
         f = _open_h5(path)
     except OSError as exc:
@@ -321,7 +364,10 @@ def open_dataset(path, verify_header=True):
     try:
         if verify_header:
             check_header(path, f)
-        return Dataset(path, f)
+        ds = Dataset(path, f)
+        if verify_header:
+            check_root(path, ds)
+        return ds
     except DataError:
         f.close()
         raise
@@ -339,41 +385,6 @@ def _open_h5(path):
         if "locking flag values don't match" not in str(exc):
             raise
         return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-
-
-def check_header(path, f):
-    """Raise DataError unless ``f`` has this schema's root attributes, groups and datasets."""
-    a = f.attrs
-    if "mpirt_format" not in a or _text(a["mpirt_format"]) != FORMAT:
-        raise DataError(f"{path}: not an mpirt data set (no mpirt_format attribute; make one with 'mpirt prepare')")
-    try:
-        version = int(a.get("schema_version", -1))
-    except (TypeError, ValueError):
-        version = a.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema version {version}, this mpirt reads version {SCHEMA_VERSION} "
-                        f"(prepare the data again with this mpirt)")
-    for key in ("feature_kind", "n_features", "class_names", "n_classes"):
-        if key not in a:
-            raise DataError(f"{path}: missing root attribute '{key}'")
-    kind = _text(a["feature_kind"])
-    if kind not in FEATURE_KINDS:
-        raise DataError(f"{path}: unknown feature_kind '{kind}' (expected {' or '.join(FEATURE_KINDS)})")
-    if kind == DENSE and "feature_shape" not in a:
-        raise DataError(f"{path}: missing root attribute 'feature_shape'")
-    per_row = ("X",) if kind == DENSE else ("ids", "offsets")
-    for name in SPLITS:
-        if name not in f or not isinstance(f[name], h5py.Group):
-            raise DataError(f"{path}: missing split group '{name}'")
-        g = f[name]
-        for ds in ("y", "row_index", "shards", "shard_sha256") + per_row:
-            if ds not in g or not isinstance(g[ds], h5py.Dataset):
-                raise DataError(f"{path}: split '{name}' has no dataset '{ds}'")
-        for key in ("n_rows", "chunk_rows"):
-            if key not in g.attrs:
-                raise DataError(f"{path}: split '{name}' has no attribute '{key}'")
-    if kind == TOKENS and int(a["n_features"]) & (int(a["n_features"]) - 1):
-        raise DataError(f"{path}: n_features {int(a['n_features'])} is not a power of two")
 
 
 def _text(value):

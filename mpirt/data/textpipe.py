@@ -147,11 +147,26 @@ def process_lines(lines, params):
         if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
             bad.append((i, f"'{lf}' must be a non-empty string or an integer"))
             continue
+        if not _unicode(text) or (isinstance(label, str) and not _unicode(label)):
+            bad.append((i, "a lone surrogate escape (\\ud800-\\udfff) is not valid Unicode"))
+            continue
         rows.append(i)
         labels.append(label)
         texts.append(clean_html(text))
     ids, lengths = _hasher(params).ids_many(texts)
     return BlockResult(len(lines), np.asarray(rows, dtype=np.int64), labels, ids, lengths, bad)
+
+
+def _unicode(s):
+    """False for a string JSON decoded from a lone surrogate escape such as ``"\\ud800"``: valid
+    JSON, but no UTF-8 exists for it, so hashing or storing it would fail far from the line."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- pool ---------------------------------------------------------------------

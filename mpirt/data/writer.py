@@ -198,7 +198,9 @@ class DatasetWriter:
             remap = np.asarray(remap, dtype=np.int64)
         for w in self.splits.values():
             w.finish(remap)
-        self.file.attrs["class_names"] = np.array([str(c) for c in class_names], dtype=h5py.string_dtype())
+        # A dataset, not an attribute: attributes are capped at 64 KiB (about 5,000 class names).
+        self.file.create_dataset("class_names", data=np.array([str(c) for c in class_names],
+                                                              dtype=h5py.string_dtype()), track_times=False)
         self.file.attrs["n_classes"] = len(class_names)
         self.file.flush()  # fails while the file is still open, so abort() can still discard it
         self.file.close()

@@ -8,7 +8,8 @@ probabilities are averaged, and the top-k of the mean comes from :func:`mpirt.ke
 Output (one HDF5 file, written under a temporary name and renamed): ``row_index`` (n,) int64, the
 rows' places in the original input, ascending; ``top_k`` (n, k) int64 classes, most likely first;
 ``prob`` (n, k) float32; ``y`` (n,) int64 when the data set has labels. Attributes: ``class_names``,
-``split``, ``checkpoints`` (paths), ``checkpoint_sha256``, ``accuracy`` (top-1, when labelled).
+``split``, ``checkpoints`` (paths), ``checkpoint_sha256``, ``accuracy`` (top-1, when labelled),
+``data_sha256`` (the data set's digest) and ``checkpoint_data_sha256`` (what each model was trained on).
 """
 
 import hashlib
@@ -17,6 +18,7 @@ import h5py
 import numpy as np
 
 from mpirt.atomic import atomic_path
+from mpirt.data.integrity import dataset_digest, hashing_params
 from mpirt.errors import CheckpointError
 from mpirt.jobs.shardjob import ShardJob, dataset_digest, file_digest
 from mpirt.outputs import h5_writing, mark
@@ -31,23 +33,58 @@ def check_compatible(ckpt, dataset):
             f"classify {dataset.path} ({dataset.n_features} features, {dataset.n_classes} classes)")
     names = ckpt.meta.get("class_names")
     if names is not None and list(names) != list(dataset.class_names):
-        raise CheckpointError(f"{ckpt.path}: trained on classes {names}, but {dataset.path} has "
-                              f"{list(dataset.class_names)}")
+        raise CheckpointError(f"{ckpt.path}: trained on classes {_names(names)}, but {dataset.path} has "
+                              f"{_names(dataset.class_names)}")
     is_text = dataset.feature_kind != "dense"
     if (spec["name"] == "fasttext") != is_text:
         raise CheckpointError(f"{ckpt.path}: a '{spec['name']}' model cannot read {dataset.feature_kind} features")
+    trained = ckpt.meta.get("features")  # None in checkpoints of older mpirt versions: nothing to compare
+    here = hashing_params(dataset)
+    if trained is not None and here is not None and trained != here:
+        diff = ", ".join(f"{k} {trained.get(k)!r} (data: {here.get(k)!r})" for k in sorted(here)
+                         if trained.get(k) != here.get(k))
+        raise CheckpointError(f"{ckpt.path}: trained on tokens hashed with {diff}: its token ids mean other "
+                              f"words in {dataset.path}; prepare the data with the same hashing")
+    check_params(ckpt)
+
+
+def _names(names, most=10):
+    from mpirt.log import escape
+
+    names = list(names)
+    return "[" + ", ".join(escape(n) for n in names[:most]) + (", ..." if len(names) > most else "") + "]"
+
+
+def check_params(ckpt):
+    """The checkpoint's parameters are exactly those its spec's model has, and the model is within
+    the size cap: checked on shapes (torch's meta device) before any model is allocated."""
+    from mpirt.errors import UsageError
+    from mpirt.train.models import check_size, param_shapes
+
+    try:
+        check_size(ckpt.spec, f"{ckpt.path}: model")
+        shapes = param_shapes(ckpt.spec)
+    except UsageError as exc:
+        raise CheckpointError(str(exc)) from None
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt.path}: invalid model spec {ckpt.spec} ({exc})") from None
+    have = {k: tuple(v.shape) for k, v in ckpt.params.items()}
+    if have != shapes:
+        bad = sorted(k for k in have.keys() | shapes.keys() if have.get(k) != shapes.get(k))
+        raise CheckpointError(f"{ckpt.path}: parameters do not fit its model spec: {', '.join(bad[:3])}")
 
 
 class Classify(ShardJob):
     def __init__(self, data_path, checkpoints, out_path, *, split="test", top_k=1, key=None, device="cpu",
-                 batch_rows=8192, spawn_argv=()):
+                 batch_rows=8192, spawn_argv=(), verify=True):
         from mpirt.checkpoint import load
         from mpirt.data.reader import open_dataset
 
         self.dataset = open_dataset(data_path)
         self.split_name = split
         self.split = self.dataset.split(split)
-        self.ckpts = [load(p, key=key) for p in checkpoints]
+        self.ckpts = [load(p, key=key, verify=verify) for p in checkpoints]
+        self.data_sha256 = dataset_digest(self.dataset)
         for c in self.ckpts:
             check_compatible(c, self.dataset)
         self.top_k = min(int(top_k), self.dataset.n_classes)
@@ -125,11 +162,14 @@ class Classify(ShardJob):
                 mark(f, "predictions")
                 for name, value in out.items():
                     f.create_dataset(name, data=value, track_times=False)
-                f.attrs["class_names"] = list(self.dataset.class_names)
+                f.create_dataset("class_names", data=list(self.dataset.class_names),  # no 64 KiB attribute cap
+                                 dtype=h5py.string_dtype(), track_times=False)
                 f.attrs["split"] = self.split_name
                 f.attrs["checkpoints"] = [c.path for c in self.ckpts]
                 f.attrs["checkpoint_signed"] = [bool(c.signed) for c in self.ckpts]
                 f.attrs["sha256"] = digest.hexdigest()
+                f.attrs["data_sha256"] = self.data_sha256
+                f.attrs["checkpoint_data_sha256"] = [str(c.meta.get("data_sha256")) for c in self.ckpts]
                 if accuracy is not None:
                     f.attrs["accuracy"] = accuracy
         return {"rows": n, "accuracy": accuracy, "sha256": digest.hexdigest(), "out": self.out_path,

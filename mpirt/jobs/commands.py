@@ -3,13 +3,18 @@
 import os
 import sys
 
+from mpirt import flags
+
+# The fused top-k kernel (mpirt.kernels.predict_topk) keeps k candidates per row in one warp.
+TOP_K_MAX = 32
+
 
 def add_elastic_options(p):
     """Options every elastic job takes."""
     p.add_argument("--events", metavar="FILE", help="membership events log (JSON lines)")
     p.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
                    help="deterministic fault, e.g. kill:member=1:step=3 (repeatable; see docs)")
-    p.add_argument("--min-ranks", type=int, default=1, metavar="N", help="stop when fewer ranks remain")
+    p.add_argument("--min-ranks", type=flags.positive, default=1, metavar="N", help="stop when fewer ranks remain")
     p.add_argument("--resume", action="store_true", help="keep what a killed run committed and go on")
 
 
@@ -33,8 +38,10 @@ def add_parser(sub):
     p.add_argument("--checkpoint", required=True, action="append", metavar="CKPT.h5",
                    help="a checkpoint of 'mpirt train'; repeat for an ensemble (mean of probabilities)")
     p.add_argument("--out", required=True, metavar="PRED.h5")
-    p.add_argument("--top-k", type=int, default=1, metavar="K")
+    p.add_argument("--top-k", type=flags.integer(1, TOP_K_MAX), default=1, metavar="K",
+                   help=f"classes kept per row, most likely first (1..{TOP_K_MAX})")
     p.add_argument("--key-file", metavar="FILE", help="HMAC key: refuse unsigned checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--no-verify", action="store_true", help="use signed checkpoints without their key")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
     _add_force(p, "classify output")
@@ -53,6 +60,26 @@ def spawn_argv(args, positional, options):
     for spec in args.inject_fault:
         argv += ["--inject-fault", spec]
     return argv
+
+
+def require_world(min_ranks):
+    """Refuse a shard job started on fewer ranks than ``--min-ranks`` (before, it ran silently).
+
+    The first point where the world size is known; a spawned joiner joins a running job and skips it.
+    Call it right before the farm starts: it initialises MPI, and from then on a rank must reach the
+    farm's heartbeat pump within --hang-timeout (loading models first could take longer).
+    """
+    from mpirt.comm import mpi
+    from mpirt.errors import UsageError
+
+    MPI = mpi.MPI()
+    if MPI.Comm.Get_parent() != MPI.COMM_NULL:
+        return
+    size = MPI.COMM_WORLD.Get_size()
+    if size < min_ranks:
+        mpi.skip_finalize()  # as a job stopping on an error does: a rank that exits first must not block the rest
+        raise UsageError(f"--min-ranks {min_ranks}: the job started with only {size} rank(s)"
+                         if MPI.COMM_WORLD.Get_rank() == 0 else "")  # one line, not one a rank
 
 
 def check_paths(args, kind, data, others=()):
@@ -99,10 +126,12 @@ def run_classify(args):
     options = [("--data", os.path.abspath(args.data)), ("--out", out), ("--split", args.split),
                ("--top-k", args.top_k), ("--device", args.device), ("--events", events),
                ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts), ("--force", args.force),
+               ("--no-verify", args.no_verify),
                ("--key-file", os.path.abspath(args.key_file) if args.key_file else None)]
     options += [("--checkpoint", c) for c in ckpts]
     job = Classify(args.data, ckpts, out, split=args.split, top_k=args.top_k, key=resolve_key(args.key_file),
-                   device=args.device, spawn_argv=spawn_argv(args, [], options))
+                   device=args.device, spawn_argv=spawn_argv(args, [], options), verify=not args.no_verify)
+    require_world(args.min_ranks)
     summary = _run_job(job, args, out, events, faults)
     if summary is not None:
         acc = summary["accuracy"]
@@ -127,6 +156,7 @@ def run_wordcount(args):
                                            ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts),
                                            ("--force", args.force)])
     job = WordCount(args.data, out, args.split, spawn_argv=argv)
+    require_world(args.min_ranks)
     summary = _run_job(job, args, out, events, faults)
     if summary is not None:
         print(f"wordcount: {summary['rows']} rows, {summary['tokens']} tokens, {summary['shards']} shards, "

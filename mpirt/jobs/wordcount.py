@@ -14,6 +14,8 @@ from mpirt.errors import DataError
 from mpirt.jobs.shardjob import ShardJob, dataset_digest
 from mpirt.outputs import h5_writing, mark
 
+MAX_CELLS = 1 << 30  # class x bucket counters (8 GiB of int64) the reduce may hold
+
 
 class WordCount(ShardJob):
     def __init__(self, data_path, out_path, split="train", spawn_argv=()):
@@ -29,6 +31,11 @@ class WordCount(ShardJob):
         self.shard_sizes = [int(b - a) for a, b in shards]
         self.n_features = int(self.dataset.n_features)
         self.n_classes = int(self.dataset.n_classes)
+        cells = self.n_classes * self.n_features
+        if cells > MAX_CELLS:  # the reduce holds one int64 per (class, bucket): refuse before allocating it
+            raise DataError(f"{data_path}: counts for {self.n_classes} classes x {self.n_features} hash buckets "
+                            f"would need {8 * cells / 2**30:.0f} GiB (at most {8 * MAX_CELLS >> 30} GiB): "
+                            f"prepare the data with fewer --hash-bits")
         self.out_path = out_path
         self.spawn_argv = list(spawn_argv)
 
@@ -64,7 +71,8 @@ class WordCount(ShardJob):
             with h5_writing(tmp) as f:
                 mark(f, "wordcount")
                 f.create_dataset("counts", data=counts, compression="gzip", shuffle=True, track_times=False)
-                f.attrs["class_names"] = list(self.dataset.class_names)
+                f.create_dataset("class_names", data=list(self.dataset.class_names),  # no 64 KiB attribute cap
+                                 dtype=h5py.string_dtype(), track_times=False)
                 f.attrs["split"] = self.split_name
                 f.attrs["rows"] = rows
                 f.attrs["tokens"] = int(counts.sum())

@@ -4,6 +4,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from mpirt import flags
 from mpirt.jobs.commands import add_elastic_options, spawn_argv
 
 
@@ -35,31 +36,35 @@ class TrainConfig:
     bucket_bytes: int = 16 << 20
     progress: object = None
     spawn_argv: list = field(default_factory=list)
+    verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
+    data_sha256: str = None  # the data set's digest (mpirt.data.integrity.dataset_digest)
+    features: dict = None  # how a text data set was hashed; checkpoints carry it for classify
 
 
 def add_parser(sub):
     p = sub.add_parser("train", help="elastic data-parallel training (run under mpirt launch / mpiexec)")
     p.add_argument("--data", required=True, metavar="DATA.h5", help="a data set from 'mpirt prepare'")
     p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn"))
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--global-batch", type=int, default=64, metavar="B", help="samples a step, over all ranks")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=flags.positive, default=1)
+    p.add_argument("--global-batch", type=flags.positive, default=64, metavar="B", help="samples a step, over all ranks")
+    p.add_argument("--lr", type=flags.number(0, lo_open=True), default=0.1)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0, help="initial parameters and sample order")
+    p.add_argument("--momentum", type=flags.number(0, 1, hi_open=True), default=0.9, help="SGD momentum, in [0, 1)")
+    p.add_argument("--weight-decay", type=flags.number(0), default=0.0)
+    p.add_argument("--seed", type=flags.seed, default=0, help="initial parameters and sample order")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--hidden", type=int, help="mlp: hidden units (default 128)")
-    p.add_argument("--embed-dim", type=int, help="fasttext: embedding size (default 64)")
-    p.add_argument("--channels", type=int, help="cnn: channels of the first convolution (default 16)")
+    p.add_argument("--hidden", type=flags.size, help="mlp: hidden units (default 128)")
+    p.add_argument("--embed-dim", type=flags.size, help="fasttext: embedding size (default 64)")
+    p.add_argument("--channels", type=flags.size, help="cnn: channels of the first convolution (default 16)")
     p.add_argument("--checkpoint-dir", metavar="DIR")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="0: only at the end")
-    p.add_argument("--keep", type=int, default=3, metavar="K", help="checkpoints kept")
+    p.add_argument("--checkpoint-every", type=flags.non_negative, default=0, metavar="STEPS", help="0: only at the end")
+    p.add_argument("--keep", type=flags.positive, default=3, metavar="K", help="checkpoints kept")
     p.add_argument("--key-file", metavar="FILE", help="HMAC key for signed checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--no-verify", action="store_true", help="--resume from a signed checkpoint without its key")
     p.add_argument("--audit", metavar="FILE", help="JSON lines: the samples each committed step consumed")
     p.add_argument("--report", metavar="DIR", help="report.json and PNG plots")
     p.add_argument("--compress", choices=("bf16", "fp16"), help="compress gradients on the wire")
-    p.add_argument("--bucket-mb", type=float, default=16.0, help="gradient bucket size (MiB)")
+    p.add_argument("--bucket-mb", type=flags.number(1 / 1024, 4096), default=16.0, help="gradient bucket size (MiB)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     add_elastic_options(p)
     p.set_defaults(handler="mpirt.train.commands:run_train")
@@ -73,11 +78,10 @@ def config_from_args(args, dataset):
     from mpirt.errors import UsageError
     from mpirt.train.models import spec_for
 
-    for name in ("epochs", "global_batch", "keep", "min_ranks"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.checkpoint_every < 0 or args.lr <= 0 or args.bucket_mb <= 0:
-        raise UsageError("--checkpoint-every must be >= 0, --lr and --bucket-mb > 0")
+    from mpirt.data.integrity import dataset_digest, hashing_params
+
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir (the checkpoints to go on from)")
     if args.device == "cuda":
         import torch
 
@@ -94,7 +98,8 @@ def config_from_args(args, dataset):
         seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume or env_flag(RESUME), key=resolve_key(args.key_file), faults=FaultPlan(args.inject_fault),
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
-        progress=False if args.no_progress else None, spawn_argv=train_argv(args), **absolute)
+        progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
+        data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
 
 
 def train_argv(args):
@@ -104,7 +109,7 @@ def train_argv(args):
         "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb", "min_ranks")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
-    return spawn_argv(args, [], paths + options + [("--no-progress", True)])
+    return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify)])
 
 
 def run_train(args):

@@ -9,8 +9,11 @@ rank that seeds alike starts alike. Models take a :class:`mpirt.data.reader.Batc
 Imports torch: command modules import this inside their handlers, never at CLI start-up.
 """
 
+import numpy as np
 import torch
 from torch import nn
+
+from mpirt.config import MAX_PARAMS as MAX_PARAMS_ENV
 
 MODELS = ("linear", "mlp", "fasttext", "cnn")
 DENSE_MODELS = ("linear", "mlp", "cnn")
@@ -40,7 +43,45 @@ def spec_for(name, dataset, **sizes):
     spec = {"name": name, "n_features": dataset.n_features, "n_classes": dataset.n_classes,
             "feature_shape": shape, **DEFAULTS[name]}
     spec.update({k: int(v) for k, v in sizes.items() if v is not None and k in DEFAULTS[name]})
+    check_size(spec, f"{dataset.path}: model '{name}'")
     return spec
+
+
+def max_params():
+    """The parameter cap: ``$MPIRT_MAX_PARAMS``, else 2^30 (4 GiB of float32, about 16 GiB with
+    gradients, Adam's state and the allreduce buffers, on every rank)."""
+    import os
+
+    from mpirt.errors import UsageError
+
+    raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
+    if raw and not (raw.isdigit() and int(raw) > 0):
+        raise UsageError(f"{MAX_PARAMS_ENV}={raw!r} is not a positive integer")
+    return int(raw) if raw else 1 << 30
+
+
+def param_shapes(spec):
+    """{name: shape} of the model ``spec`` builds, without allocating it (torch's meta device)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build(spec).state_dict().items()}
+
+
+def check_size(spec, what):
+    """Refuse a spec whose model exceeds :func:`max_params` before anything is allocated (a data set
+    hashed to 2^32 buckets made fastText ask for 1 TB; a crafted spec, any size).
+
+    Raises:
+        UsageError: one line with the size and what to change.
+    """
+    from mpirt.errors import UsageError
+
+    n = sum(int(np.prod(s, dtype=object)) for s in param_shapes(spec).values())
+    cap = max_params()
+    if n > cap:
+        hint = ("prepare the data with fewer --hash-bits, or give a smaller --embed-dim"
+                if spec["name"] == "fasttext" else "use a smaller model or fewer features")
+        raise UsageError(f"{what} would have {n:,} parameters ({4 * n / 2**30:.1f} GiB as float32), more than "
+                         f"the cap of {cap:,} ({MAX_PARAMS_ENV} raises it): {hint}")
 
 
 def build(spec):

@@ -3,6 +3,9 @@
 Any rank may be asked for any rows (views change), so each process keeps a reader on the whole
 split. A split under ``cache_bytes`` is read once; larger ones are read per step as the few
 contiguous runs a step's slice spans (see :mod:`mpirt.train.order`).
+
+Every shard is verified (labels, token ids, checksum) before its rows are first used: a cached
+split as it is loaded, a large one shard by shard as steps reach it (:meth:`Split.check_rows`).
 """
 
 import numpy as np
@@ -26,15 +29,24 @@ class RowSource:
         self.split = split
         self.n_rows = split.n_rows
         self.cached = split.read(0, split.n_rows) if split_bytes(split) <= cache_bytes else None
+        if self.cached is not None:
+            split.check_rows(0, split.n_rows, self.cached)
 
     def get(self, rows):
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         if self.cached is None:
-            return self.split.read_ranges(runs(rows)) if len(rows) else self.split.read(0, 0)
+            pieces = runs(rows)
+            for a, b in pieces:
+                self.split.check_rows(a, b)
+            return self.split.read_ranges(pieces) if len(rows) else self.split.read(0, 0)
         return take(self.cached, rows)
 
     def all(self):
-        return self.cached if self.cached is not None else self.split.read(0, self.n_rows)
+        if self.cached is not None:
+            return self.cached
+        batch = self.split.read(0, self.n_rows)
+        self.split.check_rows(0, self.n_rows, batch)
+        return batch
 
 
 def take(batch, rows):

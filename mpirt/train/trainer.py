@@ -24,10 +24,10 @@ import torch
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
-from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
-from mpirt.train import models
+from mpirt.train import models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.audit import Audit
 from mpirt.train.order import Orders, Schedule
@@ -35,9 +35,10 @@ from mpirt.train.source import RowSource, batches
 
 log = get_logger("mpirt.train")
 
-# The stats reduced with the gradients: one slot each.
-SAMPLES, LOSS, CORRECT, LEAVING, JOINERS, PREEMPT = range(6)
-N_STATS = 6
+# The stats reduced with the gradients: one slot each. NONFINITE counts ranks whose gradient has a
+# NaN or inf: every member sees the same sums, so every member stops at the same step.
+SAMPLES, LOSS, CORRECT, LEAVING, JOINERS, PREEMPT, NONFINITE = range(7)
+N_STATS = 7
 
 
 class Trainer:
@@ -57,6 +58,7 @@ class Trainer:
         self.ckpt = None
         self.audit = None
         self.saved = None  # (step, path) of the last checkpoint this process wrote
+        self.ident = rundir.identity(cfg, cfg.data_sha256)
         self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
 
     # -- state ---------------------------------------------------------------
@@ -85,6 +87,12 @@ class Trainer:
     # -- start ---------------------------------------------------------------
     def start(self):
         group = self.group
+        if not group.joined and group.size < self.cfg.min_ranks:  # the first point the world size is known
+            # All refuse together: a rank still busy when the first exits would get prte's SIGTERM,
+            # which the group traps for graceful leaves, and linger after the launcher returned.
+            group.ec.comm.Barrier()
+            raise UsageError(f"--min-ranks {self.cfg.min_ranks}: the job started with only {group.size} rank(s)"
+                             if group.is_coordinator else "")
         self._build()
         if group.joined:
             self.load_state(group.sync_view(joiner=True))
@@ -97,8 +105,8 @@ class Trainer:
                 except MpirtError as exc:  # every rank stops with the coordinator's reason
                     state = {"error": exc}
             state = group.sync_view(payload=state)
-            if state is not None and "error" in state:
-                raise state["error"]
+            if state is not None and "error" in state:  # one line, the coordinator's: the others stop quietly
+                raise state["error"] if group.is_coordinator else type(state["error"])("")
             if state is not None:
                 self.load_state(state)
         self._open_outputs()
@@ -107,14 +115,18 @@ class Trainer:
     def _resume_state(self):
         """The newest checkpoint's state when resuming (read by the coordinator only), else None."""
         cfg = self.cfg
-        if not (cfg.resume and cfg.checkpoint_dir):
+        if not cfg.checkpoint_dir:
             return None
-        from mpirt.checkpoint import CheckpointDir
-
-        ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key).load_latest()
+        self.ckpt = rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident,
+                                  verify=cfg.verify)
+        self.ckpt.claim(cfg.resume)  # locked, and ours: before anything is read from it
+        if not cfg.resume:
+            return None
+        ckpt = self.ckpt.load_latest()
         if ckpt is None:
             log.info("--resume: no checkpoint in %s yet; starting at step 0", cfg.checkpoint_dir)
             return None
+        rundir.check_resume(ckpt, self.ident)
         if ckpt.spec != self.spec:
             raise JobError(f"{ckpt.path}: model spec {ckpt.spec} does not match this run's {self.spec}")
         log.info("resuming from %s (step %d, saved by %d ranks)", ckpt.path, ckpt.position["step"],
@@ -130,10 +142,9 @@ class Trainer:
         if self.audit is None and cfg.audit:
             self.audit = Audit(cfg.audit, self.schedule)
             self.audit.truncate(self.step)  # steps after a resumed checkpoint were undone
-        if self.ckpt is None and cfg.checkpoint_dir:
-            from mpirt.checkpoint import CheckpointDir
-
-            self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key)
+        if self.ckpt is None and cfg.checkpoint_dir:  # a coordinator taking over after a failure
+            self.ckpt = rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident,
+                                      verify=cfg.verify)
         if self.reporter is None:
             from mpirt.train.report import Reporter
 
@@ -198,6 +209,8 @@ class Trainer:
             stats[SAMPLES] = len(batch)
             stats[LOSS] = float(loss.detach())
             stats[CORRECT] = float((logits.detach().argmax(1) == y).sum())
+            stats[NONFINITE] = 0.0 if all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
+                                          if p.grad is not None) else 1.0
         return stats
 
     def _mark_fired(self, step, actions, phase="take"):
@@ -209,6 +222,8 @@ class Trainer:
 
     def _after_commit(self):
         totals, step, group = self.totals, self.step, self.group
+        if totals[NONFINITE] or not np.isfinite(totals[LOSS]):
+            self._stop_non_finite(step, totals)
         self.opt.step()  # gradients already hold sum / total samples
         self.step += 1
         self._mark_fired(step, ("join",))
@@ -228,6 +243,17 @@ class Trainer:
             group.grow(int(totals[JOINERS]))
             group.sync_view(payload=self.state() if group.is_coordinator else None)
             self._open_outputs()
+
+    def _stop_non_finite(self, step, totals):
+        """Every member saw the same sums: all stop before applying step ``step``, and the last
+        checkpoint written stays the newest (a NaN model is never saved)."""
+        if not self.group.is_coordinator:
+            raise JobError("")  # the same stop everywhere; the coordinator says it once
+        what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
+        mine = self.ckpt.paths() if self.ckpt else []
+        keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
+        raise JobError(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
+                       f"{keep} (try a smaller --lr)")
 
     def _stop_preempted(self, why):
         """Every member saw the request in the same step's stats: save, then all stop (exit 75)."""
@@ -313,6 +339,7 @@ class Trainer:
             position={"step": self.step, "epoch": epoch, "seed": cfg.seed, "global_batch": cfg.global_batch},
             rng={"torch": torch.get_rng_state().numpy()}, world_size=self.group.size,
             meta={"data": os.path.abspath(self.dataset.path), "class_names": self.dataset.class_names,
+                  "data_sha256": cfg.data_sha256, "features": cfg.features,
                   "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs, "time": time.time()})
         log.info("checkpoint %s", path)
         self.saved = (self.step, path)
@@ -339,6 +366,8 @@ class Trainer:
             self.reporter.close()
         if self.audit:
             self.audit.close()
+        if self.ckpt:
+            self.ckpt.close()
         self.reducer.close() if hasattr(self, "reducer") else None
         self.group.close(failed)
 

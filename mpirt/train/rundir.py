@@ -1,0 +1,165 @@
+"""A checkpoint directory that belongs to one run.
+
+Before, a directory accepted any job: a new run in an old directory with ``--keep 1`` deleted its
+own new checkpoint (the old one had the higher step), ``--resume`` with another data set,
+``--global-batch`` or ``--seed`` went on from a state those samples never produced (the audit
+showed samples consumed twice), and two jobs on one directory interleaved their files.
+
+So the directory records the run's identity in ``run.json`` (:func:`identity`: what changes the
+result of a step), every checkpoint carries it in its meta, a start is refused when it does not
+fit (saying which flag differs), the directory is locked with ``flock`` while a job writes it,
+and keep-K deletes only checkpoints of the same run.
+"""
+
+import fcntl
+import json
+import os
+
+from mpirt.atomic import atomic_path
+from mpirt.checkpoint import CheckpointDir
+from mpirt.errors import JobError, UsageError
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+# identity key -> the flag a user changes to change it
+FLAGS = {"data_sha256": "--data (another data set, or the same file changed)", "global_batch": "--global-batch",
+         "seed": "--seed", "spec": "--model (or its sizes: --hidden, --embed-dim, --channels)",
+         "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
+         "compress": "--compress"}
+
+
+def identity(cfg, data_sha256):
+    """What makes two runs the same run: every input of a step's result (not --epochs: more epochs
+    continue the same sequence of steps; not where or how often checkpoints are written)."""
+    return {"data_sha256": data_sha256, "global_batch": int(cfg.global_batch), "seed": int(cfg.seed),
+            "spec": cfg.spec, "optimizer": cfg.optimizer, "lr": float(cfg.lr),
+            "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None,  # Adam ignores it
+            "weight_decay": float(cfg.weight_decay), "compress": cfg.compress}
+
+
+def differences(recorded, ident):
+    """The flags whose values differ between two identities, as 'FLAG (was A, now B)'."""
+    out = []
+    for key in FLAGS:
+        if recorded.get(key) != ident.get(key):
+            was, now = recorded.get(key), ident.get(key)
+            if key in ("data_sha256", "spec"):
+                out.append(FLAGS[key])
+            else:
+                out.append(f"{FLAGS[key]} (was {was}, now {now})")
+    return out
+
+
+class RunDir(CheckpointDir):
+    """A :class:`CheckpointDir` owned by one run: locked, with its identity recorded and checked.
+
+    Args:
+        directory, keep, key, verify: as for :class:`CheckpointDir`.
+        ident: this run's :func:`identity`.
+    """
+
+    def __init__(self, directory, keep=3, key=None, ident=None, verify=True):
+        super().__init__(directory, keep=keep, key=key, verify=verify)
+        self.ident = ident
+        self._lock = None
+
+    def claim(self, resume):
+        """At the start of a run (coordinator): lock, check the recorded identity, record ours.
+
+        Raises:
+            UsageError: the directory is a file, or holds another run (or, without ``--resume``,
+                any checkpoints). JobError: another job holds the lock.
+        """
+        d = self.directory
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise UsageError(f"--checkpoint-dir {d}: exists and is not a directory")
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--checkpoint-dir {d}: cannot create it ({exc.strerror})") from None
+        self.lock(strict=True)
+        recorded = self.recorded()
+        ours = self.paths(mine=False)
+        if resume and recorded is not None and recorded != self.ident:
+            raise UsageError(f"--resume: {d} holds another run: {'; '.join(differences(recorded, self.ident))} "
+                             f"differs")
+        if not resume and ours:
+            raise UsageError(f"{d}: holds checkpoints of an earlier run (newest {os.path.basename(ours[-1])}): "
+                             f"give --resume to go on from it, or another --checkpoint-dir")
+        with atomic_path(os.path.join(d, RUN_FILE)) as tmp, open(tmp, "w") as f:
+            json.dump(self.ident, f, sort_keys=True, indent=1)
+
+    def lock(self, strict):
+        """Hold ``DIR/.lock`` (flock, released when this process ends, however it ends).
+
+        ``strict`` False (a coordinator taking over after a failure): if the lock is still held, it
+        is most likely by this job's own dead coordinator's not yet reaped process; go on.
+        """
+        if self._lock is not None:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if strict:
+                raise JobError(f"{self.directory}: in use by another job (locked); wait for it to end, "
+                               f"or give another --checkpoint-dir") from None
+            return
+        self._lock = fd
+
+    def recorded(self):
+        """The identity in ``run.json``, or None (a new directory, or one of an older mpirt)."""
+        try:
+            with open(os.path.join(self.directory, RUN_FILE)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.directory}/{RUN_FILE}: unreadable ({exc}); remove it only if the "
+                             f"checkpoints there are this run's") from None
+
+    def save(self, step, **fields):
+        self.lock(strict=False)
+        fields["meta"] = dict(fields.get("meta") or {}, run=self.ident)
+        return super().save(step, **fields)
+
+    def paths(self, mine=True):
+        """Checkpoint paths in step order; ``mine``: only this run's (keep-K deletes from these)."""
+        paths = super().paths()
+        return [p for p in paths if _run_of(p) == self.ident] if mine and self.ident is not None else paths
+
+    def latest(self):
+        """The newest checkpoint of any run: a resume checks that it is this run's (:func:`check_resume`)."""
+        paths = self.paths(mine=False)
+        return paths[-1] if paths else None
+
+    def close(self):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def check_resume(ckpt, ident):
+    """Refuse to resume from a checkpoint of another run (its recorded identity, or for checkpoints
+    of an older mpirt, the seed and global batch its position records)."""
+    run = ckpt.meta.get("run")
+    if run is None:
+        pos = ckpt.position
+        run = dict(ident, **{k: pos[k] for k in ("seed", "global_batch") if k in pos})
+    diff = differences(run, ident)
+    if diff:
+        raise UsageError(f"--resume: {ckpt.path} is of another run: {'; '.join(diff)} differs")
+
+
+def _run_of(path):
+    """The run identity a checkpoint records (its meta attribute; read, not verified: this only
+    decides what keep-K may delete, and a file that does not say it is ours is kept)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["meta"]).get("run")
+    except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        return None
