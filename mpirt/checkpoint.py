@@ -71,7 +71,6 @@ def _numpy(x):
 
 def save(path, *, spec, params, optimizer=None, position, rng=None, world_size, meta=None, key=None):
     """Write a checkpoint to ``path`` atomically; return ``path``."""
-    import h5py
 
     attrs = {"spec": json.dumps(spec, sort_keys=True), "position": json.dumps(position, sort_keys=True),
              "meta": json.dumps(meta or {}, sort_keys=True, default=str), "world_size": int(world_size)}
@@ -87,8 +86,21 @@ def save(path, *, spec, params, optimizer=None, position, rng=None, world_size, 
     for k, v in (rng or {}).items():
         arrays[f"rng/{k}"] = _numpy(v).astype(np.uint8, copy=False)
     manifest = _manifest(arrays, attrs, json.dumps(groups, sort_keys=True))
+    from mpirt.errors import CheckpointError
+    from mpirt.outputs import os_error_line
+
+    try:
+        _write(path, attrs, arrays, groups, manifest, key)
+    except OSError as exc:  # a full disk: one line; the temporary is gone, the checkpoints before intact
+        raise CheckpointError(os_error_line(exc, path)) from None
+    return path
+
+
+def _write(path, attrs, arrays, groups, manifest, key):
+    from mpirt.outputs import h5_writing
+
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with h5_writing(tmp, libver="latest") as f:
             f.attrs["mpirt_format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
             for k, v in attrs.items():
@@ -100,7 +112,6 @@ def save(path, *, spec, params, optimizer=None, position, rng=None, world_size, 
             f.attrs["manifest"] = manifest
             if key:
                 f.attrs["signature"] = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
-    return path
 
 
 def _digest(a):

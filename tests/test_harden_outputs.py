@@ -218,6 +218,24 @@ def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_old_output(small_disk)
     assert sha(out) == before and temporaries(d) == []
 
 
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_one_before(small_disk, digits):
+    d, cmd, mounted = small_disk
+    ckpt = d / "ckpt"
+    # An MLP of ~300k parameters: a checkpoint with its momentum is ~2.4 MB; the second does not fit.
+    res = run(cmd(3 << 20, "train", "--data", digits[0], "--model", "mlp", "--hidden", "512", "--epochs", "2",
+                  "--checkpoint-dir", ckpt, "--checkpoint-every", "5", "--keep", "10", "--no-progress"))
+    assert res.returncode == 1 and "Traceback" not in res.output, res.output
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]  # besides the log of the first save
+    assert len(errors) == 1 and "writing" in errors[0] and str(ckpt) in errors[0], res.stderr
+    _full(mounted, errors[0], ckpt)
+    names = sorted(os.listdir(ckpt))
+    saved = [n for n in names if n.startswith("ckpt-")]
+    assert saved == ["ckpt-00000005.h5"] and temporaries(d) == [], names
+    from mpirt.checkpoint import load
+
+    assert load(ckpt / saved[0]).position["step"] == 5  # the one before is whole
+
+
 def test_shard_jobs_on_a_full_disk_are_one_line(small_disk, text, digits):
     d, _, mounted = small_disk
     if not mounted:  # a file size limit small enough to matter here breaks Open MPI's own start
