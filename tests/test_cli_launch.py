@@ -153,3 +153,21 @@ def test_sigterm_or_ctrl_c_to_the_launcher_is_a_clean_stop(tmp_path, sig, group)
     names = sorted(os.listdir(ckpt))
     assert names and all(n.endswith(".h5") and ".tmp" not in n for n in names), names
     assert "Traceback" not in err
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unexpected_error_in_every_rank_is_shown_not_hidden(tmp_path, debug):
+    """A bug that every rank hits: the launcher repeats the first rank's own line, not 'ranks lost'."""
+    data = tmp_path / "digits.h5"
+    run_cli("prepare", "digits", data, "--shard-rows", "256").check()
+    job = ["mpirt", *(["--debug"] if debug else []), "train", "--data", data, "--model", "linear", "--epochs", "1",
+           "--no-progress", "--inject-fault", "raise:member=0:step=3", "--inject-fault", "raise:member=1:step=3"]
+    res = run_cli("launch", "-n", "2", "--hang-timeout", "2", "--", *job, timeout=120)
+    assert res.returncode == 1, res.output
+    assert "the job failed: RuntimeError: injected fault raise:member=" in res.stderr, res.stderr
+    assert "every rank that could coordinate it was lost" not in res.stderr
+    assert ("Traceback" in res.stderr) == debug
+    if not debug:
+        assert "run with 'mpirt --debug' for the traceback" in res.stderr

@@ -5,6 +5,7 @@ SPEC is ``ACTION:key=value:...``:
   hang:member=M:step=S       SIGSTOP itself (the failure detector must notice)
   leave:member=M:step=S      SIGTERM itself (graceful leave)
   stop:member=M:step=S       SIGUSR1 itself (the whole job stops, state saved: Slurm's --signal)
+  raise:member=M:step=S      raise an unexpected Python exception (a bug in the job)
   host-crash:member=M:step=S   SIGKILL every process of its (simulated) host at once
   host-freeze:member=M:step=S  SIGSTOP every process of its host
   host-cut:member=M:step=S     take its host's links down (a partition)
@@ -24,7 +25,7 @@ from mpirt.config import FAULTS, RUN
 from mpirt.errors import UsageError
 
 # What a member does to itself (SELF) or to its host, and what the coordinator does (join).
-SELF = ("kill", "hang", "leave", "stop") + hostfaults.ACTIONS
+SELF = ("kill", "hang", "leave", "stop", "raise") + hostfaults.ACTIONS
 ACTIONS = SELF + ("join",)
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "leave": signal.SIGTERM, "stop": signal.SIGUSR1}
 
@@ -133,4 +134,6 @@ def strike(fault):
     if fault.action in hostfaults.ACTIONS:
         hostfaults.strike(fault.action)
         return
+    if fault.action == "raise":
+        raise RuntimeError(f"injected fault {fault}")
     os.kill(os.getpid(), SIGNALS[fault.action])
