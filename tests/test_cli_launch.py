@@ -151,7 +151,8 @@ def test_sigterm_or_ctrl_c_to_the_launcher_is_a_clean_stop(tmp_path, sig, group)
     assert "saves its state and stops" in err and "stopped on request" in err, err
     # The launcher returned only after the checkpoint was in place: no temporary left.
     names = sorted(os.listdir(ckpt))
-    assert names and all(n.endswith(".h5") and ".tmp" not in n for n in names), names
+    saved = [n for n in names if n.startswith("ckpt-")]
+    assert saved and all(n.endswith(".h5") for n in saved) and not [n for n in names if ".tmp" in n], names
     assert "Traceback" not in err
 
 
