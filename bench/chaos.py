@@ -1,6 +1,6 @@
 """Seeded chaos: random fault schedules against the elastic task farm; counts lost and duplicated units.
 
-    python -m bench chaos [--schedules 20] [--seed 0] [--ranks 4] [--hosts]
+    python -m bench chaos [--schedules 20] [--seed 0] [--ranks 4] [--hosts] [--hostile]
 
 Each schedule draws 1 to 3 faults (kill, hang, leave of a random member or the coordinator,
 joins) at random steps, runs the test suite's shard job under `mpirt launch`, and checks
@@ -8,6 +8,8 @@ the result against the fault-free one and the ledger for every shard exactly onc
 With ``--hosts`` the job runs on 6 ranks over 3 simulated hosts (scripts/hosts/local-hosts.sh,
 root) and every schedule has one host fault (crash, freeze or partition of a random host, the
 coordinator's included) mixed with 0 to 2 process faults on the other hosts.
+``--hostile`` runs the hostile-inputs set instead (bench/hostile.py): bad files and flags, each
+must be one line, a non-zero exit, no traceback, inputs intact.
 Not part of CI's default run: it takes minutes.
 """
 
@@ -104,7 +106,15 @@ def main(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--hosts", action="store_true", help="6 ranks over 3 simulated hosts, one host fault each")
+    p.add_argument("--hostile", action="store_true", help="the hostile-inputs set (bench/hostile.py)")
     args = p.parse_args(argv)
+    if args.hostile:
+        from bench import hostile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results = hostile.report(hostile.run(tmp))
+        print("wrote", write_results("hostile", results))
+        return 0 if all(r["ok"] for r in results) else 1
     rng = random.Random(args.seed)
     results = []
     if args.hosts and subprocess.run([HOSTS, "status"], capture_output=True).returncode != 0:
@@ -120,5 +130,5 @@ def main(argv):
     lost = sum(r["lost"] for r in results)
     dup = sum(r["duplicated"] for r in results)
     print(f"\nsurvived {survived}/{len(results)} schedules; lost units {lost}; duplicated units {dup}")
-    print("wrote", write_results("chaos-hosts" if args.hosts else "chaos", results))
+    print("wrote", write_results("chaoshosts" if args.hosts else "chaos", results))
     return 0 if survived == len(results) and not lost and not dup else 1

@@ -295,9 +295,29 @@ def chaos(doc, out_dir):
                                ("duplicated", dup)], "count", "random fault schedules")
 
 
+def chaoshosts(doc, out_dir):
+    runs = doc["results"]
+    ok = sum(r["survived"] for r in runs)
+    lost, dup = sum(r["lost"] for r in runs), sum(r["duplicated"] for r in runs)
+    rows = [[" ".join(r["faults"]), "ok" if r["survived"] else "FAIL", r["lost"], r["duplicated"]] for r in runs]
+    return _header(doc, "chaos over hosts: one host fault (crash, freeze, partition) plus process faults, "
+                        "6 ranks on 3 simulated hosts") + [
+        f"{ok}/{len(runs)} schedules survived; lost units {lost}, duplicated {dup}.", "",
+        table(rows, ["faults", "verdict", "lost", "duplicated"]), ""]
+
+
+def hostile(doc, out_dir):
+    runs = doc["results"]
+    rows = [[r["case"], "ok" if r["ok"] else "FAIL", r["returncode"], "yes" if r["inputs_intact"] else "NO",
+             r["error"][:100].replace("|", "/")] for r in runs]
+    return _header(doc, "hostile inputs: one line, a non-zero exit, no traceback, inputs intact") + [
+        f"{sum(r['ok'] for r in runs)}/{len(runs)} cases handled.", "",
+        table(rows, ["case", "verdict", "exit", "inputs intact", "the line"]), ""]
+
+
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("ledger", ledger),
-            ("chaos", chaos))
+            ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 
 def plot_suite(name, out_dir):
