@@ -255,9 +255,9 @@ def test_many_classes_are_stored_and_old_files_still_read(tmp_path):
 def test_a_fifo_as_data_or_checkpoint_is_refused_not_waited_on(tmp_path, digits):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    one_line_error(run_cli("train", "--data", fifo, "--model", "mlp", timeout=30), 1, "not a regular file")
+    one_line_error(run_cli("train", "--data", fifo, "--model", "mlp", timeout=30), 1, "is a FIFO")
     one_line_error(run_cli("classify", "--data", digits, "--checkpoint", fifo, "--out", tmp_path / "p.h5",
-                           timeout=30), 1, "not a regular file")
+                           timeout=30), 1, "is a FIFO")
 
 
 def test_crafted_class_names_dataset_is_refused_before_reading(tmp_path, digits):

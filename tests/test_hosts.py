@@ -139,7 +139,7 @@ def test_training_goes_on_after_a_host_is_lost(tmp_path, cluster, digits, fault)
     for k in a:
         err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / max(float(np.max(np.abs(b[k]))), 1e-12)
         assert err <= 1e-5, f"{k}: {err:.3g} from one rank's parameters"
-    assert sorted(os.listdir(ckpt)) == [f for f in sorted(os.listdir(ckpt)) if f.endswith(".h5")], "no temporaries"
+    assert not [f for f in os.listdir(ckpt) if ".tmp" in f], "no temporaries"
 
 
 def test_a_new_host_joins_then_a_host_is_lost(tmp_path, cluster, digits):
@@ -206,7 +206,7 @@ def classify_setup(tmp_path_factory):
     run_cli("prepare", "digits", data, "--shard-rows", "32", "--test-fraction", "0.3").check()
     run_cli("train", "--data", data, "--model", "mlp", "--epochs", "2", "--seed", "2", "--no-progress",
             "--checkpoint-dir", d / "mlp").check()
-    ckpt = next((d / "mlp").iterdir())
+    ckpt = sorted((d / "mlp").glob("ckpt-*.h5"))[-1]
     run_cli("classify", "--data", data, "--checkpoint", ckpt, "--out", d / "ref.h5").check()
     return data, ckpt, d / "ref.h5"
 

@@ -342,8 +342,12 @@ def _watch(sock, timeout):
     except TimeoutError:
         _cut_off(f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
                  f"the job); stopping without committing anything")
-    except (OSError, ValueError):
+    except OSError as exc:  # no route to the launcher (a link down): cut off as well
+        _cut_off(f"lost the quorum: mpirt launch unreachable ({exc.strerror or exc}); stopping without "
+                 f"committing anything")
+    except ValueError:
         pass
+    # End of file: the launcher closed this lifeline (it ended, or declared this rank failed).
     _stop(LAUNCHER_GONE, "mpirt launch is gone (or declared this rank failed): stopping this rank")
 
 

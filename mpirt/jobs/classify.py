@@ -20,7 +20,7 @@ import numpy as np
 from mpirt.atomic import atomic_path
 from mpirt.data.integrity import dataset_digest, hashing_params
 from mpirt.errors import CheckpointError
-from mpirt.jobs.shardjob import ShardJob, dataset_digest, file_digest
+from mpirt.jobs.shardjob import ShardJob, file_digest
 from mpirt.outputs import h5_writing, mark
 
 

@@ -35,21 +35,6 @@ class ShardJob:
         return {"shard_sizes": hashlib.sha256(repr(list(self.shard_sizes)).encode()).hexdigest()}
 
 
-def dataset_digest(dataset):
-    """A data set's content digest, cheaply: every split's shard table and shard checksums, and the
-    root attributes that give rows their meaning (classes, features, hashing)."""
-    h = hashlib.sha256()
-    for name in dataset.splits:
-        g = dataset.file[name]
-        h.update(g["shards"][()].tobytes())
-        h.update(g["shard_sha256"][()].tobytes())
-    for key in sorted(dataset.attrs):
-        value = dataset.attrs[key]
-        # tolist(): str() of a long array (class names) abbreviates it with "..."
-        h.update(f"{key}={value.tolist() if hasattr(value, 'tolist') else value!r};".encode())
-    return h.hexdigest()
-
-
 def file_digest(path):
     """sha256 of a file's bytes."""
     h = hashlib.sha256()

@@ -11,7 +11,8 @@ import numpy as np
 
 from mpirt.atomic import atomic_path
 from mpirt.errors import DataError
-from mpirt.jobs.shardjob import ShardJob, dataset_digest
+from mpirt.data.integrity import dataset_digest
+from mpirt.jobs.shardjob import ShardJob
 from mpirt.outputs import h5_writing, mark
 
 MAX_CELLS = 1 << 30  # class x bucket counters (8 GiB of int64) the reduce may hold
