@@ -114,3 +114,18 @@ def test_restart_mode_has_no_ulfm_flags():
 def test_fault_tolerance_problems_are_named(env, expected):
     problem = ft_launch_problem(env)
     assert (problem is None) if expected is None else (expected in problem)
+
+
+def test_quorum_is_a_strict_majority_of_hosts_or_half_with_the_coordinator():
+    from mpirt.cluster.membership import View, has_quorum
+
+    three = View(id=0, members=[0, 1, 2, 3, 4, 5], hosts=[("n1", 1), ("n1", 2), ("n2", 3), ("n2", 4), ("n3", 5),
+                                                          ("n3", 6)], next_member=6)
+    assert has_quorum(three, [0, 1, 4, 5]) and not has_quorum(three, [2, 3])  # a partition: one side only
+    assert has_quorum(three, [0, 4])  # processes failed, but on hosts that are there
+    assert not has_quorum(three, [0, 1])  # two hosts gone at once: no side may assume it is the job
+    assert has_quorum(three, [0, 1], left={2, 3})  # a host whose members all left is not a side
+    one = View(id=0, members=[0, 1, 2, 3], hosts=[("vm", 1)] * 4, next_member=4)
+    assert has_quorum(one, [2, 3]) and has_quorum(one, [3])  # one host: crashes never cost the quorum
+    two = View(id=0, members=[0, 1, 2, 3], hosts=[("a", 1), ("a", 2), ("b", 1), ("b", 2)], next_member=4)
+    assert has_quorum(two, [0, 1]) and not has_quorum(two, [2, 3])  # exact half: the coordinator's host

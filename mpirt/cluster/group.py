@@ -201,9 +201,10 @@ class ElasticGroup:
         if not has_quorum(old, survivors, old.left | self.leaving):
             self.events.write("quorum_lost", view=old.id, member=self.member, reachable=survivors,
                               unreachable=failed)
-            raise QuorumLost(f"lost the quorum: {len(survivors)} of the {len(old.members)} members of view "
-                             f"{old.id} reachable {survivors}; stopping without committing anything "
-                             f"(the side with the majority goes on)")
+            hosts = sorted({old.host_of(m)[0] for m in survivors})
+            raise QuorumLost(f"lost the quorum: members {survivors} on {len(hosts)} of the "
+                             f"{len({h for h, _ in old.hosts})} hosts of view {old.id} reachable; stopping "
+                             f"without committing anything (the side with the majority of hosts goes on)")
         self.view = View(id=old.id, members=survivors, hosts=[old.host_of(m) for m in survivors],
                          next_member=old.next_member, left=old.left, fired=old.fired)
         require_min(self.ec.size, self.min_ranks)

@@ -43,15 +43,18 @@ class View:
 def has_quorum(old, survivors, left=()):
     """True when ``survivors`` may go on as the job after a change from view ``old``.
 
-    A strict majority of ``old``'s members (less those that left gracefully: they are not a side),
-    or exactly half holding ``old``'s coordinator. Two disjoint sides can never both pass, which is
-    what rules out a split brain after a partition.
+    Counted in hosts, the failure domains: the survivors must span a strict majority of the hosts
+    that had members in ``old`` (less members that left gracefully: they are not a side), or
+    exactly half of them including the coordinator's host. Two disjoint sides of a partition can
+    never both pass, which rules out a split brain; processes that fail on a host that is still
+    there (however many at once) never cost the quorum, and a job on one host always has it.
     """
-    voters = [m for m in old.members if m not in left]
-    alive = [m for m in survivors if m in voters]
+    host = {m: h for m, (h, _) in zip(old.members, old.hosts)} if old.hosts else {m: None for m in old.members}
+    voters = {host[m] for m in old.members if m not in left}
+    alive = {host[m] for m in survivors if m in host} & voters
     if 2 * len(alive) > len(voters):
         return True
-    return 2 * len(alive) == len(voters) and old.coordinator in survivors
+    return 2 * len(alive) == len(voters) and host[old.coordinator] in alive
 
 
 def hosts_lost(old, failed):

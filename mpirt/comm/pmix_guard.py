@@ -49,9 +49,16 @@ PMIX_RANGE_PROC_LOCAL = 7
 PMIX_EVENT_HDLR_FIRST = b"pmix.evfirst"
 PMIX_EVENT_AFFECTED_PROC = b"pmix.evproc"
 
-# The runtime going away, as opposed to a process failing.
+# The runtime going away, or the job or a node declared ended by it, as opposed to a process failing
+# (PMIX_ERR_PROC_TERM_WO_SYNC -200, PMIX_ERR_PROC_ABORTED_BY_SIG -402: ULFM's). Open MPI's default
+# handler would abort on any of these.
 RUNTIME_GONE = (PMIX_ERR_LOST_CONNECTION, PMIX_ERR_UNREACH, PMIX_EVENT_JOB_END, PMIX_ERR_JOB_ABORTED,
-                PMIX_ERR_JOB_ABORTED_BY_SIG, PMIX_ERR_JOB_TERM_WO_SYNC, PMIX_ERR_EXIT_NONZERO_TERM)
+                PMIX_ERR_JOB_ABORTED_BY_SIG, PMIX_ERR_JOB_TERM_WO_SYNC, PMIX_ERR_EXIT_NONZERO_TERM,
+                -49,  # PMIX_ERR_COMM_FAILURE
+                -180, -183, -186, -187, -189,  # PMIX_ERR_JOB_ CANCELED, KILLED_BY_CMD, SENSOR_BOUND_EXCEEDED,
+                #                                NON_ZERO_TERM, ABORTED_BY_SYS_EVENT
+                -201,  # PMIX_EVENT_PROC_TERMINATED (a shim ended by the runtime's abort)
+                -230, -231, -232, -330)  # PMIX_EVENT_ SYS_BASE, NODE_DOWN, NODE_OFFLINE, SYS_OTHER
 
 _NOTIFY_DONE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
