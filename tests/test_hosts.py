@@ -83,10 +83,10 @@ def events_of(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def assert_host_lost(events, fault):
+def assert_host_lost(events, fault, res):
     views = [e for e in events if e["event"] == "view"]
     brief = [(v["view"], v["failed"], v["left"], v["hosts_lost"]) for v in views]
-    assert any(sorted(v["failed"]) == [2, 3] and v["hosts_lost"] == [FAULT_HOST] for v in views), brief
+    assert any(sorted(v["failed"]) == [2, 3] and v["hosts_lost"] == [FAULT_HOST] for v in views), (brief, res.stderr)
     lost = [e for e in events if e["event"] == "host_lost"]
     assert [e["host"] for e in lost] == [FAULT_HOST] and sorted(lost[0]["members"]) == [2, 3]
     if fault == "host-cut":
@@ -130,7 +130,7 @@ def test_training_goes_on_after_a_host_is_lost(tmp_path, cluster, digits, fault)
     settle_fault_host(fault)
     assert_no_leftovers(tag)
     assert open(audit).read() == steps_before, "a lost host's rank committed after it was dropped"
-    assert_host_lost(events_of(events), fault)
+    assert_host_lost(events_of(events), fault, res)
     steps = [json.loads(line)["step"] for line in steps_before.splitlines()]
     assert steps == list(range(46)), "every step exactly once"
     a, pos = final_params(ckpt)
@@ -195,7 +195,7 @@ def test_wordcount_is_bit_identical_after_a_host_is_lost(tmp_path, cluster, text
         np.testing.assert_array_equal(f["counts"][()], counts)
     records = [json.loads(line) for line in ledger.splitlines()]
     assert sorted(r["shard"] for r in records) == list(range(38)) and not any(r.get("duplicate") for r in records)
-    assert_host_lost(events_of(events), fault)
+    assert_host_lost(events_of(events), fault, res)
 
 
 # -- classify ----------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_classify_is_identical_after_a_host_is_lost(tmp_path, cluster, classify_
         assert a.attrs["sha256"] == b.attrs["sha256"]
         for k in a:
             np.testing.assert_array_equal(a[k][()], b[k][()])
-    assert_host_lost(events_of(events), fault)
+    assert_host_lost(events_of(events), fault, res)
 
 
 def test_host_faults_are_refused_outside_a_simulated_host(tmp_path, digits):

@@ -324,7 +324,10 @@ def check_fence():
 
 
 def _beat(period):
-    while send("hb"):
+    # A send that fails once (a full buffer on a loaded machine) must not end the heartbeats: a rank
+    # whose beats stopped would be declared failed. Only the process's end stops them.
+    while True:
+        send("hb")
         time.sleep(period)  # a heartbeat's period, not a synchronisation
 
 
