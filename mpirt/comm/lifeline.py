@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import socket
 import sys
 import threading
@@ -269,7 +270,9 @@ def connect(member=None):
     sock = socket.create_connection((host, int(port)), timeout=30)
     # Heartbeats only over several hosts (see launch.py): one host has no partition to detect.
     timeout = env_float(HANG_TIMEOUT, 0.0) if env_flag(HOST_FT) else 0.0
-    sock.settimeout(timeout if timeout > 0 else None)
+    # Blocking sends: a send cut short by a timeout would leave half a line, which ends the
+    # lifeline. The reader bounds its waits itself (see _watch).
+    sock.settimeout(None)
     _client.update(sock=sock, lock=threading.Lock(), timeout=timeout, heard=time.monotonic())
     nspace, rank = pmix_guard.identity()
     send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member, nspace=nspace, rank=rank)
@@ -334,14 +337,23 @@ def _beat(period):
 def _watch(sock, timeout):
     from mpirt.comm import pmix_guard
 
+    buf = b""
     try:
-        for line in sock.makefile("rb"):
+        while True:
+            if timeout > 0 and not select.select([sock], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
             _client["heard"] = time.monotonic()
-            msg = json.loads(line)
-            if msg.get("t") == "signal":
-                os.kill(os.getpid(), int(msg["sig"]))
-            elif msg.get("t") == "failed":
-                pmix_guard.declare_failed([tuple(p) for p in msg["procs"]])
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if msg.get("t") == "signal":
+                    os.kill(os.getpid(), int(msg["sig"]))
+                elif msg.get("t") == "failed":
+                    pmix_guard.declare_failed([tuple(p) for p in msg["procs"]])
     except TimeoutError:
         _cut_off(f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
                  f"the job); stopping without committing anything")
