@@ -144,7 +144,10 @@ def host_recovery(n, fault, hang_timeout, shards=400):
     fault_t = next(e["time"] for e in events if e["event"] == "fault")
     view = next(e for e in events if e["event"] == "view" and e["view"] == 1)
     replan = next(e for e in events if e["event"] == "replan" and e["view"] == 1)
-    first = min(r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered"))
+    fresh = [r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered")]
+    if not fresh:
+        return None  # every unit was committed before the change: nothing to time
+    first = min(fresh)
     b = view["breakdown"]
     phases = {
         "detect": (view["error_time"] - fault_t) * 1e3,
@@ -165,10 +168,13 @@ def host_rows(ranks, repeat, hang_timeout, results):
     rows = []
     for fault in ("host-crash", "host-cut"):
         for n in ranks:
-            runs = [host_recovery(n, fault, hang_timeout) for _ in range(repeat)]
+            runs = [r for r in (host_recovery(n, fault, hang_timeout) for _ in range(repeat)) if r]
             results.setdefault(fault, {})[n] = runs
+            if not runs:
+                rows.append([fault, n, "-", "no run changed view before the end"] + ["-"] * 6)
+                continue
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            rows.append([fault, n, int(med["lost"])] + [f"{med[k]:.1f}" for k in (
+            rows.append([fault, n, f"{int(med['lost'])} ({len(runs)}/{repeat} runs)"] + [f"{med[k]:.1f}" for k in (
                 "detect", "revoke+shrink", "agree", "replan", "first unit", "reconfigure", "total")])
     print(f"\n## Loss of a whole host: 3 hosts, n/3 ranks each (ms, median of {repeat} runs; "
           f"heartbeat timeout {hang_timeout:g} s)\n")
@@ -178,7 +184,7 @@ def host_rows(ranks, repeat, hang_timeout, results):
 
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m bench recovery")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--ranks", type=int, nargs="*", default=[2, 4, 8])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--hang-timeout", type=float, default=2.0)
     p.add_argument("--host-ranks", type=int, nargs="*", default=[6, 12])
