@@ -57,7 +57,9 @@ def host_schedule(rng):
     on_host = [(host - 1) * PER_HOST + i for i in range(PER_HOST)]
     faults = [f"{rng.choice(['host-crash', 'host-freeze', 'host-cut'])}:member={rng.choice(on_host)}"
               f":step={rng.randint(1, SHARDS - 10)}"]
-    others = [m for m in range(3 * PER_HOST) if m not in on_host]
+    # At most one process fault per other host: a host left with no member is a second host lost,
+    # which the quorum (a majority of hosts) rightly refuses to survive.
+    others = [rng.choice([(h - 1) * PER_HOST + i for i in range(PER_HOST)]) for h in (1, 2, 3) if h != host]
     for m in rng.sample(others, rng.randint(0, 2)):
         faults.append(f"{rng.choice(['kill', 'hang', 'leave'])}:member={m}:step={rng.randint(1, SHARDS - 10)}")
     return faults, f"node{host}"
