@@ -51,20 +51,30 @@ def mpirt_recovery(n, fault, hang_timeout, shards=200):
         subprocess.run(cmd, check=True, timeout=300, env=_env(), capture_output=True)
         events = _read(out + ".events")
         ledger = _read(out + ".parts/ledger.jsonl") if os.path.exists(out + ".parts/ledger.jsonl") else []
+    return phases_of(events, ledger)
+
+
+def phases_of(events, ledger):
+    """The recovery's phases in ms, from the first fault to the first unit committed after the change
+    (view 1); None when every unit was committed before it."""
     fault_t = next(e["time"] for e in events if e["event"] == "fault")
     view = next(e for e in events if e["event"] == "view" and e["view"] == 1)
     replan = next(e for e in events if e["event"] == "replan" and e["view"] == 1)
-    first = min(r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered"))
+    fresh = [r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered")]
+    if not fresh:
+        return None  # nothing was left to commit after the change: nothing to time
+    first = min(fresh)
     b = view["breakdown"]
-    phases = {
+    return {
         "detect": (view["error_time"] - fault_t) * 1e3,
         "revoke+shrink": (b["revoke_s"] + b["shrink_s"]) * 1e3,
         "agree": (b["agree_s"] + b["sync_s"]) * 1e3,
         "replan": replan["replan_s"] * 1e3,
         "first unit": (first - replan["time"]) * 1e3,
+        "reconfigure": (first - view["error_time"]) * 1e3,
+        "lost": len(view["failed"]),
+        "total": (first - fault_t) * 1e3,
     }
-    phases["total"] = (first - fault_t) * 1e3
-    return phases
 
 
 TORCH_WORKER = r'''
@@ -141,25 +151,7 @@ def host_recovery(n, fault, hang_timeout, shards=400):
         finally:  # give the host back, whatever the fault left there
             subprocess.run([HOSTS, "heal", "node2"], capture_output=True)
             subprocess.run([HOSTS, "crash", "node2"], capture_output=True)
-    fault_t = next(e["time"] for e in events if e["event"] == "fault")
-    view = next(e for e in events if e["event"] == "view" and e["view"] == 1)
-    replan = next(e for e in events if e["event"] == "replan" and e["view"] == 1)
-    fresh = [r["time"] for r in ledger if r["view"] == 1 and not r.get("recovered")]
-    if not fresh:
-        return None  # every unit was committed before the change: nothing to time
-    first = min(fresh)
-    b = view["breakdown"]
-    phases = {
-        "detect": (view["error_time"] - fault_t) * 1e3,
-        "revoke+shrink": (b["revoke_s"] + b["shrink_s"]) * 1e3,
-        "agree": (b["agree_s"] + b["sync_s"]) * 1e3,
-        "replan": replan["replan_s"] * 1e3,
-        "first unit": (first - replan["time"]) * 1e3,
-        "reconfigure": (first - view["error_time"]) * 1e3,
-        "lost": len(view["failed"]),
-    }
-    phases["total"] = (first - fault_t) * 1e3
-    return phases
+    return phases_of(events, ledger)
 
 
 def host_rows(ranks, repeat, hang_timeout, results):

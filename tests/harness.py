@@ -14,6 +14,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import psutil
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -145,3 +146,25 @@ def mpirun(n, args, *, timeout=DEFAULT_TIMEOUT, ft=True, slots=None, env=None, c
             if m:
                 result.ranks.setdefault(int(m.group(1)), []).append(m.group(3))
     return result
+
+
+def one_line_error(res, code, *words):
+    """A refusal: exit ``code``, no traceback, one line on stderr besides mpirt's progress log, naming ``words``."""
+    assert not res.timed_out, res.output
+    assert res.returncode == code, res.output
+    assert "Traceback" not in res.output, res.output
+    # progress logs ("[mpirt r0/1 ...] checkpoint ...") may precede it; the refusal is one line
+    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("[mpirt ")]
+    assert len(lines) == 1 and lines[0].startswith("mpirt"), f"expected one line:\n{res.stderr}"
+    for w in words:
+        assert str(w) in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_same_model(a, b, rtol=1e-5):
+    """Parameters ``a`` within ``rtol`` of ``b``, relative to each tensor's largest magnitude."""
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(float(np.max(np.abs(a[k]))), 1e-12)
+        err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / scale
+        assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"

@@ -13,20 +13,9 @@ import shutil
 import h5py
 import pytest
 
-from harness import MPIRT, run, run_cli
+from harness import MPIRT, run, run_cli, one_line_error
 
 pytestmark = pytest.mark.cli
-
-
-def one_line_error(res, code, *words):
-    assert not res.timed_out, res.output
-    assert res.returncode == code, res.output
-    assert "Traceback" not in res.output, res.output
-    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("[mpirt ")]
-    assert len(lines) == 1 and lines[0].startswith("mpirt"), f"expected one line:\n{res.stderr}"
-    for w in words:
-        assert str(w) in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import run_cli
+from harness import run_cli, one_line_error
 
 pytestmark = pytest.mark.cli
-
-
-def one_line_error(res, code, *words):
-    assert not res.timed_out, res.output
-    assert res.returncode == code, res.output
-    assert "Traceback" not in res.output, res.output
-    # progress logs ("[mpirt r0/1 ...] checkpoint ...") may precede it; the refusal is one line
-    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("[mpirt ")]
-    assert len(lines) == 1 and lines[0].startswith("mpirt"), f"expected one line:\n{res.stderr}"
-    for w in words:
-        assert str(w) in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -272,33 +272,38 @@ def _start_prepare(tmp_path, tag):
 
 
 def _gone(tag, timeout=10):
-    deadline = time.time() + timeout
-    while tagged_processes(tag) and time.time() < deadline:
-        time.sleep(0.1)
+    """True when every process of the tag ended by itself within ``timeout``; kills what is left."""
+    psutil.wait_procs(tagged_processes(tag), timeout=timeout)
     return not kill_tagged(tag)
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupt")])
 def test_prepare_stopped_by_a_signal_cleans_up(tmp_path, sig, code, word):
     tag = uuid.uuid4().hex
-    proc = _start_prepare(tmp_path, tag)
-    # SIGTERM as `kill PID` sends it, to prepare alone; SIGINT as Ctrl-C does, to the process group.
-    proc.send_signal(sig) if sig == signal.SIGTERM else os.killpg(proc.pid, sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == code and word in err and "Traceback" not in err, (proc.returncode, err)
-    assert len(err.strip().splitlines()) == 1, err
-    assert _gone(tag), "worker processes outlived prepare"
+    try:  # whatever fails below, the job's processes do not outlive the test
+        proc = _start_prepare(tmp_path, tag)
+        # SIGTERM as `kill PID` sends it, to prepare alone; SIGINT as Ctrl-C does, to the process group.
+        proc.send_signal(sig) if sig == signal.SIGTERM else os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code and word in err and "Traceback" not in err, (proc.returncode, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert _gone(tag), "worker processes outlived prepare"
+    finally:
+        kill_tagged(tag)
     assert temporaries(tmp_path) == [] and not (tmp_path / "big.h5").exists()
 
 
 def test_prepare_sigkilled_workers_die_and_the_next_run_removes_its_temporary(tmp_path):
     tag = uuid.uuid4().hex
-    proc = _start_prepare(tmp_path, tag)
-    stale = temporaries(tmp_path)
-    assert str(proc.pid) in os.path.basename(stale[0]), "the temporary names its owner"
-    proc.kill()
-    proc.communicate(timeout=30)
-    assert _gone(tag), "worker processes outlived a SIGKILLed prepare"
+    try:
+        proc = _start_prepare(tmp_path, tag)
+        stale = temporaries(tmp_path)
+        assert str(proc.pid) in os.path.basename(stale[0]), "the temporary names its owner"
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert _gone(tag), "worker processes outlived a SIGKILLed prepare"
+    finally:
+        kill_tagged(tag)
     live = tmp_path / f"small.h5.{os.getpid()}@{os.uname().nodename}.abcdefgh.tmp"
     live.write_text("a live process's temporary")  # this test's own pid: alive, so not stale
     run_cli("prepare", "synth-text", tmp_path / "big.h5", "--rows", "300", "--features", "1024").check()

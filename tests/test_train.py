@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import run_cli
+from harness import assert_same_model, run_cli
 
 pytestmark = [pytest.mark.mpi, pytest.mark.cli]
 
@@ -48,14 +48,6 @@ def final_params(run_dir):
 
     ckpt = CheckpointDir(run_dir / "ckpt").load_latest()
     return ckpt.params, ckpt.position
-
-
-def assert_same_model(a, b, rtol=1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        scale = max(float(np.max(np.abs(a[k]))), 1e-12)
-        err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / scale
-        assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
 
 
 def records(path):

@@ -27,6 +27,7 @@ No import of mpi4py here: :func:`install` is called after MPI is initialised.
 """
 
 import ctypes
+import functools
 import os
 
 from mpirt.log import get_logger
@@ -80,6 +81,7 @@ _handler = _HANDLER(_on_event)  # kept alive for the process's life: PMIx holds 
 _installed = []
 
 
+@functools.lru_cache(maxsize=None)
 def _libpmix():
     """The libpmix the MPI library loaded: dlopen by its soname finds the copy already in the process."""
     for name in ("libpmix.so.2", "libpmix.so"):
