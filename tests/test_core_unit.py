@@ -1,6 +1,7 @@
 """Unit tests of the elastic core's pieces (no MPI)."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -129,3 +130,30 @@ def test_quorum_is_a_strict_majority_of_hosts_or_half_with_the_coordinator():
     assert has_quorum(one, [2, 3]) and has_quorum(one, [3])  # one host: crashes never cost the quorum
     two = View(id=0, members=[0, 1, 2, 3], hosts=[("a", 1), ("a", 2), ("b", 1), ("b", 2)], next_member=4)
     assert has_quorum(two, [0, 1]) and not has_quorum(two, [2, 3])  # exact half: the coordinator's host
+
+
+def test_a_lock_held_by_a_gone_member_is_taken_over_and_any_other_holder_refused(tmp_path):
+    from mpirt.dirlock import DirLock
+    from mpirt.errors import JobError
+
+    # The holder: a real process that takes the lock and then waits (as a frozen coordinator would).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mpirt.dirlock import DirLock; l = DirLock(sys.argv[1], 'lock', '--out');"
+         " l.take(); print('locked', flush=True); sys.stdin.read()", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(JobError, match=f"in use by another job \\(pid {holder.pid} on .*\\); .* --out"):
+            DirLock(tmp_path, "lock", "--out").take()
+        with pytest.raises(JobError, match="in use by another job"):  # a holder this job never had
+            DirLock(tmp_path, "lock", "--out").take_over({(socket.gethostname(), holder.pid + 1)})
+        mine = DirLock(tmp_path, "lock", "--out")
+        mine.take_over({(socket.gethostname(), holder.pid)})
+        assert mine.held and (tmp_path / "lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+        with pytest.raises(JobError, match=f"pid {os.getpid()} on"):  # a later second job meets the new lock
+            DirLock(tmp_path, "lock", "--out").take()
+        mine.release()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lock"]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

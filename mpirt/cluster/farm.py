@@ -153,7 +153,8 @@ class Farm:
 
     def _coordinate(self):
         comm, store, view = self.ec.comm, self.store, self.view
-        self.parts.lock()  # a coordinator taking over: the lock died with the one before
+        # A coordinator taking over: the one before may still hold the lock (frozen, cut off; fenced).
+        self.parts.lock.take_over(self.group.gone)
         t_plan = time.perf_counter()
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
         self.faults.fired |= store.faults_fired()

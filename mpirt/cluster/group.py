@@ -69,6 +69,9 @@ class ElasticGroup:
         self.joined = False
         self.stoppable = False
         self.leaving = set()  # members known (here) to have announced a graceful leave
+        # (host, pid) of every member this job has seen fail or leave: a coordinator taking over may
+        # replace a directory lock one of them still holds (mpirt.dirlock), never anyone else's.
+        self.gone = set()
         self._said_no_growth = False
 
     @property
@@ -139,6 +142,7 @@ class ElasticGroup:
         hosts = [identity for identity, _ in facts]
         fired = set().union(*(set(f) for _, f in facts))
         left, failed, old = set(state["left"]), state["failed"], before or self.view
+        self.gone |= {tuple(old.host_of(m)) for m in failed if old.hosts}
         self.view = View(id=state["id"], members=state["members"], hosts=hosts, next_member=state["next_member"],
                          left=left, fired=fired, failed=[m for m in failed if m not in left],
                          departed=[m for m in failed if m in left],

@@ -5,22 +5,19 @@ same job: the same inputs (by digest), split and result-changing options. The co
 that identity in ``job.json`` when the job starts, and a resume with any other identity is refused,
 naming what differs (before this, a resume on another split or data set mixed the two outputs).
 
-An exclusive ``flock`` on ``lock``, held by the coordinator for the job's life, stops a second job
-with the same ``--out`` (before, two such jobs both exited 0 with a mixture of their inputs). A
-coordinator that takes over after a failure takes the lock again. A flock dies with its holder, so
-a killed job never leaves a stale lock.
+The coordinator holds ``lock`` (:class:`mpirt.dirlock.DirLock`) for the job's life: a second job
+with the same ``--out`` is refused; a coordinator that takes over after a failure takes it again.
 
 Nothing here follows a symbolic link: a ``.parts`` that is one is refused, and files inside are
 removed by name (``unlink`` removes a link, never its target).
 """
 
-import fcntl
 import json
 import os
 import re
-import socket
 import stat
 
+from mpirt.dirlock import DirLock
 from mpirt.errors import JobError
 
 JOB_FILE = "job.json"
@@ -50,11 +47,7 @@ class PartsDir:
 
     def __init__(self, directory):
         self.dir = os.fspath(directory)
-        self._lock_fd = None
-
-    @property
-    def locked(self):
-        return self._lock_fd is not None
+        self.lock = DirLock(self.dir, LOCK_FILE, "--out")
 
     def claim(self, identity, resume):
         """At job start, on the coordinator: lock the directory and make it this job's.
@@ -71,7 +64,7 @@ class PartsDir:
             os.mkdir(self.dir)
         except FileExistsError:
             check_not_link(self.dir)  # raced with someone making it a link
-        self.lock()
+        self.lock.take()
         identity = json.loads(json.dumps(identity))  # as it will read back (tuples become lists)
         recorded = self._recorded()
         if resume:
@@ -91,23 +84,6 @@ class PartsDir:
                 json.dump(identity, f, sort_keys=True, indent=1)
             os.replace(tmp, os.path.join(self.dir, JOB_FILE))
 
-    def lock(self):
-        """Take the directory's exclusive lock, or raise JobError naming who holds it."""
-        if self._lock_fd is not None:
-            return
-        path = os.path.join(self.dir, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise JobError(f"{self.dir}: in use by another job ({holder}); wait for it to end, "
-                           f"or give another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._lock_fd = fd
-
     def remove(self):
         """Remove the directory at the job's end, under the lock: only what mpirt put there (a file of
         the user's in it keeps the directory)."""
@@ -120,9 +96,7 @@ class PartsDir:
             pass  # not empty: someone else's files are in it
 
     def release(self):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.lock.release()
 
     def _recorded(self):
         try:

@@ -7,17 +7,17 @@ showed samples consumed twice), and two jobs on one directory interleaved their 
 
 So the directory records the run's identity in ``run.json`` (:func:`identity`: what changes the
 result of a step), every checkpoint carries it in its meta, a start is refused when it does not
-fit (saying which flag differs), the directory is locked with ``flock`` while a job writes it,
+fit (saying which flag differs), the directory is locked (:class:`mpirt.dirlock.DirLock`) while a job writes it,
 and keep-K deletes only checkpoints of the same run.
 """
 
-import fcntl
 import json
 import os
 
 from mpirt.atomic import atomic_path
 from mpirt.checkpoint import CheckpointDir
-from mpirt.errors import JobError, UsageError
+from mpirt.dirlock import DirLock
+from mpirt.errors import UsageError
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -61,7 +61,7 @@ class RunDir(CheckpointDir):
     def __init__(self, directory, keep=3, key=None, ident=None, verify=True):
         super().__init__(directory, keep=keep, key=key, verify=verify)
         self.ident = ident
-        self._lock = None
+        self.lock = DirLock(directory, LOCK_FILE, "--checkpoint-dir")
 
     def claim(self, resume):
         """At the start of a run (coordinator): lock, check the recorded identity, record ours.
@@ -77,7 +77,7 @@ class RunDir(CheckpointDir):
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--checkpoint-dir {d}: cannot create it ({exc.strerror})") from None
-        self.lock(strict=True)
+        self.lock.take()
         recorded = self.recorded()
         ours = self.paths(mine=False)
         if resume and recorded is not None and recorded != self.ident:
@@ -89,25 +89,10 @@ class RunDir(CheckpointDir):
         with atomic_path(os.path.join(d, RUN_FILE)) as tmp, open(tmp, "w") as f:
             json.dump(self.ident, f, sort_keys=True, indent=1)
 
-    def lock(self, strict):
-        """Hold ``DIR/.lock`` (flock, released when this process ends, however it ends).
-
-        ``strict`` False (a coordinator taking over after a failure): if the lock is still held, it
-        is most likely by this job's own dead coordinator's not yet reaped process; go on.
-        """
-        if self._lock is not None:
-            return
+    def take_over(self, gone):
+        """A coordinator taking over after a failure: lock (see :meth:`DirLock.take_over`)."""
         os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if strict:
-                raise JobError(f"{self.directory}: in use by another job (locked); wait for it to end, "
-                               f"or give another --checkpoint-dir") from None
-            return
-        self._lock = fd
+        self.lock.take_over(gone)
 
     def recorded(self):
         """The identity in ``run.json``, or None (a new directory, or one of an older mpirt)."""
@@ -121,7 +106,7 @@ class RunDir(CheckpointDir):
                              f"checkpoints there are this run's") from None
 
     def save(self, step, **fields):
-        self.lock(strict=False)
+        assert self.lock.held, "save() before claim() or take_over()"
         fields["meta"] = dict(fields.get("meta") or {}, run=self.ident)
         return super().save(step, **fields)
 
@@ -136,9 +121,7 @@ class RunDir(CheckpointDir):
         return paths[-1] if paths else None
 
     def close(self):
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        self.lock.release()
 
 
 def check_resume(ckpt, ident):

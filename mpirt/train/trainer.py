@@ -145,6 +145,8 @@ class Trainer:
         if self.ckpt is None and cfg.checkpoint_dir:  # a coordinator taking over after a failure
             self.ckpt = rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident,
                                       verify=cfg.verify)
+            # The coordinator before may still hold the lock (frozen, cut off: fenced, never writes).
+            self.ckpt.take_over(self.group.gone)
         if self.reporter is None:
             from mpirt.train.report import Reporter
 
