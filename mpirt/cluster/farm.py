@@ -128,7 +128,11 @@ class Farm:
         with self.ec.guard():
             comm.send(("ready", None), dest=0, tag=TAG_REQ)
             while True:
-                kind, *payload = comm.recv(source=0, tag=TAG_REPLY)
+                # Only the coordinator sends TAG_REPLY. ANY_SOURCE because ULFM interrupts such a receive
+                # when any member is known failed: a receive from rank 0 alone waited forever when the
+                # failures cut this rank off from the coordinator's revoke (its reliable broadcast goes
+                # through neighbours, and every neighbour was dead or frozen).
+                kind, *payload = comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REPLY)
                 if kind == "lease":
                     shard, step = payload
                     try:

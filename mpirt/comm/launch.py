@@ -20,6 +20,7 @@ returns only when every rank has ended, and no rank outlives the launcher.
 """
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -354,6 +355,9 @@ def _wait_mpiexec(proc, server, grace):
 # launcher's summary say so), and how its help blocks are framed.
 _LOST_DAEMON = ("A daemon failed to report back", "lost communication with a remote daemon",
                 "ORTE has lost communication", "PRTE has lost communication")
+# PRRTE's ssh launcher sets the agent's process group from both sides; when the agent has exec'd
+# first, the parent's call fails with EACCES and prints this (the child's own call succeeded).
+_SETPGID_RACE = re.compile(r"^\[[^\]]*\] plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent with errno=Permission denied")
 
 
 def _relay(stream, out):
@@ -363,6 +367,8 @@ def _relay(stream, out):
         line = raw.decode(errors="replace")
         if skipping:
             skipping = not line.startswith("-----")
+            continue
+        if _SETPGID_RACE.match(line):
             continue
         if line.startswith("-----") and not block:
             block = [line]
