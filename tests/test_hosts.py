@@ -37,13 +37,15 @@ def cluster(hosts, tmp_path_factory):
     return hostfile
 
 
-def launch(hostfile, command, fault, *, timeout=180):
-    """``mpirt launch`` 6 ranks over node1..node3 from the head host, with FAULT struck by member 2 (on
-    node2). Returns the result and the job's tag: what the faulted host leaves is checked after
+def launch(hostfile, command, faults, *, timeout=180):
+    """``mpirt launch`` 6 ranks over node1..node3 from the head host, with FAULTS (one or a list).
+    Returns the result and the job's tag: what the faulted host leaves is checked after
     :func:`settle_fault_host` (the agent passes the environment, so every process carries the tag)."""
     tag = uuid.uuid4().hex
+    faults = [faults] if isinstance(faults, str) else faults
     line = " ".join(f"'{a}'" for a in map(str, [MPIRT, "launch", "-n", "6", "--hostfile", hostfile, "--launch-agent",
-                                               AGENT, "--hang-timeout", "3", "--", *command, "--inject-fault", fault]))
+                                               AGENT, "--hang-timeout", "3", "--", *command,
+                                               *(x for f in faults for x in ("--inject-fault", f))]))
     res = run([AGENT, "head", line], timeout=timeout, tag=tag, check_leftovers=False)
     return res, tag
 
@@ -59,7 +61,7 @@ def host_processes(host):
     return procs
 
 
-def settle_fault_host(fault):
+def settle_fault_host(fault, host=FAULT_HOST):
     """After the job: give the faulted host back, then require that no rank of the job is left there.
 
     A thawed host's processes find their lifelines closed and stop (fencing); a cut-off host's
@@ -67,14 +69,14 @@ def settle_fault_host(fault):
     when its dead connection times out; the test ends it rather than wait.
     """
     if fault == "host-freeze":
-        subprocess.run([HOSTS, "thaw", FAULT_HOST], check=True, capture_output=True)
+        subprocess.run([HOSTS, "thaw", host], check=True, capture_output=True)
     if fault == "host-cut":
-        subprocess.run([HOSTS, "heal", FAULT_HOST], check=True, capture_output=True)
-    ranks = [p for p in host_processes(FAULT_HOST) if "mpirt" in " ".join(p.cmdline()[:4])]
+        subprocess.run([HOSTS, "heal", host], check=True, capture_output=True)
+    ranks = [p for p in host_processes(host) if "mpirt" in " ".join(p.cmdline()[:4])]
     gone, alive = psutil.wait_procs(ranks, timeout=30)
-    assert not alive, f"ranks left on {FAULT_HOST}: {[p.cmdline()[:4] for p in alive]}"
-    subprocess.run([HOSTS, "crash", FAULT_HOST], capture_output=True)
-    psutil.wait_procs(host_processes(FAULT_HOST), timeout=10)
+    assert not alive, f"ranks left on {host}: {[p.cmdline()[:4] for p in alive]}"
+    subprocess.run([HOSTS, "crash", host], capture_output=True)
+    psutil.wait_procs(host_processes(host), timeout=10)
     return gone
 
 
@@ -144,6 +146,28 @@ def test_training_goes_on_after_a_host_is_lost(tmp_path, cluster, digits, fault)
     assert not [f for f in os.listdir(ckpt) if ".tmp" in f], "no temporaries"
 
 
+def test_training_goes_on_after_a_hang_a_kill_and_a_frozen_host_at_once(tmp_path, cluster, digits):
+    """Member 1 (node1) hangs, member 2 (node2) is killed and node3 freezes, in one step: members 0 and
+    3 are left, on 2 of the 3 hosts (a quorum). Every neighbour through which a revoke would reach
+    member 3 is dead or frozen, so it recovers only because the launcher's declaration revokes too."""
+    data, ref = digits
+    ckpt, audit, events = tmp_path / "ckpt", tmp_path / "audit.jsonl", tmp_path / "events.jsonl"
+    res, tag = launch(cluster, ["mpirt", "train", "--data", data, *TRAIN, "--checkpoint-dir", ckpt, "--audit", audit,
+                                "--events", events],
+                      ["hang:member=1:step=20", "kill:member=2:step=20", "host-freeze:member=4:step=20"])
+    res.check()
+    assert "46 steps" in res.stdout and "2 rank(s)" in res.stdout, res.output
+    steps_before = open(audit).read()
+    settle_fault_host("host-freeze", "node3")
+    assert_no_leftovers(tag)
+    assert open(audit).read() == steps_before, "a frozen rank committed after it was dropped"
+    assert [json.loads(line)["step"] for line in steps_before.splitlines()] == list(range(46))
+    views = [e for e in events_of(events) if e["event"] == "view"]
+    assert sorted(m for v in views for m in v["failed"]) == [1, 2, 4, 5] and views[-1]["members"] == [0, 3]
+    assert [v["hosts_lost"] for v in views if v["hosts_lost"]] == [["node3"]]
+    assert_one_rank_model(ckpt, ref)
+
+
 def test_a_new_host_joins_then_a_host_is_lost(tmp_path, cluster, digits):
     """Growth onto a host that had no member in the first view (node4, in the hostfile with free
     slots), then a crash of node2 with the joiners on board."""
@@ -193,6 +217,27 @@ def test_wordcount_is_bit_identical_after_a_host_is_lost(tmp_path, cluster, text
     records = [json.loads(line) for line in ledger.splitlines()]
     assert sorted(r["shard"] for r in records) == list(range(38)) and not any(r.get("duplicate") for r in records)
     assert_host_lost(events_of(events), fault, res)
+
+
+def test_wordcount_goes_on_when_the_coordinators_host_freezes(tmp_path, cluster, text):
+    """node1 (members 0 and 1: the coordinator) freezes while member 3 is killed: member 2 coordinates
+    from then on and takes over the output's lock, which the frozen coordinator still holds."""
+    data, counts, digest = text
+    out, events = tmp_path / "counts.h5", tmp_path / "events.jsonl"
+    res, tag = launch(cluster, ["mpirt", "wordcount", data, "--out", out, "--events", events, "--keep-parts"],
+                      ["host-freeze:member=1:step=6", "kill:member=3:step=6"])
+    res.check()
+    ledger = open(f"{out}.parts/ledger.jsonl").read()
+    settle_fault_host("host-freeze", "node1")
+    assert_no_leftovers(tag)
+    assert open(f"{out}.parts/ledger.jsonl").read() == ledger, "the frozen coordinator committed after it thawed"
+    with h5py.File(out) as f:
+        assert f.attrs["sha256"] == digest
+        np.testing.assert_array_equal(f["counts"][()], counts)
+    records = [json.loads(line) for line in ledger.splitlines()]
+    assert sorted(r["shard"] for r in records) == list(range(38)) and not any(r.get("duplicate") for r in records)
+    views = [e for e in events_of(events) if e["event"] == "view"]
+    assert views[-1]["coordinator"] in (2, 4, 5) and "node1" in [h for v in views for h in v["hosts_lost"]], views
 
 
 # -- classify ----------------------------------------------------------------------------------

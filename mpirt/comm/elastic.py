@@ -42,11 +42,16 @@ class ElasticComm:
         self._pump = _ProgressPump.start(self.MPI)
         self.ft_problem = mpi.ft_launch_problem() if self.MPI.Comm.Get_parent() == self.MPI.COMM_NULL else None
         self.host_ft = env_flag(HOST_FT)
+        # Over several hosts: the PMIx name of each rank of .comm, and a lock that keeps the lifeline's
+        # thread from revoking a communicator while the main thread replaces (frees) it.
+        self.procs = []
+        self._swap = threading.Lock()
         if self.host_ft:
-            from mpirt.comm import pmix_guard
+            from mpirt.comm import lifeline, pmix_guard
 
             pmix_guard.install()
             self.connect_all()
+            lifeline.on_declared(self._declared)
 
     @property
     def rank(self):
@@ -97,11 +102,25 @@ class ElasticComm:
             return bool(self.comm.Agree(1 if flag else 0))
 
     def _replace(self, new):
-        old, self.comm = self.comm, new
-        self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
-        # A revoked communicator can still be freed locally; failing to is harmless.
-        with contextlib.suppress(self.MPI.Exception):
-            old.Free()
+        with self._swap:
+            old, self.comm = self.comm, new
+            self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
+            if self.procs:  # the survivors' names, by where they were in the old communicator
+                where = self.MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), old.Get_group())
+                self.procs = [self.procs[r] if 0 <= r < len(self.procs) else None for r in where]
+            # A revoked communicator can still be freed locally; failing to is harmless.
+            with contextlib.suppress(self.MPI.Exception):
+                old.Free()
+
+    def _declared(self, procs):
+        """The launcher declared ``procs`` failed (hung, or their host frozen or cut off). Revoke, so that
+        every member recovers now: the revoke of the member that noticed first travels through
+        neighbours (a reliable broadcast over a graph), and when every neighbour of a member is dead
+        or frozen it never arrives; that member then waited forever on a live peer (seen: a worker
+        blocked on its coordinator while the coordinator waited for it in Shrink)."""
+        with self._swap:
+            if set(procs) & set(self.procs):  # not when .comm already excludes them (a Shrink done)
+                self.revoke()
 
     def merge_spawned(self, argv, count, root=0):
         """Collective: spawn ``count`` processes running ``argv`` and merge them in (joiners last)."""
@@ -119,14 +138,20 @@ class ElasticComm:
         """Open the connection to every peer now, while Open MPI's runtime is there to say where
         each one listens (its PMIx server holds the addresses). After a lost host the runtime is
         gone and a first connection could not be made; Shrink and Agree may need any pair.
-        A zero-byte message each way per pair: N-1 sockets per rank."""
+        A zero-byte message each way per pair: N-1 sockets per rank. Also learns every member's PMIx
+        name (:meth:`_declared` revokes only a communicator that holds a declared one)."""
         MPI, comm = self.MPI, self.comm
         empty = bytearray(0)
         peers = [p for p in range(comm.Get_size()) if p != comm.Get_rank()]
+        from mpirt.comm import pmix_guard
+
         with self.guard():
             reqs = [comm.Irecv([empty, 0, MPI.BYTE], source=p, tag=0x7FE) for p in peers]
             reqs += [comm.Isend([empty, 0, MPI.BYTE], dest=p, tag=0x7FE) for p in peers]
             MPI.Request.Waitall(reqs)
+            procs = [tuple(p) for p in comm.allgather(pmix_guard.identity())]
+        with self._swap:
+            self.procs = procs
 
     @classmethod
     def from_parent(cls):

@@ -253,11 +253,18 @@ def advertised_address(peers):
 # -- the rank's end ---------------------------------------------------------------------------
 _client = {}
 _on_cut_off = []
+_on_declared = []
 
 
 def on_cut_off(callback):
     """Call ``callback(message)`` before this rank stops because it is cut off from the launcher."""
     _on_cut_off.append(callback)
+
+
+def on_declared(callback):
+    """Call ``callback(procs)`` (on the lifeline's thread) after the launcher declared ``procs`` failed
+    and this rank's MPI library was told."""
+    _on_declared.append(callback)
 
 
 def connect(member=None):
@@ -353,7 +360,11 @@ def _watch(sock, timeout):
                 if msg.get("t") == "signal":
                     os.kill(os.getpid(), int(msg["sig"]))
                 elif msg.get("t") == "failed":
-                    pmix_guard.declare_failed([tuple(p) for p in msg["procs"]])
+                    procs = [tuple(p) for p in msg["procs"]]
+                    pmix_guard.declare_failed(procs)
+                    for callback in _on_declared:
+                        with contextlib.suppress(Exception):  # the lifeline must keep reading
+                            callback(procs)
     except TimeoutError:
         _cut_off(f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
                  f"the job); stopping without committing anything")
