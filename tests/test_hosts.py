@@ -9,6 +9,7 @@ run does: training within 1e-5 of one rank's parameters, wordcount and classify 
 every step or shard committed once; and the lost host's processes must commit nothing afterwards.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
-from harness import MPIRT, assert_no_leftovers, assert_same_model, run, run_cli
+from harness import MPIRT, TAG_VAR, assert_no_leftovers, assert_same_model, run, run_cli
 
 pytestmark = [pytest.mark.mpi, pytest.mark.cli, pytest.mark.hosts]
 
@@ -50,18 +51,30 @@ def launch(hostfile, command, faults, *, timeout=180):
     return res, tag
 
 
-def host_processes(host):
+def job_processes(host, tag):
+    """The processes of the job tagged ``tag`` on ``host`` (its network namespace). Nothing else there
+    is touched: a host may run other daemons (the multi-node Slurm's slurmd)."""
     out = subprocess.run(["ip", "netns", "pids", f"mpirt-{host}"], capture_output=True, text=True).stdout
     procs = []
     for pid in map(int, out.split()):
         try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
+            proc = psutil.Process(pid)
+            if proc.environ().get(TAG_VAR) == tag:
+                procs.append(proc)
+        except psutil.Error:
             continue
     return procs
 
 
-def settle_fault_host(fault, host=FAULT_HOST):
+def command_of(proc):
+    """The start of a process's command line ('' once it has ended, or is a zombie)."""
+    try:
+        return " ".join(proc.cmdline()[:4])
+    except psutil.Error:
+        return ""
+
+
+def settle_fault_host(fault, tag, host=FAULT_HOST):
     """After the job: give the faulted host back, then require that no rank of the job is left there.
 
     A thawed host's processes find their lifelines closed and stop (fencing); a cut-off host's
@@ -72,11 +85,14 @@ def settle_fault_host(fault, host=FAULT_HOST):
         subprocess.run([HOSTS, "thaw", host], check=True, capture_output=True)
     if fault == "host-cut":
         subprocess.run([HOSTS, "heal", host], check=True, capture_output=True)
-    ranks = [p for p in host_processes(host) if "mpirt" in " ".join(p.cmdline()[:4])]
+    ranks = [p for p in job_processes(host, tag) if "mpirt" in command_of(p) and "prted" not in command_of(p)]
     gone, alive = psutil.wait_procs(ranks, timeout=30)
-    assert not alive, f"ranks left on {host}: {[p.cmdline()[:4] for p in alive]}"
-    subprocess.run([HOSTS, "crash", host], capture_output=True)
-    psutil.wait_procs(host_processes(host), timeout=10)
+    assert not alive, f"ranks left on {host}: {[command_of(p) for p in alive]}"
+    rest = job_processes(host, tag)
+    for proc in rest:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(rest, timeout=10)
     return gone
 
 
@@ -136,7 +152,7 @@ def test_training_goes_on_after_a_host_is_lost(tmp_path, cluster, digits, fault)
     assert "46 steps, 2 view(s), 4 rank(s)" in res.stdout, res.output
     assert f"hosts lost: {FAULT_HOST}" in res.stderr
     steps_before = open(audit).read()
-    settle_fault_host(fault)
+    settle_fault_host(fault, tag)
     assert_no_leftovers(tag)
     assert open(audit).read() == steps_before, "a lost host's rank committed after it was dropped"
     assert_host_lost(events_of(events), fault, res)
@@ -158,7 +174,7 @@ def test_training_goes_on_after_a_hang_a_kill_and_a_frozen_host_at_once(tmp_path
     res.check()
     assert "46 steps" in res.stdout and "2 rank(s)" in res.stdout, res.output
     steps_before = open(audit).read()
-    settle_fault_host("host-freeze", "node3")
+    settle_fault_host("host-freeze", tag, "node3")
     assert_no_leftovers(tag)
     assert open(audit).read() == steps_before, "a frozen rank committed after it was dropped"
     assert [json.loads(line)["step"] for line in steps_before.splitlines()] == list(range(46))
@@ -179,7 +195,7 @@ def test_a_new_host_joins_then_a_host_is_lost(tmp_path, cluster, digits):
                                  "--events", events, "--inject-fault", "join:count=2:step=10"],
                       "host-crash:member=2:step=30")
     res.check()
-    settle_fault_host("host-crash")
+    settle_fault_host("host-crash", tag)
     assert_no_leftovers(tag)
     assert "hosts lost: node2; hosts joined: node4" in res.stderr, res.stderr
     views = [e for e in events_of(events) if e["event"] == "view"]
@@ -208,7 +224,7 @@ def test_wordcount_is_bit_identical_after_a_host_is_lost(tmp_path, cluster, text
                       f"{fault}:member=2:step=6")
     res.check()
     ledger = open(f"{out}.parts/ledger.jsonl").read()
-    settle_fault_host(fault)
+    settle_fault_host(fault, tag)
     assert_no_leftovers(tag)
     assert open(f"{out}.parts/ledger.jsonl").read() == ledger, "a lost host's rank committed after it was dropped"
     with h5py.File(out) as f:
@@ -228,7 +244,7 @@ def test_wordcount_goes_on_when_the_coordinators_host_freezes(tmp_path, cluster,
                       ["host-freeze:member=1:step=6", "kill:member=3:step=6"])
     res.check()
     ledger = open(f"{out}.parts/ledger.jsonl").read()
-    settle_fault_host("host-freeze", "node1")
+    settle_fault_host("host-freeze", tag, "node1")
     assert_no_leftovers(tag)
     assert open(f"{out}.parts/ledger.jsonl").read() == ledger, "the frozen coordinator committed after it thawed"
     with h5py.File(out) as f:
@@ -260,7 +276,7 @@ def test_classify_is_identical_after_a_host_is_lost(tmp_path, cluster, classify_
     res, tag = launch(cluster, ["mpirt", "classify", "--data", data, "--checkpoint", ckpt, "--out", out,
                                 "--events", events], f"{fault}:member=2:step=4")
     res.check()
-    settle_fault_host(fault)
+    settle_fault_host(fault, tag)
     assert_no_leftovers(tag)
     assert int(re.search(r"(\d+) view\(s\)", res.stdout).group(1)) >= 2, res.stdout
     with h5py.File(ref) as a, h5py.File(out) as b:
