@@ -25,7 +25,8 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def test_ci_and_cluster_scripts_parse():
     for script in (".ci/run", "scripts/slurm/local-cluster.sh", "scripts/test", "scripts/demo", "scripts/setup-venv",
-                   "scripts/slurm/train.sbatch", "scripts/slurm/classify.sbatch", "scripts/slurm/scaling.sbatch"):
+                   "scripts/slurm/train.sbatch", "scripts/slurm/classify.sbatch", "scripts/slurm/scaling.sbatch",
+                   "scripts/slurm/hosts-task-prolog"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True, timeout=30)
 
 

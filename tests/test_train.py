@@ -147,6 +147,20 @@ def test_stop_request_saves_and_resume_gives_the_same_model(tmp_path, digits, re
     assert_exactly_once(run_dir, n_train(digits))
 
 
+def test_falling_below_min_ranks_stops_with_a_checkpoint_and_resumes_to_the_same_model(tmp_path, digits, reference):
+    # A lost node under Slurm: the survivors hold the whole model, so too few of them is a stop
+    # (checkpoint, exit 75, requeued by `mpirt launch --requeue`), not a failure.
+    res, run_dir = train(tmp_path, digits, 3, "--min-ranks", "3", faults=["kill:member=2:step=12"])
+    assert res.returncode == 75, res.output[-3000:]
+    assert "only 2 rank(s) remain, fewer than --min-ranks 3" in res.stderr and "Traceback" not in res.output
+    step = final_params(run_dir)[1]["step"]
+    assert [e["step"] for e in records(run_dir / "events.jsonl") if e["event"] == "preempted"] == [step]
+    res, run_dir = train(tmp_path, digits, 3, "--min-ranks", "3", "--resume")
+    res.check()
+    assert_same_model(reference, final_params(run_dir)[0])
+    assert_exactly_once(run_dir, n_train(digits))
+
+
 def test_every_member_leaving_at_once_is_a_stop_with_a_checkpoint(tmp_path, digits):
     # What Slurm's preemption or `scancel` does: SIGTERM to every rank.
     res, run_dir = train(tmp_path, digits, 2, faults=["leave:member=0:step=5", "leave:member=1:step=5"])

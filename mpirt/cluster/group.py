@@ -53,7 +53,8 @@ class ElasticGroup:
     Args:
         events_path: the JSON-lines events log (None: no log).
         faults: a :class:`mpirt.comm.faults.FaultPlan` (None: no faults).
-        min_ranks: stop with :class:`JobError` when fewer members remain.
+        min_ranks: stop with :class:`JobError` when fewer members remain (unless the job handles
+            it: with ``stop_below_min`` set, :meth:`recover` completes and the job checks ``size``).
         spawn_argv: the command a joiner runs (the same job, absolute paths).
     """
 
@@ -61,6 +62,9 @@ class ElasticGroup:
         self.events = EventsLog(events_path)
         self.faults = faults or faultlib.FaultPlan()
         self.min_ranks = min_ranks
+        # Training sets this: its survivors hold the whole replicated state, so they end the view
+        # change and stop with a checkpoint (exit 75, requeued under Slurm) rather than fail.
+        self.stop_below_min = False
         self.spawn_argv = list(spawn_argv)
         self.ec = None
         self.view = None
@@ -211,7 +215,8 @@ class ElasticGroup:
                              f"without committing anything (the side with the majority of hosts goes on)")
         self.view = View(id=old.id, members=survivors, hosts=[old.host_of(m) for m in survivors],
                          next_member=old.next_member, left=old.left, fired=old.fired)
-        require_min(self.ec.size, self.min_ranks)
+        if not self.stop_below_min:
+            require_min(self.ec.size, self.min_ranks)
         parts["total_s"] = time.perf_counter() - t0
         result = self.sync_view(failed=failed, breakdown=parts, payload=payload, before=old)
         # A hung (SIGSTOPped) rank is only *declared* failed; make it so, so that it can never wake up

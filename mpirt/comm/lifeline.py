@@ -79,6 +79,7 @@ class Server:
         self.declared = []  # (host, proc) of ranks this launcher declared failed
         self.first_error = None  # the first unexpected error a rank reported (its one line)
         self.open = 0
+        self.seen = 0  # lifelines ever opened: ranks of an mpirt job that got as far as its start
         self.final_at = None  # when the job reported its exit code
         self.quiet_at = None  # when the last open lifeline closed
         self.cond = threading.Condition()
@@ -108,6 +109,7 @@ class Server:
         rank = _Rank(conn, hello)
         with self.cond:
             self.open += 1
+            self.seen += 1
             self._ranks.append(rank)
         try:
             for line in f:

@@ -51,6 +51,7 @@ class Trainer:
         self.schedule = Schedule(self.train.n_rows, cfg.global_batch, cfg.epochs, cfg.seed)
         self.orders = Orders(self.train.n_rows, cfg.seed)
         self.group = group
+        group.stop_below_min = True  # see _recover: below --min-ranks, stop with a checkpoint
         self.device = torch.device(cfg.device)
         self.spec = cfg.spec
         self.step = 0
@@ -295,6 +296,11 @@ class Trainer:
             raise JobError(f"members disagree on the committed step ({self.step} here, "
                            f"{state['step']} on the coordinator) after a failure")
         self._open_outputs()
+        if group.size < self.cfg.min_ranks:
+            # Too few to go on, but every survivor holds the committed step's whole model: stop as on
+            # a stop request, checkpoint written, exit 75, so `mpirt launch --requeue` requeues the
+            # Slurm job and the next run resumes where this one stopped (a node lost under Slurm).
+            self._stop_preempted(f"as only {group.size} rank(s) remain, fewer than --min-ranks {self.cfg.min_ranks},")
         if self.reporter:
             v = group.view
             self.reporter.event(f"view {v.id}: {group.size} ranks "

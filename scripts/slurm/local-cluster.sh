@@ -43,9 +43,43 @@
 # the allocation.
 # On a laptop with systemd, the Debian packages may also enable slurmctld/slurmd/munge services;
 # this script does not use them (`systemctl disable --now slurmctld slurmd` if you do not want them).
+#
+# Multi-node mode (--hosts, or MPIRT_SLURM_HOSTS=1): a Slurm cluster over the simulated hosts of
+# scripts/hosts/local-hosts.sh (start those first; without them `start --hosts` fails in one line),
+# side by side with the single-node cluster above (separate files, controller and network namespaces):
+#
+#   scripts/slurm/local-cluster.sh start --hosts    # slurmctld on the head, one slurmd per host; idempotent
+#   scripts/slurm/local-cluster.sh status --hosts   # sinfo and squeue (exit 3 if not running)
+#   scripts/slurm/local-cluster.sh stop --hosts     # cancel the jobs, stop every daemon of this cluster
+#   SLURM_CONF=/tmp/mpirt-slurm-hosts/slurm.conf scripts/hosts/ssh head sbatch -N 3 ...   # submit
+#
+#   - slurmctld runs inside the head's namespace (hostname head, 10.77.0.254) and one slurmd per host
+#     inside that host's (NodeName=nodeI NodeAddr=10.77.0.I), all started through the launch agent
+#     scripts/hosts/ssh, so `local-hosts.sh crash nodeI` kills that node's slurmd, its job steps and
+#     ranks at once: a node crash. One munged serves every namespace (its socket is a file).
+#   - Client commands (sbatch, squeue, scontrol, scancel) run on the head through the agent with
+#     SLURM_CONF=$MPIRT_SLURM_HOSTS_DIR/slurm.conf; /etc/slurm is never touched in this mode.
+#   - Nodes declare $MPIRT_SLURM_HOST_CPUS CPUs (default 4, as the hostfile's slots); one partition,
+#     `hosts` (default), OverSubscribe=FORCE:4, JobRequeue=1, KillWait=5, cred_expire=10 as above.
+#   - A lost node is noticed within SlurmdTimeout=10 s (slurmctld pings every 10/3 s) and set DOWN;
+#     a job submitted with --no-kill keeps its allocation on the other nodes (without it Slurm ends
+#     the job). ReturnToService=2: a node whose slurmd is started again registers and is idle again.
+#     `start --hosts` on a running cluster starts the slurmd of any host that lost it (a crashed
+#     node comes back) and waits until every node is idle: what the tests do between cases.
+#   - Files: $MPIRT_SLURM_HOSTS_DIR (default /tmp/mpirt-slurm-hosts): slurm.conf, state/,
+#     spool/nodeI/ (SlurmdSpoolDir=spool/%n), slurmctld.pid, slurmd-nodeI.pid, log/ (slurmctld.log,
+#     slurmd-nodeI.log, the daemons' stderr).
+#   - Needs root (as local-hosts.sh does).
 set -eEuo pipefail
 
-dir=${MPIRT_SLURM_DIR:-/tmp/mpirt-slurm}
+action=${1:-}
+hosts_mode=${MPIRT_SLURM_HOSTS:-0}
+[ "${2:-}" = --hosts ] && hosts_mode=1
+if [ "$hosts_mode" != 0 ]; then
+    dir=${MPIRT_SLURM_HOSTS_DIR:-/tmp/mpirt-slurm-hosts}
+else
+    dir=${MPIRT_SLURM_DIR:-/tmp/mpirt-slurm}
+fi
 conf=$dir/slurm.conf
 etc_conf=/etc/slurm/slurm.conf
 write_etc=${MPIRT_SLURM_ETC:-1}
@@ -250,7 +284,193 @@ stop_cluster() {
     fi
 }
 
-case "${1:-}" in
+# -- multi-node mode (--hosts) ------------------------------------------------------------------
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+agent=$here/../hosts/ssh
+hosts_dir=${MPIRT_HOSTS_DIR:-/tmp/mpirt-hosts}
+host_cpus=${MPIRT_SLURM_HOST_CPUS:-4}
+
+# A client command on the head (where slurmctld listens); words must not need quoting.
+on_head() { "$agent" head "$@"; }
+host_count() { cat "$hosts_dir/count" 2>/dev/null || echo 0; }
+node_names() { seq -f "node%g" 1 "$(host_count)"; }
+
+hosts_up() {
+    [ "$(id -u)" = 0 ] || die "--hosts needs root (the simulated hosts are network namespaces)"
+    [ "$(host_count)" -gt 0 ] && ip netns list 2>/dev/null | awk '{print $1}' | grep -qx mpirt-head ||
+        { say "error: the simulated hosts are not running: start them first (scripts/hosts/local-hosts.sh start 4)"; exit 1; }
+}
+
+render_hosts_conf() {
+    local i
+    cat <<CONF
+$marker --hosts (do not edit: it is rewritten by 'start --hosts')
+ClusterName=mpirt-hosts
+SlurmctldHost=head(10.77.0.254)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+JobRequeue=1
+KillWait=5
+MinJobAge=600
+MaxJobCount=20000
+SlurmctldTimeout=30
+# A crashed node is noticed (pinged every SlurmdTimeout/3 s) and set DOWN within ~10 s, not 5 min.
+SlurmdTimeout=10
+InactiveLimit=0
+MessageTimeout=5
+# Jobs get the submitter's environment, so MPIRT_SIMULATED_HOST would say head on every node: each
+# task (the batch script too) is told the simulated host it runs on, as the agent tells its commands.
+TaskProlog=$here/hosts-task-prolog
+CONF
+    for i in $(seq 1 "$(host_count)"); do
+        echo "NodeName=node$i NodeAddr=10.77.0.$i NodeHostname=node$i CPUs=$host_cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$host_cpus ThreadsPerCore=1 RealMemory=1024 State=UNKNOWN"
+    done
+    echo "PartitionName=hosts Nodes=node[1-$(host_count)] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+}
+
+slurmd_alive() { alive "$dir/slurmd-$1.pid" slurmd >/dev/null; }
+hosts_running() { alive "$dir/slurmctld.pid" slurmctld >/dev/null; }
+
+# ip netns exec mounts a fresh /sys without cgroups, and slurmd 22.05 refuses to start without a
+# cgroup file system even with no cgroup plugin configured (proctrack/linuxproc, task/none): "No
+# filesystem mounted on /sys/fs/cgroup", then "can't stat /sys/fs/cgroup/systemd/". Mounted in the
+# agent command's own mount namespace, for slurmd only, like the machine's: cgroup2 where the
+# machine has it there; else (cgroup v1; cgroup/v2 refuses a hybrid layout) a tmpfs with the
+# name=systemd hierarchy, which is all slurmd looks at.
+cgroup_mounts() {
+    if [ "$(awk '$2 == "/sys/fs/cgroup" {fs = $3} END {print fs}' /proc/self/mounts)" = cgroup2 ]; then
+        echo "mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup"
+    else
+        echo "mountpoint -q /sys/fs/cgroup || { mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup &&" \
+            "mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd; }"
+    fi
+}
+
+start_slurmd() {
+    $sudo mkdir -p "$dir/spool/$1"
+    "$agent" "$1" "$(cgroup_mounts); exec slurmd -f $conf -N $1" 2>>"$dir/log/slurmd-$1.stderr" ||
+        die "slurmd on $1 did not start"
+}
+
+start_hosts_cluster() {
+    local n
+    if hosts_running && [ "$(render_hosts_conf)" = "$(cat "$conf" 2>/dev/null)" ]; then
+        say "--hosts: already running ($conf)"
+    else
+        hosts_running && { say "--hosts: configuration changed: restarting"; stop_hosts_cluster; }
+        mkdir -p "$dir/log"
+        render_hosts_conf >"$conf"
+        start_munge
+        rm -rf "$dir/state" "$dir/spool"
+        mkdir -p "$dir/state" "$dir/spool"
+        on_head slurmctld -f "$conf" 2>>"$dir/log/slurmctld.stderr" || die "slurmctld did not start on the head"
+    fi
+    # A host that was crashed (or a slurmd that died) gets its slurmd back: ReturnToService=2 makes
+    # the node idle again once it registers.
+    for n in $(node_names); do
+        slurmd_alive "$n" || start_slurmd "$n"
+    done
+    wait_hosts_idle
+}
+
+wait_hosts_idle() {
+    local deadline=$((SECONDS + wait_s)) states="" want
+    want=$(host_count)
+    while :; do
+        states=$(on_head sinfo -h -N -o %t 2>/dev/null || true)
+        [ "$(grep -cE '^(idle|mix|alloc)$' <<<"$states")" = "$want" ] && return 0
+        hosts_running || die "slurmctld is not running on the head"
+        [ $SECONDS -lt $deadline ] || die "--hosts: not every node idle after $wait_s s (sinfo: $(tr '\n' ' ' <<<"$states"))"
+        sleep 0.2  # polling a condition under a deadline
+    done
+}
+
+stop_hosts_cluster() {
+    local pid n deadline pids
+    if hosts_running; then
+        on_head scancel --full --quiet $(on_head squeue -h -o %i 2>/dev/null) 2>/dev/null || true
+        deadline=$((SECONDS + 20))
+        while [ -n "$(on_head squeue -h -o %i 2>/dev/null)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+        on_head scontrol shutdown >/dev/null 2>&1 || true
+    fi
+    deadline=$((SECONDS + 20))
+    for pidfile in "$dir/slurmctld.pid" "$dir"/slurmd-*.pid; do
+        [ -e "$pidfile" ] || continue
+        case "$pidfile" in *slurmctld.pid) d=slurmctld ;; *) d=slurmd ;; esac
+        while pid=$(alive "$pidfile" "$d"); do
+            if [ $SECONDS -ge $deadline ]; then
+                say "$d ($pid) did not stop: SIGKILL"
+                kill -9 "$pid" 2>/dev/null || true
+                break
+            fi
+            kill "$pid" 2>/dev/null || true
+            sleep 0.2
+        done
+        rm -f "$pidfile"
+    done
+    # Job steps that outlived their slurmd: only those in the hosts' namespaces are this cluster's.
+    for n in $(node_names); do
+        pids=$(ip netns pids "mpirt-$n" 2>/dev/null || true)
+        for pid in $pids; do
+            [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmstepd ] && kill -9 "$pid" 2>/dev/null || true
+        done
+    done
+    # munged, if this mode started it and the single-node cluster does not use it.
+    if pid=$(alive "$dir/munged.pid" munged) && ! alive "${MPIRT_SLURM_DIR:-/tmp/mpirt-slurm}/slurmctld.pid" slurmctld >/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        rm -f "$dir/munged.pid"
+    fi
+}
+
+if [ "$hosts_mode" != 0 ]; then
+    case "$action" in
+        start)
+            t0=$SECONDS
+            hosts_up
+            mkdir -p "$dir/log"
+            install_packages
+            start_hosts_cluster
+            say "--hosts: nodes $(node_names | paste -sd, -) idle with $host_cpus CPUs each; up in $((SECONDS - t0)) s; SLURM_CONF=$conf; logs in $dir/log"
+            ;;
+        stop)
+            stop_hosts_cluster
+            say "--hosts: stopped"
+            ;;
+        status)
+            if ! hosts_running; then
+                say "--hosts: not running (no live slurmctld under $dir)"
+                exit 3
+            fi
+            on_head sinfo -N
+            on_head squeue
+            ;;
+        *)
+            echo "usage: $0 {start|stop|status} [--hosts]" >&2
+            exit 2
+            ;;
+    esac
+    exit 0
+fi
+
+case "$action" in
     start)
         t0=$SECONDS
         $sudo mkdir -p "$dir/log"
@@ -284,7 +504,7 @@ case "${1:-}" in
         squeue
         ;;
     *)
-        echo "usage: $0 {start|stop|status}" >&2
+        echo "usage: $0 {start|stop|status} [--hosts]" >&2
         exit 2
         ;;
 esac
