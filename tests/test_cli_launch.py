@@ -172,3 +172,15 @@ def test_an_unexpected_error_in_every_rank_is_shown_not_hidden(tmp_path, debug):
     assert ("Traceback" in res.stderr) == debug
     if not debug:
         assert "run with 'mpirt --debug' for the traceback" in res.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_a_job_whose_ranks_were_all_killed_is_a_failure_though_mpiexec_says_0():
+    """Under ULFM mpiexec exits 0 when its ranks are killed (failures are tolerated); the launcher
+    knows better: no rank reported a status and none ended normally (the lifeline's 'bye')."""
+    killed = "import os; from mpirt.comm import lifeline; lifeline.connect(); os.kill(os.getpid(), 9)"
+    res = run_cli("launch", "-n", "2", "--", sys.executable, "-c", killed, timeout=120)
+    assert res.returncode == 1 and "its ranks were lost while starting" in res.stderr, res.output
+    ended = "from mpirt.comm import lifeline; lifeline.connect()"  # a program that ends normally
+    run_cli("launch", "-n", "2", "--", sys.executable, "-c", ended, timeout=120).check()

@@ -163,6 +163,7 @@ class Farm:
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
         self.faults.fired |= store.faults_fired()
         logged = {r["shard"] for r in store.logged()}
+        lifeline.check_fence()
         for shard in sorted(ledger.done - logged):
             store.log_commit(shard=shard, member=None, view=view.id, recovered=True, time=time.time())
         replan_s = time.perf_counter() - t_plan
@@ -224,6 +225,9 @@ class Farm:
                 comm.send(("lease", shard, len(ledger.done)), dest=src, tag=TAG_REPLY)
 
     def _record(self, ledger, shard, member, first):
+        # The ledger is the record of exactly-once: a coordinator frozen between a worker's "done"
+        # and this line must not write it when it thaws, after the others went on without it.
+        lifeline.check_fence()
         fresh = ledger.commit(shard)
         self.store.log_commit(shard=shard, member=member, view=self.view.id, time=time.time(),
                               duplicate=not (fresh and first))

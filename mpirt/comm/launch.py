@@ -271,9 +271,9 @@ def _run_once(cmd, env, log, peers=(), multi=False):
         log.info("hosts lost: %s; hosts joined: %s", ", ".join(server.hosts_lost) or "none",
                  ", ".join(server.hosts_joined) or "none")
     if server.status is None:
-        if code == 0 and server.seen:
-            # Ranks of an mpirt job opened lifelines but the job never started: every rank died while
-            # starting, and mpiexec, which tolerates failures under ULFM, said 0 (seen under Slurm: a
+        if code == 0 and server.seen and not server.byes:
+            # Ranks opened lifelines, none reported a status and none ended normally: every rank was
+            # killed, and mpiexec, which tolerates failures under ULFM, said 0 (seen under Slurm: a
             # node lost while the ranks started; its srun step killed, the job "COMPLETED").
             log.error("the job ended before it started: its ranks were lost while starting")
             return 1

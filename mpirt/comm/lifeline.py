@@ -26,6 +26,7 @@ job's token first (``MPIRT_LIFELINE`` = host:port:token), so nothing else can sp
 Messages are JSON lines.
 """
 
+import atexit
 import contextlib
 import json
 import os
@@ -80,6 +81,7 @@ class Server:
         self.first_error = None  # the first unexpected error a rank reported (its one line)
         self.open = 0
         self.seen = 0  # lifelines ever opened: ranks of an mpirt job that got as far as its start
+        self.byes = 0  # ranks whose interpreter ended normally (not killed): see connect()
         self.final_at = None  # when the job reported its exit code
         self.quiet_at = None  # when the last open lifeline closed
         self.cond = threading.Condition()
@@ -135,6 +137,8 @@ class Server:
                     self.final_at = self.final_at or time.monotonic()
             elif kind == "error" and self.first_error is None:
                 self.first_error = msg.get("text")
+            elif kind == "bye":
+                self.byes += 1
             elif kind == "hosts":
                 self.hosts_lost += [h for h in msg.get("lost", []) if h not in self.hosts_lost]
                 self.hosts_joined += [h for h in msg.get("joined", []) if h not in self.hosts_joined]
@@ -286,6 +290,9 @@ def connect(member=None):
     nspace, rank = pmix_guard.identity()
     send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member, nspace=nspace, rank=rank)
     threading.Thread(target=_watch, args=(sock, timeout), name="mpirt-lifeline", daemon=True).start()
+    # A normal end of the interpreter (any exit status) says so: the launcher tells a job whose ranks
+    # all ended this way from one whose ranks were all killed while mpiexec said 0 (see launch.py).
+    atexit.register(send, "bye")
     if timeout > 0:
         threading.Thread(target=_beat, args=(timeout / 4.0,), name="mpirt-heartbeat", daemon=True).start()
     # Over several hosts the output goes over the lifeline from the start: what sits in the pipe
