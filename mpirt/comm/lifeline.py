@@ -286,7 +286,8 @@ def connect(member=None):
     # Blocking sends: a send cut short by a timeout would leave half a line, which ends the
     # lifeline. The reader bounds its waits itself (see _watch).
     sock.settimeout(None)
-    _client.update(sock=sock, lock=threading.Lock(), timeout=timeout, heard=time.monotonic())
+    _client.update(sock=sock, lock=threading.Lock(), rlock=threading.Lock(), buf=b"", timeout=timeout,
+                   heard=time.monotonic())
     nspace, rank = pmix_guard.identity()
     send("hello", token=token, host=socket.gethostname(), pid=os.getpid(), member=member, nspace=nspace, rank=rank)
     threading.Thread(target=_watch, args=(sock, timeout), name="mpirt-lifeline", daemon=True).start()
@@ -316,27 +317,25 @@ def send(kind, **fields):
 def check_fence():
     """Stop this rank now if the launcher may have declared it failed; call it before a commit.
 
-    Declared means: its lifeline was closed (an end-of-file is pending: it was frozen while the
-    others went on), or it has heard nothing from the launcher for half the timeout (it may be cut
-    off: the launcher declares a rank after a whole timeout of silence, so a rank that heard from
-    it within half of one was not declared yet). Without ``mpirt launch`` there is no fence.
+    Declared means: its lifeline was closed (it was frozen while the others went on: the launcher's
+    end-of-file waits behind the heartbeats that queued up meanwhile, so this reads what has
+    arrived, as the lifeline's thread would, to find it), or it has heard nothing from the launcher
+    for half the timeout (it may be cut off: the launcher declares a rank after a whole timeout of
+    silence, so a rank that heard from it within half of one was not declared yet). Without
+    ``mpirt launch`` there is no fence.
     """
     sock = _client.get("sock")
     if sock is None:
         return
-    timeout = _client["timeout"]
     try:
-        eof = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        eof = False
-    except OSError:
+        eof = _drain(sock)
+    except (OSError, ValueError):
         eof = True
     if eof:
         _stop(LAUNCHER_GONE, "declared failed by mpirt launch (this rank was unreachable): stopping without "
                              "committing")
+    timeout = _client["timeout"]
     silent = time.monotonic() - _client["heard"]
-    if silent > timeout / 2 and _pending(sock):
-        silent = 0.0  # the launcher spoke; this rank's reader is behind (a loaded machine)
     if timeout > 0 and silent > timeout / 2:
         _cut_off(f"lost the quorum: no word from mpirt launch for {silent:.1f} s (this host may be cut off from "
                  f"the job); stopping without committing anything")
@@ -351,29 +350,12 @@ def _beat(period):
 
 
 def _watch(sock, timeout):
-    from mpirt.comm import pmix_guard
-
-    buf = b""
     try:
         while True:
-            if timeout > 0 and not select.select([sock], [], [], timeout)[0]:
+            if not select.select([sock], [], [], timeout if timeout > 0 else None)[0]:
                 raise TimeoutError
-            chunk = sock.recv(1 << 16)
-            if not chunk:
+            if _drain(sock):
                 break
-            _client["heard"] = time.monotonic()
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                msg = json.loads(line)
-                if msg.get("t") == "signal":
-                    os.kill(os.getpid(), int(msg["sig"]))
-                elif msg.get("t") == "failed":
-                    procs = [tuple(p) for p in msg["procs"]]
-                    pmix_guard.declare_failed(procs)
-                    for callback in _on_declared:
-                        with contextlib.suppress(Exception):  # the lifeline must keep reading
-                            callback(procs)
     except TimeoutError:
         _cut_off(f"lost the quorum: mpirt launch unreachable for {timeout:g} s (this host is cut off from "
                  f"the job); stopping without committing anything")
@@ -384,6 +366,33 @@ def _watch(sock, timeout):
         pass
     # End of file: the launcher closed this lifeline (it ended, or declared this rank failed).
     _stop(LAUNCHER_GONE, "mpirt launch is gone (or declared this rank failed): stopping this rank")
+
+
+def _drain(sock):
+    """Read what the launcher has sent so far, without waiting, and act on each whole line; True at
+    its end of file. One reader at a time: the lifeline's thread, or :func:`check_fence`."""
+    from mpirt.comm import pmix_guard
+
+    with _client["rlock"]:
+        while True:
+            try:
+                chunk = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not chunk:
+                return True
+            _client["heard"] = time.monotonic()
+            *lines, _client["buf"] = (_client["buf"] + chunk).split(b"\n")
+            for line in lines:
+                msg = json.loads(line)
+                if msg.get("t") == "signal":
+                    os.kill(os.getpid(), int(msg["sig"]))
+                elif msg.get("t") == "failed":
+                    procs = [tuple(p) for p in msg["procs"]]
+                    pmix_guard.declare_failed(procs)
+                    for callback in _on_declared:
+                        with contextlib.suppress(Exception):  # the lifeline must keep reading
+                            callback(procs)
 
 
 def _cut_off(message):
