@@ -269,7 +269,7 @@ def classify_setup(tmp_path_factory):
     return data, ckpt, d / "ref.h5"
 
 
-@pytest.mark.parametrize("fault", ["host-crash", "host-cut"])
+@pytest.mark.parametrize("fault", FAULTS)
 def test_classify_is_identical_after_a_host_is_lost(tmp_path, cluster, classify_setup, fault):
     data, ckpt, ref = classify_setup
     out, events = tmp_path / "pred.h5", tmp_path / "events.jsonl"

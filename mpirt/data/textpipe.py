@@ -195,16 +195,6 @@ def _worker_init(parent):
         os._exit(1)
 
 
-def _kill_workers(pool):
-    # The executor has no public way to stop tasks that are running (terminate_workers() is
-    # Python 3.14); without this, an interrupted prepare would wait for every block in flight.
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        try:
-            proc.kill()
-        except (OSError, ValueError):  # exited already
-            pass
-
-
 def ordered_map(calls, workers):
     """Run ``fn(*args)`` for each (fn, args) of ``calls``; yield the results in order.
 
@@ -221,7 +211,7 @@ def ordered_map(calls, workers):
     # fork: workers inherit the imported modules (no re-import per worker) and start at once.
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
                                   initializer=_worker_init, initargs=(os.getpid(),))
-    pending, finished = deque(), False
+    pending = deque()
     try:
         for fn, args in calls:
             pending.append(pool.submit(fn, *args))
@@ -229,12 +219,14 @@ def ordered_map(calls, workers):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-        finished = True
     except cf.process.BrokenProcessPool:
         raise MpirtError("a tokenising worker process died (killed, or out of memory?)") from None
     finally:
+        # An error, a signal, or the consumer stopped early: calls not started are cancelled, and
+        # the at most two per worker already handed out run to their end (a second or so). Workers
+        # are not killed: one killed while it writes its result leaves the executor's manager thread
+        # reading the rest of that message forever (this process holds the pipe's write end too, so
+        # no end-of-file comes), and shutdown() then hung (seen: prepare on a full disk, ~1 in 20).
         for fut in pending:
             fut.cancel()
-        if not finished:  # an error, a signal, or the consumer stopped early: stop now
-            _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
