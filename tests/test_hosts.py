@@ -286,6 +286,20 @@ def test_classify_is_identical_after_a_host_is_lost(tmp_path, cluster, classify_
     assert_host_lost(events_of(events), fault, res)
 
 
+def test_a_host_unreachable_at_the_start_is_one_line_and_a_failure(tmp_path, cluster):
+    """PRRTE's lost-daemon block is not shown (a lost host mid-job is not an error), so a job that
+    never started because of one must say so itself."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=2\nnode9 slots=2\n")  # node9 does not exist
+    tag = uuid.uuid4().hex
+    line = " ".join(map(str, [MPIRT, "launch", "-n", "4", "--hostfile", hostfile, "--launch-agent", AGENT, "--",
+                              "mpirt", "info"]))
+    res = run([AGENT, "head", line], timeout=120, tag=tag)
+    assert res.returncode != 0, res.output
+    assert "did not report back while the job was starting" in res.stderr and "nothing ran" in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+
+
 def test_host_faults_are_refused_outside_a_simulated_host(tmp_path, digits):
     data, _ = digits
     res = run_cli("launch", "-n", "2", "--hang-timeout", "2", "--", "mpirt", "train", "--data", data, *TRAIN,

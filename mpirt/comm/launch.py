@@ -271,6 +271,11 @@ def _run_once(cmd, env, log, peers=(), multi=False):
         log.info("hosts lost: %s; hosts joined: %s", ", ".join(server.hosts_lost) or "none",
                  ", ".join(server.hosts_joined) or "none")
     if server.status is None:
+        if server.daemon_lost and not server.seen:
+            # No rank got as far as its lifeline: the host went while Open MPI was starting the job.
+            log.error("Open MPI's daemon on a host did not report back while the job was starting (the host is "
+                      "unreachable, or was lost): nothing ran")
+            return code or 1
         if code == 0 and server.seen and not server.byes:
             # Ranks opened lifelines, none reported a status and none ended normally: every rank was
             # killed, and mpiexec, which tolerates failures under ULFM, said 0 (seen under Slurm: a
@@ -311,7 +316,7 @@ def _call_forwarding(cmd, env, server, multi=False, grace=13.0):
     proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, start_new_session=True)
     relays = []
     if multi:  # the ranks' own output comes over their lifelines; this is the runtime's
-        relays = [threading.Thread(target=_relay, args=(src, dst), daemon=True)
+        relays = [threading.Thread(target=_relay, args=(src, dst, server), daemon=True)
                   for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
         for t in relays:
             t.start()
@@ -366,8 +371,9 @@ _LOST_DAEMON = ("A daemon failed to report back", "lost communication with a rem
 _SETPGID_RACE = re.compile(r"^\[[^\]]*\] plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent with errno=Permission denied")
 
 
-def _relay(stream, out):
-    """Copy mpiexec's output through, less PRRTE's lost-daemon help block (not an error here)."""
+def _relay(stream, out, server=None):
+    """Copy mpiexec's output through, less PRRTE's lost-daemon help block (not an error here: the
+    job goes on; ``server.daemon_lost`` is set, for a job that never got to start)."""
     block, skipping = [], False
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
@@ -382,6 +388,8 @@ def _relay(stream, out):
         if block:
             if any(k in line for k in _LOST_DAEMON):
                 block, skipping = [], True
+                if server is not None:
+                    server.daemon_lost = True
                 continue
             out.write("".join(block))
             block = []

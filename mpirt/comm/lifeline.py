@@ -82,6 +82,7 @@ class Server:
         self.open = 0
         self.seen = 0  # lifelines ever opened: ranks of an mpirt job that got as far as its start
         self.byes = 0  # ranks whose interpreter ended normally (not killed): see connect()
+        self.daemon_lost = False  # mpiexec reported a lost daemon (set by launch._relay)
         self.final_at = None  # when the job reported its exit code
         self.quiet_at = None  # when the last open lifeline closed
         self.cond = threading.Condition()
