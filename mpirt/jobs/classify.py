@@ -116,12 +116,24 @@ class Classify(ShardJob):
     def map(self, shard):
         import torch
 
+        batch = self.split.read_shard(shard)
+        tops, probs = [], []
+        # One intra-op thread on the CPU: how a matmul splits over threads changes the bits of its sums
+        # (measured: 2 of 539 probabilities differed between 1 and 2 threads), and the count a rank
+        # gets depends on its binding, so results would depend on how the job was launched.
+        threads = torch.get_num_threads()
+        if str(self.device).split(":")[0] == "cpu":
+            torch.set_num_threads(1)
+        try:
+            return self._predict(torch, batch, tops, probs)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _predict(self, torch, batch, tops, probs):
         import mpirt.kernels as K
         from mpirt.train import models
         from mpirt.train.source import batches
 
-        batch = self.split.read_shard(shard)
-        tops, probs = [], []
         with torch.no_grad():
             for piece in batches(batch, self.batch_rows):
                 mean = None
