@@ -36,21 +36,12 @@ class DirLock:
     def held(self):
         return self._fd is not None
 
-    def take(self):
-        """Lock at a job's start, or raise JobError naming who holds it."""
-        if self._fd is not None:
-            return
-        fd = self._open(self.path)
-        if not self._try(fd):
-            holder = _holder_line(fd)
-            os.close(fd)
-            raise JobError(f"{os.path.dirname(self.path)}: in use by another job ({holder}); wait for it to "
-                           f"end, or give another {self.flag}")
-        self._own(fd)
+    def take(self, gone=()):
+        """Lock, or raise JobError naming who holds it.
 
-    def take_over(self, gone):
-        """Lock as a coordinator taking over. ``gone``: (host, pid) of this job's members that failed
-        or left; a lock one of them still holds is replaced, any other holder is refused."""
+        ``gone`` (a coordinator taking over): (host, pid) of this job's members that failed or left;
+        a lock one of them still holds is replaced. Any other holder is refused.
+        """
         if self._fd is not None:
             return
         fd = self._open(self.path)

@@ -146,9 +146,9 @@ def test_a_lock_held_by_a_gone_member_is_taken_over_and_any_other_holder_refused
         with pytest.raises(JobError, match=f"in use by another job \\(pid {holder.pid} on .*\\); .* --out"):
             DirLock(tmp_path, "lock", "--out").take()
         with pytest.raises(JobError, match="in use by another job"):  # a holder this job never had
-            DirLock(tmp_path, "lock", "--out").take_over({(socket.gethostname(), holder.pid + 1)})
+            DirLock(tmp_path, "lock", "--out").take({(socket.gethostname(), holder.pid + 1)})
         mine = DirLock(tmp_path, "lock", "--out")
-        mine.take_over({(socket.gethostname(), holder.pid)})
+        mine.take({(socket.gethostname(), holder.pid)})
         assert mine.held and (tmp_path / "lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
         with pytest.raises(JobError, match=f"pid {os.getpid()} on"):  # a later second job meets the new lock
             DirLock(tmp_path, "lock", "--out").take()

@@ -158,7 +158,7 @@ class Farm:
     def _coordinate(self):
         comm, store, view = self.ec.comm, self.store, self.view
         # A coordinator taking over: the one before may still hold the lock (frozen, cut off; fenced).
-        self.parts.lock.take_over(self.group.gone)
+        self.parts.lock.take(self.group.gone)
         t_plan = time.perf_counter()
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
         self.faults.fired |= store.faults_fired()

@@ -90,9 +90,9 @@ class RunDir(CheckpointDir):
             json.dump(self.ident, f, sort_keys=True, indent=1)
 
     def take_over(self, gone):
-        """A coordinator taking over after a failure: lock (see :meth:`DirLock.take_over`)."""
+        """A coordinator taking over after a failure: lock (see :meth:`DirLock.take`)."""
         os.makedirs(self.directory, exist_ok=True)
-        self.lock.take_over(gone)
+        self.lock.take(gone)
 
     def recorded(self):
         """The identity in ``run.json``, or None (a new directory, or one of an older mpirt)."""
