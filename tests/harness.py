@@ -6,6 +6,7 @@ later, so after a job the tag finds every process it left, wherever it was
 re-parented. :func:`assert_no_leftovers` kills those and fails the test.
 """
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 
+import h5py
 import numpy as np
 import psutil
 
@@ -168,3 +170,31 @@ def assert_same_model(a, b, rtol=1e-5):
         scale = max(float(np.max(np.abs(a[k]))), 1e-12)
         err = float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) / scale
         assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
+
+
+def wordcount_reference(d):
+    """A synthetic text data set in ``d`` (38 shards of 128 rows) and its one-rank wordcount:
+    (data path, reference output path), for jobs that must end bit-identical to it."""
+    data = d / "text.h5"
+    run_cli("prepare", "synth-text", data, "--rows", "6000", "--features", "2048", "--shard-rows", "128").check()
+    run_cli("wordcount", data, "--out", d / "ref.h5").check()
+    return data, d / "ref.h5"
+
+
+def assert_same_output(ref, out):
+    """Two result files of mpirt (wordcount, classify) are the same result: the digest each records,
+    and every data set, bit for bit."""
+    with h5py.File(ref) as a, h5py.File(out) as b:
+        assert a.attrs["sha256"] == b.attrs["sha256"]
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k][()], b[k][()])
+
+
+def assert_each_shard_once(ledger, shards=None):
+    """A shard job's commit log (the text of ``OUT.parts/ledger.jsonl``): shards 0..n-1 (``shards``
+    of them, when given), each committed exactly once, none recorded as a duplicate."""
+    records = [json.loads(line) for line in ledger.splitlines()]
+    done = sorted(r["shard"] for r in records)
+    assert done == list(range(len(done) if shards is None else shards)), done
+    assert not any(r.get("duplicate") for r in records), records

@@ -16,12 +16,11 @@ import re
 import subprocess
 import uuid
 
-import h5py
-import numpy as np
 import psutil
 import pytest
 
-from harness import MPIRT, TAG_VAR, assert_no_leftovers, assert_same_model, run, run_cli
+from harness import (MPIRT, TAG_VAR, assert_each_shard_once, assert_no_leftovers, assert_same_model, assert_same_output,
+                     run, run_cli, wordcount_reference)
 
 pytestmark = [pytest.mark.mpi, pytest.mark.cli, pytest.mark.hosts]
 
@@ -208,17 +207,12 @@ def test_a_new_host_joins_then_a_host_is_lost(tmp_path, cluster, digits):
 # -- wordcount ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    d = tmp_path_factory.mktemp("htext")
-    data = d / "text.h5"
-    run_cli("prepare", "synth-text", data, "--rows", "6000", "--features", "2048", "--shard-rows", "128").check()
-    run_cli("wordcount", data, "--out", d / "ref.h5").check()
-    with h5py.File(d / "ref.h5") as f:
-        return data, f["counts"][()], f.attrs["sha256"]
+    return wordcount_reference(tmp_path_factory.mktemp("htext"))
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_wordcount_is_bit_identical_after_a_host_is_lost(tmp_path, cluster, text, fault):
-    data, counts, digest = text
+    data, ref = text
     out, events = tmp_path / "counts.h5", tmp_path / "events.jsonl"
     res, tag = launch(cluster, ["mpirt", "wordcount", data, "--out", out, "--events", events, "--keep-parts"],
                       f"{fault}:member=2:step=6")
@@ -227,18 +221,15 @@ def test_wordcount_is_bit_identical_after_a_host_is_lost(tmp_path, cluster, text
     settle_fault_host(fault, tag)
     assert_no_leftovers(tag)
     assert open(f"{out}.parts/ledger.jsonl").read() == ledger, "a lost host's rank committed after it was dropped"
-    with h5py.File(out) as f:
-        assert f.attrs["sha256"] == digest
-        np.testing.assert_array_equal(f["counts"][()], counts)
-    records = [json.loads(line) for line in ledger.splitlines()]
-    assert sorted(r["shard"] for r in records) == list(range(38)) and not any(r.get("duplicate") for r in records)
+    assert_same_output(ref, out)
+    assert_each_shard_once(ledger, 38)
     assert_host_lost(events_of(events), fault, res)
 
 
 def test_wordcount_goes_on_when_the_coordinators_host_freezes(tmp_path, cluster, text):
     """node1 (members 0 and 1: the coordinator) freezes while member 3 is killed: member 2 coordinates
     from then on and takes over the output's lock, which the frozen coordinator still holds."""
-    data, counts, digest = text
+    data, ref = text
     out, events = tmp_path / "counts.h5", tmp_path / "events.jsonl"
     res, tag = launch(cluster, ["mpirt", "wordcount", data, "--out", out, "--events", events, "--keep-parts"],
                       ["host-freeze:member=1:step=6", "kill:member=3:step=6"])
@@ -247,11 +238,8 @@ def test_wordcount_goes_on_when_the_coordinators_host_freezes(tmp_path, cluster,
     settle_fault_host("host-freeze", tag, "node1")
     assert_no_leftovers(tag)
     assert open(f"{out}.parts/ledger.jsonl").read() == ledger, "the frozen coordinator committed after it thawed"
-    with h5py.File(out) as f:
-        assert f.attrs["sha256"] == digest
-        np.testing.assert_array_equal(f["counts"][()], counts)
-    records = [json.loads(line) for line in ledger.splitlines()]
-    assert sorted(r["shard"] for r in records) == list(range(38)) and not any(r.get("duplicate") for r in records)
+    assert_same_output(ref, out)
+    assert_each_shard_once(ledger, 38)
     views = [e for e in events_of(events) if e["event"] == "view"]
     assert views[-1]["coordinator"] in (2, 4, 5) and "node1" in [h for v in views for h in v["hosts_lost"]], views
 
@@ -280,10 +268,7 @@ def test_classify_is_identical_after_a_host_is_lost(tmp_path, cluster, classify_
     settle_fault_host(fault, tag)
     assert_no_leftovers(tag)
     assert int(re.search(r"(\d+) view\(s\)", res.stdout).group(1)) >= 2, res.stdout
-    with h5py.File(ref) as a, h5py.File(out) as b:
-        assert a.attrs["sha256"] == b.attrs["sha256"]
-        for k in a:
-            np.testing.assert_array_equal(a[k][()], b[k][()])
+    assert_same_output(ref, out)
     assert_host_lost(events_of(events), fault, res)
 
 
