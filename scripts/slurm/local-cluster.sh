@@ -131,27 +131,16 @@ install_packages() {
     fi
 }
 
-# The configuration, on stdout (deterministic: a running cluster with the same one is left alone).
-render_conf() {
-    local mem
-    # RealMemory a bit below the total, so that slurmd never finds less than declared.
-    mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+# What both clusters (this one and --hosts) are configured alike in: users and authentication, no
+# cgroups, scheduling, requeue, and how long finished jobs stay visible.
+shared_conf() {
     cat <<CONF
-$marker (do not edit: it is rewritten by 'start')
-ClusterName=mpirt-local
-SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued job may start again cred_expire+1 s after the requeue (default 120 s).
 AuthInfo=cred_expire=10
-StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
-SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
-SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
 # No cgroups: containers and CI VMs often lack a usable cgroup hierarchy.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -164,18 +153,37 @@ MpiDefault=none
 ReturnToService=2
 # The node may declare more CPUs than the machine has cores.
 SlurmdParameters=config_overrides
-# Preemption and requeue: jobs of partition debug are requeued when an urgent job needs their CPUs.
 JobRequeue=1
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
 # Seconds between SIGTERM and SIGKILL (time limit, scancel, end of a preemption's grace time).
 KillWait=5
 # No accounting database: finished jobs stay visible to scontrol show job for 10 minutes.
 MinJobAge=600
 MaxJobCount=20000
 SlurmctldTimeout=30
-SlurmdTimeout=30
 InactiveLimit=0
+CONF
+}
+
+# The configuration, on stdout (deterministic: a running cluster with the same one is left alone).
+render_conf() {
+    local mem
+    # RealMemory a bit below the total, so that slurmd never finds less than declared.
+    mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+    cat <<CONF
+$marker (do not edit: it is rewritten by 'start')
+ClusterName=mpirt-local
+SlurmctldHost=$host(127.0.0.1)
+$(shared_conf)
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+# Preemption: jobs of partition debug are requeued when an urgent job needs their CPUs.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmdTimeout=30
 MessageTimeout=10
 NodeName=$host NodeAddr=127.0.0.1 NodeHostname=$host CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4 PriorityTier=1 PreemptMode=REQUEUE
@@ -307,34 +315,15 @@ render_hosts_conf() {
 $marker --hosts (do not edit: it is rewritten by 'start --hosts')
 ClusterName=mpirt-hosts
 SlurmctldHost=head(10.77.0.254)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
+$(shared_conf)
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_interval=2
-MpiDefault=none
-ReturnToService=2
-SlurmdParameters=config_overrides
-JobRequeue=1
-KillWait=5
-MinJobAge=600
-MaxJobCount=20000
-SlurmctldTimeout=30
 # A crashed node is noticed (pinged every SlurmdTimeout/3 s) and set DOWN within ~10 s, not 5 min.
 SlurmdTimeout=10
-InactiveLimit=0
 MessageTimeout=5
 # Jobs get the submitter's environment, so MPIRT_SIMULATED_HOST would say head on every node: each
 # task (the batch script too) is told the simulated host it runs on, as the agent tells its commands.
