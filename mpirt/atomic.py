@@ -13,11 +13,13 @@ import tempfile
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix=".tmp"):
+def atomic_path(path, suffix=".tmp", before_rename=None):
     """Yield a temporary path beside ``path``; on success fsync and rename it over ``path``.
 
     On an exception the temporary file is removed and ``path`` is untouched, so a
-    killed or failed writer loses nothing that was there before.
+    killed or failed writer loses nothing that was there before. ``before_rename`` (no arguments)
+    runs after the fsync, just before the rename: the last point a writer can still be stopped
+    (a fence check) with nothing changed under ``path``.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -32,6 +34,8 @@ def atomic_path(path, suffix=".tmp"):
     try:
         yield tmp
         fsync(tmp)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
         fsync(directory)  # the rename itself is durable only once the directory entry is on disk
     except BaseException:

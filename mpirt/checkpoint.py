@@ -11,7 +11,10 @@ hex HMAC-SHA256 of the manifest. Groups: ``params/<name>`` one dataset per param
 ``rng/<name>`` uint8 arrays.
 
 Written to a temporary name beside the target, fsynced, renamed (:func:`mpirt.atomic.atomic_path`):
-a kill during a save leaves the previous checkpoint as it was.
+a kill during a save leaves the previous checkpoint as it was. Datasets are contiguous; how the
+file is written fast is in :mod:`mpirt.checkpoint_write`. :class:`CheckpointDir` saves in the
+background when asked (:mod:`mpirt.checkpoint_async`): then only the copy of the state into host
+memory blocks the caller.
 
 Reading checks the manifest's names, dtypes and shapes against the file's datasets and their
 stored bytes before reading any of them (a crafted header must not make every rank allocate what it
@@ -25,16 +28,16 @@ import hmac
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from mpirt.atomic import atomic_path
+from mpirt.checkpoint_async import BackgroundSaver
+from mpirt.checkpoint_write import FORMAT, SCHEMA_VERSION, digest, manifest, snapshot, write
 from mpirt.config import CHECKPOINT_KEY
 from mpirt.errors import CheckpointError, TamperedCheckpointError
-
-FORMAT = "mpirt.checkpoint"
-SCHEMA_VERSION = 1
 ATTRS = ("spec", "position", "meta", "world_size")
 NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
 
@@ -62,61 +65,32 @@ class Checkpoint:
         return {"state": state, "param_groups": self.optimizer["param_groups"]}
 
 
-def _numpy(x):
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        return x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
-    return np.asarray(x)
+def save(path, *, spec, params, optimizer=None, position, rng=None, world_size, meta=None, key=None,
+         before_rename=None):
+    """Write a checkpoint to ``path`` atomically, blocking; return ``path``.
+
+    Args:
+        before_rename: called once the file is whole and fsynced, before it is renamed to ``path``
+            (a fence check, a fault): raising there leaves ``path`` and the checkpoints before as
+            they were.
+
+    Raises:
+        CheckpointError: one line naming ``path`` (a full disk: the temporary is gone).
+    """
+    state = snapshot(spec=spec, params=params, optimizer=optimizer, position=position, rng=rng,
+                     world_size=world_size, meta=meta)
+    return _save_state(path, state, key, before_rename)
 
 
-def save(path, *, spec, params, optimizer=None, position, rng=None, world_size, meta=None, key=None):
-    """Write a checkpoint to ``path`` atomically; return ``path``."""
-
-    attrs = {"spec": json.dumps(spec, sort_keys=True), "position": json.dumps(position, sort_keys=True),
-             "meta": json.dumps(meta or {}, sort_keys=True, default=str), "world_size": int(world_size)}
-    arrays = {f"params/{k}": _numpy(v) for k, v in params.items()}
-    groups = []
-    if optimizer:
-        for i, st in optimizer.get("state", {}).items():
-            for k, v in st.items():
-                if v is None:  # e.g. SGD's momentum_buffer before the first step
-                    continue
-                arrays[f"optimizer/state/{int(i)}/{k}"] = _numpy(v)
-        groups = optimizer.get("param_groups", [])
-    for k, v in (rng or {}).items():
-        arrays[f"rng/{k}"] = _numpy(v).astype(np.uint8, copy=False)
-    manifest = _manifest(arrays, attrs, json.dumps(groups, sort_keys=True))
-    from mpirt.errors import CheckpointError
+def _save_state(path, state, key, before_rename=None):
     from mpirt.outputs import os_error_line
 
     try:
-        _write(path, attrs, arrays, groups, manifest, key)
+        with atomic_path(path, before_rename=before_rename) as tmp:
+            write(tmp, state, key)
     except OSError as exc:  # a full disk: one line; the temporary is gone, the checkpoints before intact
         raise CheckpointError(os_error_line(exc, path)) from None
     return path
-
-
-def _write(path, attrs, arrays, groups, manifest, key):
-    from mpirt.outputs import h5_writing
-
-    with atomic_path(path) as tmp:
-        with h5_writing(tmp, libver="latest") as f:
-            f.attrs["mpirt_format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.require_group("params")
-            f.require_group("optimizer").attrs["param_groups"] = json.dumps(groups, sort_keys=True)
-            for name, a in arrays.items():
-                f.create_dataset(name, data=a, track_times=False)
-            f.attrs["manifest"] = manifest
-            if key:
-                f.attrs["signature"] = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
-
-
-def _digest(a):
-    a = np.ascontiguousarray(a)
-    return f"{hashlib.sha256(memoryview(a).cast('B') if a.size else b'').hexdigest()}:{a.dtype.str}:{list(a.shape)}"
 
 
 def _manifest(arrays, attrs, groups):
@@ -124,10 +98,7 @@ def _manifest(arrays, attrs, groups):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        entries = dict(zip(arrays, pool.map(_digest, arrays.values())))
-    entries["@attrs"] = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
-    entries["@param_groups"] = hashlib.sha256(groups.encode()).hexdigest()
-    return json.dumps(entries, sort_keys=True)
+        return manifest(zip(arrays, pool.map(digest, arrays.values())), attrs, groups)
 
 
 def load(path, key=None, verify=True):
@@ -190,7 +161,7 @@ def _datasets(path, f, expected):
     total = 0
     for name, d in found.items():
         _, dtype, shape = expected[name].split(":", 2)
-        # (_digest's ascontiguousarray makes a 0-d array 1-d: a scalar's manifest shape is [1])
+        # (digest's ascontiguousarray makes a 0-d array 1-d: a scalar's manifest shape is [1])
         if d.dtype.str != dtype or (list(d.shape) or [1]) != json.loads(shape):
             raise TamperedCheckpointError(f"{path}: contents do not match its manifest (tampered or corrupted): "
                                           f"{name}")
@@ -268,17 +239,74 @@ def resolve_key(key_file=None):
 
 
 class CheckpointDir:
-    """``DIR/ckpt-{step:08d}.h5``, the newest ``keep`` kept."""
+    """``DIR/ckpt-{step:08d}.h5``, the newest ``keep`` kept.
 
-    def __init__(self, directory, keep=3, key=None, verify=True):
+    Args:
+        background: save in the background (:meth:`save` returns once the state is in host
+            memory; :meth:`wait` for it to be on disk), else block until it is.
+    """
+
+    def __init__(self, directory, keep=3, key=None, verify=True, background=False):
         self.directory, self.keep, self.key, self.verify = os.fspath(directory), max(1, int(keep)), key, verify
+        self.saver = BackgroundSaver() if background else None
+        self.blocking_s = 0.0  # what saves cost the caller's thread (background: the snapshots)
+        self._buffers = {}  # the snapshot of the save before: the next one copies into them
 
-    def save(self, step, **fields):
+    def save(self, step, before_rename=None, **fields):
+        """Save the checkpoint of ``step`` (``fields``: as for :func:`save`); return its path.
+
+        Blocking, it is written, fsynced, renamed and the old ones pruned on return. In the
+        background, this waits for the save before (at most one in flight: see
+        :class:`BackgroundSaver`), copies the state into host memory and returns; the rest runs
+        on the saver's thread, ``before_rename`` included, and the file appears under its name
+        only once whole: a crash at any point leaves the checkpoints before valid.
+
+        Raises:
+            CheckpointError: this save failed (blocking), or the one before did (background).
+        """
+        t0 = time.perf_counter()
         os.makedirs(self.directory, exist_ok=True)
-        path = save(os.path.join(self.directory, f"ckpt-{int(step):08d}.h5"), key=self.key, **fields)
+        path = os.path.join(self.directory, f"ckpt-{int(step):08d}.h5")
+        if self.saver is None:
+            self._write(path, snapshot(**fields), before_rename)
+        else:
+            self.saver.wait()  # before the snapshot: it reuses the buffers the save before writes from
+            state = snapshot(reuse=self._buffers, **fields)
+            self._buffers = state.arrays
+            self.saver.submit(path, lambda: self._write(path, state, before_rename))
+        self.blocking_s += time.perf_counter() - t0
+        return path
+
+    def _write(self, path, state, before_rename):
+        _save_state(path, state, self.key, before_rename)
         for old in self.paths()[:-self.keep]:
             os.unlink(old)
-        return path
+
+    def wait(self):
+        """Wait until the save in flight (if any) is on disk under its name.
+
+        Raises:
+            CheckpointError: it failed (one line naming the file); the checkpoints before are intact.
+        """
+        if self.saver is not None:
+            self.saver.wait()
+
+    def close(self):
+        """Wait for the save in flight. A failure nobody was told of is logged, not raised: a run that
+        ended normally waited (and raised) already, so this closes after another error, not to be hidden."""
+        error = self.saver.pending_error() if self.saver is not None else None
+        if error is not None:
+            from mpirt.log import get_logger
+
+            get_logger("mpirt.checkpoint").error("%s", error)
+        self._buffers = {}
+
+    def stats(self):
+        """{saves, background, blocking_s, waited, wait_s}: what checkpoints cost the caller."""
+        saver = self.saver
+        return {"background": saver is not None, "saves": saver.saves if saver else None,
+                "blocking_s": round(self.blocking_s, 4), "waited": saver.waited if saver else 0,
+                "wait_s": round(saver.wait_s, 4) if saver else 0.0}
 
     def paths(self):
         names = [os.path.basename(p) for p in glob.glob(os.path.join(self.directory, "ckpt-*.h5"))]

@@ -24,6 +24,7 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_dir: str = None
     checkpoint_every: int = 0
+    checkpoint_sync: bool = False  # True: saves block training (--checkpoint-sync); else in the background
     keep: int = 3
     resume: bool = False
     key: bytes = None
@@ -58,6 +59,9 @@ def add_parser(sub):
     p.add_argument("--channels", type=flags.size, help="cnn: channels of the first convolution (default 16)")
     p.add_argument("--checkpoint-dir", metavar="DIR")
     p.add_argument("--checkpoint-every", type=flags.non_negative, default=0, metavar="STEPS", help="0: only at the end")
+    p.add_argument("--checkpoint-sync", action="store_true",
+                   help="save checkpoints blocking, as torch.distributed.checkpoint.save does (default: "
+                        "as async_save, in the background; only the copy to host memory blocks)")
     p.add_argument("--keep", type=flags.positive, default=3, metavar="K", help="checkpoints kept")
     p.add_argument("--key-file", metavar="FILE", help="HMAC key for signed checkpoints (or MPIRT_CHECKPOINT_KEY)")
     p.add_argument("--no-verify", action="store_true", help="--resume from a signed checkpoint without its key")
@@ -95,7 +99,8 @@ def config_from_args(args, dataset):
     return TrainConfig(
         data=os.path.abspath(args.data), spec=spec, epochs=args.epochs, global_batch=args.global_batch,
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
+        checkpoint_sync=args.checkpoint_sync, keep=args.keep,
         resume=args.resume or env_flag(RESUME), key=resolve_key(args.key_file), faults=FaultPlan(args.inject_fault),
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
@@ -109,7 +114,8 @@ def train_argv(args):
         "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb", "min_ranks")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
-    return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify)])
+    return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),
+                                                   ("--checkpoint-sync", args.checkpoint_sync)])
 
 
 def run_train(args):

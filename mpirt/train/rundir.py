@@ -54,12 +54,12 @@ class RunDir(CheckpointDir):
     """A :class:`CheckpointDir` owned by one run: locked, with its identity recorded and checked.
 
     Args:
-        directory, keep, key, verify: as for :class:`CheckpointDir`.
+        directory, keep, key, verify, background: as for :class:`CheckpointDir`.
         ident: this run's :func:`identity`.
     """
 
-    def __init__(self, directory, keep=3, key=None, ident=None, verify=True):
-        super().__init__(directory, keep=keep, key=key, verify=verify)
+    def __init__(self, directory, keep=3, key=None, ident=None, verify=True, background=False):
+        super().__init__(directory, keep=keep, key=key, verify=verify, background=background)
         self.ident = ident
         self.lock = DirLock(directory, LOCK_FILE, "--checkpoint-dir")
 
@@ -121,6 +121,8 @@ class RunDir(CheckpointDir):
         return paths[-1] if paths else None
 
     def close(self):
+        """Wait for the save in flight, then unlock: the next job must find it whole under its name."""
+        super().close()
         self.lock.release()
 
 

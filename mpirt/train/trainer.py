@@ -15,6 +15,7 @@ only the step in flight: no disk checkpoint is needed to recover. Joiners are me
 committed step and get the coordinator's parameters, optimizer state and step with the view.
 """
 
+import functools
 import os
 import time
 
@@ -118,8 +119,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.checkpoint_dir:
             return None
-        self.ckpt = rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident,
-                                  verify=cfg.verify)
+        self.ckpt = self._run_dir()
         self.ckpt.claim(cfg.resume)  # locked, and ours: before anything is read from it
         if not cfg.resume:
             return None
@@ -144,8 +144,7 @@ class Trainer:
             self.audit = Audit(cfg.audit, self.schedule)
             self.audit.truncate(self.step)  # steps after a resumed checkpoint were undone
         if self.ckpt is None and cfg.checkpoint_dir:  # a coordinator taking over after a failure
-            self.ckpt = rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident,
-                                      verify=cfg.verify)
+            self.ckpt = self._run_dir()
             # The coordinator before may still hold the lock (frozen, cut off: fenced, never writes).
             self.ckpt.take_over(self.group.gone)
         if self.reporter is None:
@@ -232,6 +231,10 @@ class Trainer:
         self._mark_fired(step, ("join",))
         if group.is_coordinator:
             self._report_step(step, totals)
+        if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+            # A save fault strikes in the coordinator's writer (save_checkpoint); every member marks
+            # it, so that a coordinator taking over does not strike it again at its next save.
+            self._mark_fired(self.step, faultlib.SELF, "save")
         if self.step < self.schedule.total_steps:  # at the end: just finish
             if totals[PREEMPT]:
                 self._stop_preempted("on request (SIGUSR1)")
@@ -240,6 +243,8 @@ class Trainer:
         if totals[LEAVING]:
             group.announce_leaving(Leaving.requested)  # the view records them as left, not failed
             if Leaving.requested:
+                if self.ckpt:
+                    self.ckpt.wait()  # a coordinator hands over with its save in flight on disk
                 group.leave()  # after the commit: the others redo nothing
         if totals[JOINERS]:
             group.fire(self.joining, step=step)
@@ -253,6 +258,8 @@ class Trainer:
         if not self.group.is_coordinator:
             raise JobError("")  # the same stop everywhere; the coordinator says it once
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
+        if self.ckpt:
+            self.ckpt.wait()  # the save in flight is the last good one
         mine = self.ckpt.paths() if self.ckpt else []
         keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
         raise JobError(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
@@ -266,6 +273,7 @@ class Trainer:
         path = None
         if self.ckpt:  # unless _report_step just saved this very step
             path = self.saved[1] if self.saved and self.saved[0] == self.step else self.save_checkpoint()
+            self.ckpt.wait()  # exit 75 (Slurm requeues) only once it is on disk under its name
         group.events.write("preempted", view=group.view.id, members=group.view.members, step=self.step,
                            checkpoint=path and os.path.abspath(path))
         if self.reporter:
@@ -337,13 +345,22 @@ class Trainer:
             out["y_true"], out["y_pred"] = split.read(0, split.n_rows).y, np.concatenate(preds)
         return out
 
-    def save_checkpoint(self):
-        """Write the replicated state (coordinator only); it loads on any number of ranks."""
+    def _run_dir(self):
         cfg = self.cfg
+        return rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident, verify=cfg.verify,
+                             background=not cfg.checkpoint_sync)
+
+    def save_checkpoint(self):
+        """Save the replicated state (coordinator only; it loads on any number of ranks). In the
+        background unless --checkpoint-sync: this returns once the state is copied to host memory,
+        and ``self.ckpt.wait()`` waits until it is on disk."""
+        cfg, group = self.cfg, self.group
         lifeline.check_fence()  # a coordinator the others may have dropped must not write one
+        due = group.faults.due(member=group.member, is_coordinator=True, step=self.step, phase="save")
         epoch = self.step // max(self.schedule.steps_per_epoch, 1)
         path = self.ckpt.save(
-            self.step, spec=self.spec, params=self.model.state_dict(), optimizer=self.opt.state_dict(),
+            self.step, before_rename=functools.partial(self._before_rename, due, self.step),
+            spec=self.spec, params=self.model.state_dict(), optimizer=self.opt.state_dict(),
             position={"step": self.step, "epoch": epoch, "seed": cfg.seed, "global_batch": cfg.global_batch},
             rng={"torch": torch.get_rng_state().numpy()}, world_size=self.group.size,
             meta={"data": os.path.abspath(self.dataset.path), "class_names": self.dataset.class_names,
@@ -353,15 +370,25 @@ class Trainer:
         self.saved = (self.step, path)
         return path
 
+    def _before_rename(self, due, step):
+        # In the writer, once the file is whole: fenced again, as a coordinator frozen while its save
+        # was in flight may have been dropped since the snapshot; then the faults of phase=save.
+        lifeline.check_fence()
+        self.group.fire(due, step=step, phase="save")
+
     def _finish(self):
         group = self.group
         if not group.is_coordinator:
             return None
-        if self.ckpt:
+        if self.ckpt and not (self.saved and self.saved[0] == self.step):  # unless just saved
             self.save_checkpoint()
-        test = self.evaluate("test", with_predictions=True)
+        test = self.evaluate("test", with_predictions=True)  # while the last checkpoint is written
+        if self.ckpt:
+            self.ckpt.wait()  # exit 0 says the last checkpoint is on disk
+            log.info("checkpoints: %s", self.ckpt.stats())
         extra = {"events": group.events.read(), "views": group.view.id + 1, "steps": self.step,
-                 "ranks_at_end": group.size, "spec": self.spec}
+                 "ranks_at_end": group.size, "spec": self.spec,
+                 "checkpoints": self.ckpt.stats() if self.ckpt else None}
         report = self.reporter.final(y_true=test and test["y_true"], y_pred=test and test["y_pred"],
                                      test_loss=test and test["loss"], extra=extra)
         group.events.write("finish", view=group.view.id, members=group.view.members, step=self.step)
