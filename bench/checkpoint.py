@@ -1,56 +1,171 @@
-"""Checkpoint save and load against raw h5py writing and reading the same arrays.
+"""Checkpoints: save and load against raw h5py, and what checkpoints cost a training run.
 
-    python -m bench checkpoint [--floats 25000000] [--repeat 3]
+    python -m bench checkpoint [--floats 20000000] [--repeat 3] [--train-steps 40] [--no-train]
 
-160 float32 tensors of ResNet-50-like sizes. mpirt adds a SHA-256 per array (manifest), an HMAC
-signature, an fsync and a rename on save, and the same verification on load; raw h5py writes one
-dataset per tensor and reads them back, nothing else. Ratios are raw time / mpirt time.
+1. Save and load of ``--floats`` float32 in 160 tensors of ResNet-50-like sizes (torch tensors, as a
+   model's), each repeat running every variant once, interleaved:
+   - raw h5py: one ``create_dataset`` per tensor, nothing else (and the same plus an fsync);
+   - mpirt, blocking (``--checkpoint-sync``): manifest of SHA-256 per array, HMAC signature, write,
+     fsync, rename (:mod:`mpirt.checkpoint_write`);
+   - mpirt in the background (the default): what the caller waits for (the copy into host
+     memory), and the time until the file is on disk under its name;
+   - load: mpirt (every digest and the signature verified) against raw h5py reading the arrays.
+   Ratios are raw time / mpirt time (above 1: mpirt is faster).
+2. ``mpirt train`` of a 20M-parameter MLP (784 features, ``--hidden 4096``, SGD with momentum: a
+   160 MB checkpoint) on one rank for ``--train-steps`` steps: without checkpoints, with
+   ``--checkpoint-every 5 --checkpoint-sync``, and with ``--checkpoint-every 5`` (background),
+   interleaved in each repeat. Time: from the job's first view to its ``finish`` event (the
+   training loop, the last save and the test evaluation; not Python's and MPI's start-up).
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 
 import h5py
 import numpy as np
 
-from bench.common import table, timeit, write_results
+from bench.common import table, write_results
+
+TRAIN_VARIANTS = {"none": [], "sync": ["--checkpoint-every", "5", "--checkpoint-sync"],
+                  "background": ["--checkpoint-every", "5"]}
 
 
 def main(argv):
-    from bench.kernels import resnet_like_sizes
-    from mpirt.checkpoint import load, save
-
     p = argparse.ArgumentParser(prog="python -m bench checkpoint")
-    p.add_argument("--floats", type=int, default=25_000_000)
+    p.add_argument("--floats", type=int, default=20_000_000)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument("--no-train", action="store_true", help="only the save/load part")
     args = p.parse_args(argv)
-    rng = np.random.default_rng(0)
-    params = {f"layer{i}.weight": rng.standard_normal(n, dtype=np.float32)
-              for i, n in enumerate(resnet_like_sizes(total=args.floats))}
     with tempfile.TemporaryDirectory(dir=os.environ.get("MPIRT_BENCH_TMP")) as tmp:
-        ours, raw = os.path.join(tmp, "ckpt.h5"), os.path.join(tmp, "raw.h5")
-
-        def save_ours():
-            save(ours, spec={}, params=params, position={"step": 1}, world_size=1, key=b"bench")
-
-        def save_raw():
-            with h5py.File(raw, "w") as f:
-                for k, v in params.items():
-                    f.create_dataset(k, data=v)
-
-        def load_raw():
-            with h5py.File(raw, "r") as f:
-                return {k: f[k][()] for k in f}
-
-        t = {"save_mpirt": timeit(save_ours, args.repeat), "save_raw": timeit(save_raw, args.repeat),
-             "load_mpirt": timeit(lambda: load(ours, key=b"bench"), args.repeat),
-             "load_raw": timeit(load_raw, args.repeat)}
-    med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}
-    mb = 4 * args.floats / 1e6
-    rows = [[op, f"{1e3 * med[op + '_mpirt']:.0f}", f"{mb / med[op + '_mpirt']:.0f}", f"{1e3 * med[op + '_raw']:.0f}",
-             f"{mb / med[op + '_raw']:.0f}", f"{med[op + '_raw'] / med[op + '_mpirt']:.2f}x"] for op in ("save", "load")]
-    print(f"## Checkpoint of {args.floats / 1e6:.0f}M floats in 160 tensors (median of {args.repeat})\n")
-    print(table(rows, ["op", "mpirt ms", "MB/s", "raw h5py ms", "MB/s", "raw / mpirt"]))
-    print("\nwrote", write_results("checkpoint", {"floats": args.floats, "seconds": t}))
+        results = {"floats": args.floats, "seconds": save_load(tmp, args.floats, args.repeat)}
+        if not args.no_train:
+            results["train"] = train(tmp, args.train_steps, args.repeat)
+    print_tables(results, args.repeat)
+    print("\nwrote", write_results("checkpoint", results))
     return 0
+
+
+def save_load(tmp, floats, repeat):
+    """{variant: [seconds of each repeat]}, every variant run once per repeat, in turn."""
+    import torch
+
+    from bench.kernels import resnet_like_sizes
+    from mpirt.checkpoint import CheckpointDir, load, save
+
+    rng = np.random.default_rng(0)
+    params = {f"layer{i}.weight": torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+              for i, n in enumerate(resnet_like_sizes(total=floats))}
+    ours, raw = os.path.join(tmp, "ckpt.h5"), os.path.join(tmp, "raw.h5")
+    fields = {"spec": {}, "params": params, "position": {"step": 1}, "world_size": 1}
+    background = CheckpointDir(os.path.join(tmp, "bg"), keep=1, key=b"bench", background=True)
+
+    def save_raw(fsync=False):
+        with h5py.File(raw, "w") as f:
+            for k, v in params.items():
+                f.create_dataset(k, data=v.numpy())
+        if fsync:
+            fd = os.open(raw, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+    def load_raw():
+        with h5py.File(raw, "r") as f:
+            return {k: f[k][()] for k in f}
+
+    def save_background():
+        t0 = time.perf_counter()
+        background.save(1, **fields)
+        t1 = time.perf_counter()
+        background.wait()
+        return {"save_background_blocking": t1 - t0, "save_background_on_disk": time.perf_counter() - t0}
+
+    steps = {"save_raw": save_raw, "save_raw_fsync": lambda: save_raw(True),
+             "save_mpirt": lambda: save(ours, key=b"bench", **fields), "save_background": save_background,
+             "load_mpirt": lambda: load(ours, key=b"bench"), "load_raw": load_raw}
+    seconds = {}
+    for i in range(repeat + 1):  # the first round warms up (page cache, the background buffers)
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            out = fn()
+            parts = out if name == "save_background" else {name: time.perf_counter() - t0}
+            for k, v in parts.items():
+                if i:
+                    seconds.setdefault(k, []).append(v)
+    return seconds
+
+
+def train(tmp, steps, repeat):
+    """{variant: [seconds from the first view to the finish event]} of one-rank training runs."""
+    from mpirt.data.prepare import Options, prepare_dense
+
+    data = os.path.join(tmp, "mlp784.h5")
+    rows = steps * 64 * 10 // 8  # 80% train: ``steps`` steps of 64 in one epoch
+    rng = np.random.default_rng(0)
+    prepare_dense(rng.standard_normal((rows, 784), dtype=np.float32), rng.integers(0, 10, rows), data,
+                  Options(shard_rows=1024))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    seconds = {}
+    for i in range(repeat):
+        for name, extra in TRAIN_VARIANTS.items():
+            run = os.path.join(tmp, f"{name}-{i}")
+            os.makedirs(run)
+            ck = ["--checkpoint-dir", os.path.join(run, "ck")] if extra else []
+            cmd = [sys.executable, "-m", "mpirt", "train", "--data", data, "--model", "mlp", "--hidden", "4096",
+                   "--lr", "0.01", "--epochs", "1", "--no-progress", "--events", os.path.join(run, "events.jsonl"),
+                   "--report", os.path.join(run, "report"), *ck, *extra]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+            if res.returncode != 0:
+                raise SystemExit(f"bench checkpoint: training '{name}' failed: {res.stderr[-2000:]}")
+            with open(os.path.join(run, "events.jsonl")) as f:
+                events = [json.loads(line) for line in f]
+            with open(os.path.join(run, "report", "report.json")) as f:
+                stats = json.load(f).get("checkpoints")
+            t = [e["time"] for e in events if e["event"] in ("view", "finish")]
+            seconds.setdefault(name, []).append(t[-1] - t[0])
+            done = events[-1]["step"]  # the finish event
+            seconds.setdefault(f"{name}_checkpoints", []).append(stats)
+    return {"steps": done, "params": 20_037_642, "seconds": seconds}
+
+
+def _med(v):
+    return sorted(v)[len(v) // 2]
+
+
+def print_tables(results, repeat):
+    s = {k: _med(v) for k, v in results["seconds"].items()}
+    mb = 4 * results["floats"] / 1e6
+    raw = s["save_raw"]
+    rows = [[what, f"{1e3 * s[k]:.0f}", f"{mb / s[k]:.0f}", f"{raw / s[k]:.2f}x", f"{s['save_raw_fsync'] / s[k]:.2f}x"]
+            for what, k in (("save, blocking (--checkpoint-sync)", "save_mpirt"),
+                            ("save in the background: the caller waits", "save_background_blocking"),
+                            ("save in the background: until on disk", "save_background_on_disk"),
+                            ("raw h5py save", "save_raw"), ("raw h5py save + fsync", "save_raw_fsync"))]
+    rows.append(["load (verified)", f"{1e3 * s['load_mpirt']:.0f}", f"{mb / s['load_mpirt']:.0f}",
+                 f"{s['load_raw'] / s['load_mpirt']:.2f}x (raw load {1e3 * s['load_raw']:.0f} ms)", ""])
+    print(f"## Checkpoint of {results['floats'] / 1e6:.0f}M floats in 160 tensors (median of {repeat}, "
+          f"interleaved)\n")
+    print(table(rows, ["op", "ms", "MB/s", "raw h5py / this", "raw h5py + fsync / this"]))
+    if "train" not in results:
+        return
+    tr = results["train"]
+    t = {k: _med(v) for k, v in tr["seconds"].items() if not k.endswith("_checkpoints")}
+    rows = [[name, f"{t[name]:.2f}", f"{t[name] / t['none']:.3f}x",
+             _waits(tr["seconds"].get(f"{name}_checkpoints"))] for name in TRAIN_VARIANTS]
+    print(f"\n## Training a {tr['params'] / 1e6:.0f}M-parameter MLP, 1 rank, {tr['steps']} steps "
+          f"(median of {repeat}, interleaved)\n")
+    print(table(rows, ["checkpoints every 5 steps", "s", "time / without", "saves: blocking s, waited"]))
+
+
+def _waits(stats):
+    if not stats or not stats[0]:
+        return ""
+    st = stats[len(stats) // 2]
+    return f"{st['saves']} saves: {st['blocking_s']:.2f} s blocking, {st['waited']} waited ({st['wait_s']:.2f} s)"

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpirt.atomic import atomic_path
+from mpirt.atomic import atomic_path, remove_stale
 from mpirt.checkpoint_async import BackgroundSaver
 from mpirt.checkpoint_write import FORMAT, SCHEMA_VERSION, digest, manifest, snapshot, write
 from mpirt.config import CHECKPOINT_KEY
 from mpirt.errors import CheckpointError, TamperedCheckpointError
 ATTRS = ("spec", "position", "meta", "world_size")
 NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
+TEMPORARY = re.compile(r"^(ckpt-\d{8}\.h5)\..+\.tmp$")
 
 
 @dataclass
@@ -249,7 +250,7 @@ class CheckpointDir:
     def __init__(self, directory, keep=3, key=None, verify=True, background=False):
         self.directory, self.keep, self.key, self.verify = os.fspath(directory), max(1, int(keep)), key, verify
         self.saver = BackgroundSaver() if background else None
-        self.blocking_s = 0.0  # what saves cost the caller's thread (background: the snapshots)
+        self.saves, self.blocking_s = 0, 0.0  # saves, and what they cost the caller's thread
         self._buffers = {}  # the snapshot of the save before: the next one copies into them
 
     def save(self, step, before_rename=None, **fields):
@@ -270,10 +271,13 @@ class CheckpointDir:
         if self.saver is None:
             self._write(path, snapshot(**fields), before_rename)
         else:
-            self.saver.wait()  # before the snapshot: it reuses the buffers the save before writes from
+            # At most one save in flight (see BackgroundSaver.wait), and waited for before the
+            # snapshot: it reuses the buffers the save before writes from.
+            self.saver.wait(next_save=True)
             state = snapshot(reuse=self._buffers, **fields)
             self._buffers = state.arrays
             self.saver.submit(path, lambda: self._write(path, state, before_rename))
+        self.saves += 1
         self.blocking_s += time.perf_counter() - t0
         return path
 
@@ -281,6 +285,10 @@ class CheckpointDir:
         _save_state(path, state, self.key, before_rename)
         for old in self.paths()[:-self.keep]:
             os.unlink(old)
+        # A writer killed before its rename (a coordinator lost mid-save) left its temporary, which
+        # the next save of the same step would remove; the next steps' saves have other names.
+        for name in {m.group(1) for m in map(TEMPORARY.match, os.listdir(self.directory)) if m}:
+            remove_stale(os.path.join(self.directory, name))
 
     def wait(self):
         """Wait until the save in flight (if any) is on disk under its name.
@@ -304,9 +312,8 @@ class CheckpointDir:
     def stats(self):
         """{saves, background, blocking_s, waited, wait_s}: what checkpoints cost the caller."""
         saver = self.saver
-        return {"background": saver is not None, "saves": saver.saves if saver else None,
-                "blocking_s": round(self.blocking_s, 4), "waited": saver.waited if saver else 0,
-                "wait_s": round(saver.wait_s, 4) if saver else 0.0}
+        return {"background": saver is not None, "saves": self.saves, "blocking_s": round(self.blocking_s, 4),
+                "waited": saver.waited if saver else 0, "wait_s": round(saver.wait_s, 4) if saver else 0.0}
 
     def paths(self):
         names = [os.path.basename(p) for p in glob.glob(os.path.join(self.directory, "ckpt-*.h5"))]

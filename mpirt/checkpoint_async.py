@@ -16,7 +16,6 @@ class BackgroundSaver:
     """Runs saves one at a time, each on a thread of its own.
 
     Attributes:
-        saves: saves started.
         waited: saves that had to wait for the one before (it was still being written).
         wait_s: seconds those saves waited.
     """
@@ -24,32 +23,32 @@ class BackgroundSaver:
     def __init__(self):
         self._thread = None
         self._error = None
-        self.saves = 0
         self.waited = 0
         self.wait_s = 0.0
 
     def submit(self, path, fn):
-        """Run ``fn`` (the save of ``path``) on a new thread, after the save before is done."""
-        # At most one save in flight: the new one waits for the one before (and raises its failure).
-        # Two in flight would double the host memory the snapshots hold (the next one reuses the
-        # buffers of the one before), race on keep-K pruning and on which file is the newest, and
-        # a writer that cannot keep up would only fall further behind.
-        waited = self._join()
-        if waited is not None:
-            self.waited += 1
-            self.wait_s += waited
-        self._raise()
-        self.saves += 1
+        """Run ``fn`` (the save of ``path``) on a new thread, once the save before is done."""
+        self.wait(next_save=True)
         self._thread = threading.Thread(target=self._run, args=(path, fn), name="mpirt-checkpoint", daemon=True)
         self._thread.start()
 
-    def wait(self):
+    def wait(self, next_save=False):
         """Wait for the save in flight, if any; raise its failure if it failed (once).
+
+        Args:
+            next_save: the caller is a new save. At most one save is in flight, so a new one waits
+                for the one before (counted in ``waited``): two would double the host memory the
+                snapshots hold (a new one reuses the buffers of the one before), race on keep-K
+                pruning and on which file is the newest, and a writer that cannot keep up with the
+                saves would only fall further behind.
 
         Raises:
             CheckpointError: one line naming the checkpoint and the cause.
         """
-        self._join()
+        waited = self._join()
+        if next_save and waited is not None:
+            self.waited += 1
+            self.wait_s += waited
         self._raise()
 
     def pending_error(self):

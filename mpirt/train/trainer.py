@@ -371,10 +371,10 @@ class Trainer:
         return path
 
     def _before_rename(self, due, step):
-        # In the writer, once the file is whole: fenced again, as a coordinator frozen while its save
-        # was in flight may have been dropped since the snapshot; then the faults of phase=save.
-        lifeline.check_fence()
+        # In the writer, once the file is whole: the faults of phase=save, then the fence again (a
+        # coordinator frozen while its save was in flight may have been dropped since the snapshot).
         self.group.fire(due, step=step, phase="save")
+        lifeline.check_fence()
 
     def _finish(self):
         group = self.group
