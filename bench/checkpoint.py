@@ -46,7 +46,7 @@ def main(argv):
         results = {"floats": args.floats, "seconds": save_load(tmp, args.floats, args.repeat)}
         if not args.no_train:
             results["train"] = train(tmp, args.train_steps, args.repeat)
-    print_tables(results, args.repeat)
+    print(tables(results))
     print("\nwrote", write_results("checkpoint", results))
     return 0
 
@@ -136,36 +136,43 @@ def train(tmp, steps, repeat):
 
 
 def _med(v):
-    return sorted(v)[len(v) // 2]
+    v = [x for x in v if x is not None]
+    return sorted(v)[len(v) // 2] if v else None
 
 
-def print_tables(results, repeat):
+SAVE_ROWS = (("save, blocking (--checkpoint-sync)", "save_mpirt"),
+             ("save in the background: the caller waits", "save_background_blocking"),
+             ("save in the background: until on disk", "save_background_on_disk"),
+             ("raw h5py save", "save_raw"), ("raw h5py save + fsync", "save_raw_fsync"))
+
+
+def tables(results):
+    """The markdown tables of a run's results (printed, and in bench/RESULTS.md); rows whose figures
+    a results file lacks (an older run) are left out."""
     s = {k: _med(v) for k, v in results["seconds"].items()}
     mb = 4 * results["floats"] / 1e6
-    raw = s["save_raw"]
-    rows = [[what, f"{1e3 * s[k]:.0f}", f"{mb / s[k]:.0f}", f"{raw / s[k]:.2f}x", f"{s['save_raw_fsync'] / s[k]:.2f}x"]
-            for what, k in (("save, blocking (--checkpoint-sync)", "save_mpirt"),
-                            ("save in the background: the caller waits", "save_background_blocking"),
-                            ("save in the background: until on disk", "save_background_on_disk"),
-                            ("raw h5py save", "save_raw"), ("raw h5py save + fsync", "save_raw_fsync"))]
-    rows.append(["load (verified)", f"{1e3 * s['load_mpirt']:.0f}", f"{mb / s['load_mpirt']:.0f}",
-                 f"{s['load_raw'] / s['load_mpirt']:.2f}x (raw load {1e3 * s['load_raw']:.0f} ms)", ""])
-    print(f"## Checkpoint of {results['floats'] / 1e6:.0f}M floats in 160 tensors (median of {repeat}, "
-          f"interleaved)\n")
-    print(table(rows, ["op", "ms", "MB/s", "raw h5py / this", "raw h5py + fsync / this"]))
-    if "train" not in results:
-        return
-    tr = results["train"]
-    t = {k: _med(v) for k, v in tr["seconds"].items() if not k.endswith("_checkpoints")}
-    rows = [[name, f"{t[name]:.2f}", f"{t[name] / t['none']:.3f}x",
-             _waits(tr["seconds"].get(f"{name}_checkpoints"))] for name in TRAIN_VARIANTS]
-    print(f"\n## Training a {tr['params'] / 1e6:.0f}M-parameter MLP, 1 rank, {tr['steps']} steps "
-          f"(median of {repeat}, interleaved)\n")
-    print(table(rows, ["checkpoints every 5 steps", "s", "time / without", "saves: blocking s, waited"]))
+    n = len(results["seconds"]["save_raw"])
+    raw, raw_fsync = s["save_raw"], s.get("save_raw_fsync")
+    rows = [[what, f"{1e3 * s[k]:.0f}", f"{mb / s[k]:.0f}", f"{raw / s[k]:.2f}x",
+             f"{raw_fsync / s[k]:.2f}x" if raw_fsync else ""] for what, k in SAVE_ROWS if s.get(k)]
+    rows.append(["load (every digest verified)", f"{1e3 * s['load_mpirt']:.0f}", f"{mb / s['load_mpirt']:.0f}",
+                 f"{s['load_raw'] / s['load_mpirt']:.2f}x (raw h5py load {1e3 * s['load_raw']:.0f} ms)", ""])
+    out = [f"Checkpoint of {results['floats'] / 1e6:.0f}M floats in 160 tensors (median of {n}, interleaved):", "",
+           table(rows, ["op", "ms", "MB/s", "raw h5py / this", "raw h5py + fsync / this"])]
+    tr = results.get("train")
+    if tr:
+        t = {k: _med(v) for k, v in tr["seconds"].items() if not k.endswith("_checkpoints")}
+        rows = [[name, f"{t[name]:.2f}", f"{t[name] / t['none']:.3f}x",
+                 _waits(tr["seconds"].get(f"{name}_checkpoints"))] for name in TRAIN_VARIANTS]
+        out += ["", f"Training a {tr['params'] / 1e6:.0f}M-parameter MLP on 1 rank, {tr['steps']} steps (median of "
+                f"{len(tr['seconds']['none'])}, interleaved):", "",
+                table(rows, ["checkpoints every 5 steps", "s", "time / without", "saves (one run)"])]
+    return "\n".join(out)
 
 
 def _waits(stats):
     if not stats or not stats[0]:
         return ""
     st = stats[len(stats) // 2]
-    return f"{st['saves']} saves: {st['blocking_s']:.2f} s blocking, {st['waited']} waited ({st['wait_s']:.2f} s)"
+    return (f"{st['saves']} saves, {st['blocking_s']:.2f} s blocking training, {st['waited']} waited for the one "
+            f"before ({st['wait_s']:.2f} s)")

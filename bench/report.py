@@ -238,15 +238,11 @@ def io(doc, out_dir):
 
 
 def checkpoint(doc, out_dir):
+    from bench.checkpoint import tables
+
     r = doc["results"]
     s = {k: med(v) for k, v in r["seconds"].items()}
-    lines = _header(doc, "io: checkpoints against raw h5py")
-    lines += [table([["save", f"{s['save_mpirt'] * 1e3:.0f}", f"{s['save_raw'] * 1e3:.0f}",
-                      f"{s['save_raw'] / s['save_mpirt']:.2f}x"],
-                     ["load", f"{s['load_mpirt'] * 1e3:.0f}", f"{s['load_raw'] * 1e3:.0f}",
-                      f"{s['load_raw'] / s['load_mpirt']:.2f}x"]],
-                    ["", "mpirt ms (manifest, HMAC, fsync, rename)", "raw h5py ms", "raw time / mpirt time"]),
-              f"\n{r['floats'] / 1e6:.0f}M floats.", ""]
+    lines = _header(doc, "io: checkpoints against raw h5py, and what they cost training") + [tables(r), ""]
     names = {"save_mpirt": "save mpirt", "save_raw": "save h5py", "load_mpirt": "load mpirt", "load_raw": "load h5py"}
     return lines + _bars(out_dir, "checkpoint.png", [(names[k], s[k] * 1e3) for k in names], "ms",
                          "checkpoints: mpirt (blue) against raw h5py (grey)", pairs=True)
