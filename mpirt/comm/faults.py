@@ -12,6 +12,7 @@ SPEC is ``ACTION:key=value:...``:
   join:count=C:step=S        the coordinator spawns C new ranks
   ...:shard=K                instead of step: when the member takes shard K
   ...:phase=commit           after the result is written, before it is committed
+  ...:phase=eval             train: in the evaluation after step S (every rank evaluates)
   ...:run=R                  only in run R of a job run again (Slurm requeue, restart mode: MPIRT_RUN)
 ``member=coordinator`` means whoever coordinates at that moment.
 """
@@ -86,8 +87,8 @@ def parse(spec, index=0):
             raise UsageError(f"fault '{spec}': join takes count=C (>= 1) and no member")
     elif fault.member is None:
         raise UsageError(f"fault '{spec}': {action} needs member=M or member=coordinator")
-    if fault.phase not in ("take", "commit"):
-        raise UsageError(f"fault '{spec}': phase is 'take' or 'commit'")
+    if fault.phase not in ("take", "commit", "eval"):
+        raise UsageError(f"fault '{spec}': phase is 'take', 'commit' or 'eval'")
     return fault
 
 
