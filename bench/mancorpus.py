@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 SECTIONS = ("1", "2", "3", "5", "7", "8")
 MAN = "/usr/share/man"
@@ -41,7 +42,9 @@ def render(item):
         src = f.read()
     if src.lstrip().startswith(b".so "):
         return None
-    res = subprocess.run(["groff", "-mandoc", "-Thtml"], input=src, capture_output=True, timeout=60)
+    # grohtml renders tables and equations to PNG files in its working directory: give it a scratch one.
+    with tempfile.TemporaryDirectory() as scratch:
+        res = subprocess.run(["groff", "-mandoc", "-Thtml"], input=src, capture_output=True, timeout=60, cwd=scratch)
     # groff stamps the time it ran: drop it, so the corpus is the same bytes on every build.
     html = re.sub(r"<!-- CreationDate:[^>]*-->\n", "", res.stdout.decode("utf-8", "replace"))
     return (html, section) if res.returncode == 0 and len(html) > 500 else None

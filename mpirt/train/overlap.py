@@ -32,6 +32,7 @@ class Overlap:
         self.finished = 0  # steps whose buckets the thread is done with
         self.reduced = 0  # buckets reduced in the current step
         self.error = None
+        self.fired, self.twice = set(), False
         self.closed = False
         self.thread = None
         self._handles = []
@@ -40,9 +41,12 @@ class Overlap:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(i)))
 
     def _hook(self, i):
-        def ready(_param):
+        def ready(param):
             with self.cv:
                 if self.armed:
+                    if id(param) in self.fired:  # a second backward before the step: see finish()
+                        self.twice = True
+                    self.fired.add(id(param))
                     self.left[i] -= 1
                     if self.left[i] <= 0:
                         self.cv.notify_all()
@@ -51,8 +55,11 @@ class Overlap:
     def begin(self):
         """Before backward; every begin() is followed by finish() (GradAllreduce.allreduce)."""
         with self.cv:
+            if self.armed and not self.fired:  # zero_grad() twice before a backward: still armed
+                return
             self.left = [len(g) for g in self.reducer.groups[:self.n]]
             self.flushed, self.error, self.reduced, self.armed = False, None, 0, True
+            self.fired, self.twice = set(), False
             self.generation += 1
             self.cv.notify_all()
         if self.thread is None:
@@ -76,6 +83,10 @@ class Overlap:
         if error is not None:
             with self.reducer.ec.guard():
                 raise error
+        if self.twice:  # the same on every rank (same program): all raise, no collective left hanging
+            raise RuntimeError("a gradient was accumulated by two backward passes in one step, but buckets "
+                               "went out after the first: with overlap, run one backward per step (or "
+                               "turn overlap off to accumulate)")
         return self.n
 
     def _run(self):
