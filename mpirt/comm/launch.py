@@ -149,9 +149,8 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     if os.geteuid() == 0:
         cmd += ["--allow-run-as-root"]
     if ft == "ulfm":
-        multi = spans_hosts(hostfile, env)
-        transport = transport or transports.choose(multi_host=multi, environ=env)
-        cmd += transports.ulfm_flags(transport, hang_timeout, multi_host=multi)
+        transport = transport or transports.choose(multi_host=spans_hosts(hostfile, env), environ=env)
+        cmd += transports.ulfm_flags(transport, hang_timeout)
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
     for key in sorted(k for k in env if k.startswith("MPIRT_") and k not in HOST_LOCAL):
         cmd += ["-x", key]

@@ -7,9 +7,10 @@ ULFM interrupts when a peer fails. Measured against the whole fault matrix (docs
 kill, coordinator kill, hang, leave, join, join after a shrink, 64 MiB and small messages. It is
 the default for a job on one host: a 64 MiB allreduce is 1.5-2.9x faster than over tcp.
 
-Over several hosts ``sm`` means ``sm,tcp,self`` (shared memory inside a host, tcp between hosts);
-that mix could not be put through host faults here, so a job over hosts keeps ``tcp`` unless
-``--transport sm`` asks for it.
+``sm`` lists tcp too (``sm,tcp,self``): Open MPI uses shared memory between ranks of a host and
+tcp where it cannot (ranks spawned by a join, other hosts). Over several hosts that mix could not
+be put through host faults here, so a job over hosts keeps ``tcp`` unless ``--transport sm`` asks
+for it.
 """
 
 import os
@@ -39,12 +40,15 @@ def choose(flag=None, *, multi_host=False, environ=None):
     return value
 
 
-def mca_flags(transport, *, multi_host=False):
+def mca_flags(transport):
     """The mpiexec flags of ``transport`` under ULFM (``--with-ft ulfm`` itself is the caller's)."""
     if transport == "tcp":
         # coll ^han: Merge after Shrink deadlocks in han (ompi #11724).
         return ["--mca", "btl", "tcp,self", "--mca", "coll", "^han"]
-    return ["--mca", "btl", "sm,tcp,self" if multi_host else "sm,self", "--mca", "smsc", "cma",
+    # tcp even on one host: ranks spawned later (joins) see the launched ones on host "unknown", so
+    # sm cannot reach them and, with "sm,self", Merge failed ("unable to reach each other"). Between
+    # ranks that share memory, Open MPI picks sm (the more exclusive BTL) all the same.
+    return ["--mca", "btl", "sm,tcp,self", "--mca", "smsc", "cma",
             "--mca", "coll", "^" + ",".join(COLL_EXCLUDED)]
 
 
@@ -66,14 +70,14 @@ def ft_problem(environ):
             "the others (use 'mpirt launch', or '--mca btl tcp,self')")
 
 
-def ulfm_flags(transport, hang_timeout, *, multi_host=False):
+def ulfm_flags(transport, hang_timeout):
     """Every mpiexec flag of a fault-tolerant job: ULFM, ``transport``'s, and the failure detector.
 
     The detector is Open MPI's heartbeat, which turns a stopped or hung rank into a failure within
     ``hang_timeout`` seconds (0: off). It runs in MPI's progress engine, not in its own thread: with
     ``mpi_ft_detector_thread`` MPI_Finalize hangs in Open MPI 5.0 (seen with C programs too).
     """
-    cmd = ["--with-ft", "ulfm", *mca_flags(transport, multi_host=multi_host)]
+    cmd = ["--with-ft", "ulfm", *mca_flags(transport)]
     if hang_timeout > 0:
         # period < timeout/3 is Open MPI's own constraint on the detector.
         period = max(hang_timeout / 4.0, 0.05)
