@@ -5,7 +5,8 @@ mechanism (process_vm_readv) and without the shared-memory collectives (``coll s
 which builds on it): collectives then run as point-to-point messages over the BTL, whose waits
 ULFM interrupts when a peer fails. Measured against the whole fault matrix (docs/transport.md):
 kill, coordinator kill, hang, leave, join, join after a shrink, 64 MiB and small messages. It is
-the default for a job on one host: a 64 MiB allreduce is 1.5-2.9x faster than over tcp.
+the default for a job on one host: a 64 MiB Allreduce ran 3.2x (2 ranks) and 2.5x (4 ranks) faster than
+over tcp (bench/results/transport-2core.md).
 
 ``sm`` lists tcp too (``sm,tcp,self``): Open MPI uses shared memory between ranks of a host and
 tcp where it cannot (ranks spawned by a join, other hosts). Over several hosts that mix could not
