@@ -4,7 +4,7 @@ import importlib
 import sys
 
 SUITES = ("kernels", "io", "recovery", "ledger", "chaos", "allreduce", "train", "checkpoint", "scaling", "model",
-          "report")
+          "sparse", "text", "transport", "report")
 
 
 def main(argv=None):

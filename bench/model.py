@@ -12,8 +12,13 @@ Reads allreduce.json, scaling.json and recovery*.json (bench/results/latest, or 
 - compute per step of a model from its two 1-rank points (strong and weak batch):  T1(G) = c G + h;
 - packing and unpacking the gradient buckets, per byte, from the kernels suite's CPU pack + unpack (else
   from the fused-allreduce figure, mpirt's time over the raw Allreduce):  P(n) = pack n, on p > 1;
-- a step on p ranks sharing C cores, with the step's Agree as a zero-byte collective:
-  T(p) = (c G / p + h + P(4 n_params)) max(1, p / C) + A(p, 4 n_params) + A(p, 0);
+- a step on p ranks sharing C cores, with the step's Agree as a zero-byte collective, its buckets
+  reduced while backward runs (mpirt.train.overlap): of the communication W, all but the last bucket's
+  can hide behind backward, taken as BWD_SHARE of the compute K (backward costs about twice forward):
+  K = (c G / p + h + P(n_dense)) max(1, p / C),  T(p) = K + max(W - BWD_SHARE K, A(p, last)) + A(p, 0),
+  W = A(p, n_dense) + X(p), and for fastText's row-sparse table X(p) = the cheaper of its dense allreduce
+  and the allgather of the rows the batch touches, S = s G bytes with s measured (report.json's wire):
+  Ag(p, S) = log2(p) alpha + (p-1)/p S / B, as the runtime chooses per step (mpirt.train.sparse);
 - recovery after a SIGKILL:  R(p) = r0 + r1 log2(p) (ULFM's shrink and agreement are trees), per machine.
 
 Checked against every measured point (the table gives the error of each), then used to predict
@@ -34,6 +39,8 @@ import numpy as np
 from bench.common import OUT_DIR, load_results, log2_axes, save_png, table, write_results
 
 STRONG_BATCH = 16384
+BWD_SHARE = 2.0 / 3.0  # backward's share of a step's compute (about twice the forward's)
+FIRST_BUCKET, BUCKET = 1 << 20, 16 << 20  # mpirt.train.allreduce, with overlap
 PREDICT = [16, 32, 64, 128, 256, 512, 1024]
 
 
@@ -104,15 +111,53 @@ def fit_compute(points):
         else:
             c, h = statistics.mean(t / g for g, t in pts), 0.0
         fits[model] = {"c_s_per_sample": c, "h_s_per_step": h, "params": ones[0]["params"]}
+        # A row-sparse table (fastText): its size, and the bytes a sample's touched rows put on the
+        # wire, from the multi-rank runs' report (the most ranks: each rank's rows are merged per rank,
+        # so the gathered rows grow with the ranks towards every sample's own rows).
+        many = [p for p in points if p["model"] == model and p["ranks"] > 1 and (p.get("wire") or {}).get(
+            "sparse_bytes_per_step")]
+        if many:
+            top = max(many, key=lambda p: p["ranks"])
+            wire = top["wire"]
+            fits[model]["sparse_params"] = top.get("sparse_params") or _table_params(model, top)
+            fits[model]["sparse_bytes_per_sample"] = wire["sparse_bytes_per_step"] / top["global_batch"]
     return fits
+
+
+def _table_params(model, point):
+    """The embedding table's parameters when a point does not record them: all but the classifier."""
+    dense = point["wire"]["dense_bytes_per_step"] // 4
+    return max(point["params"] - dense, 0)
+
+
+def allgather_time(fit, p, n, cores=None):
+    """Seconds to allgather n bytes in all (every rank ends with all n) on p ranks."""
+    if p == 1:
+        return 0.0
+    if cores and p > cores and "oversubscribed" in fit:
+        fit = fit["oversubscribed"]
+    return math.log2(p) * fit["alpha_s"] + (p - 1) / p * n / fit["bandwidth_Bps"]
+
+
+def last_bucket(dense_bytes):
+    """Bytes of the bucket reduced after backward (the first layers' and the stats)."""
+    if dense_bytes <= FIRST_BUCKET:
+        return dense_bytes
+    rest = dense_bytes - FIRST_BUCKET
+    return rest - BUCKET * ((rest - 1) // BUCKET)
 
 
 def step_time(cf, ar, p, global_batch, cores):
     share = max(1.0, p / cores)
-    pack = ar.get("pack_s_per_byte", 0.0) * 4 * cf["params"] if p > 1 else 0.0
-    # The allreduce of the gradients, then the Agree of the step protocol (latency only).
-    comm = allreduce_time(ar, p, 4 * cf["params"], cores) + allreduce_time(ar, p, 0, cores)
-    return (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share + comm
+    dense = 4 * (cf["params"] - cf.get("sparse_params", 0))
+    pack = ar.get("pack_s_per_byte", 0.0) * dense if p > 1 else 0.0
+    compute = (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share
+    comm = allreduce_time(ar, p, dense, cores)
+    if cf.get("sparse_params"):  # the runtime takes the cheaper exchange each step
+        comm += min(allreduce_time(ar, p, 4 * cf["sparse_params"], cores),
+                    allgather_time(ar, p, cf["sparse_bytes_per_sample"] * global_batch, cores))
+    exposed = max(comm - BWD_SHARE * compute, allreduce_time(ar, p, last_bucket(dense), cores))
+    return compute + exposed + allreduce_time(ar, p, 0, cores)  # and the Agree of the step protocol
 
 
 def throughput(cf, ar, p, global_batch, cores):

@@ -1,4 +1,4 @@
-"""Strong and weak scaling of ``mpirt train`` on the digits CNN and the fastText text model.
+"""Strong and weak scaling of ``mpirt train``: the digits CNN, a 20M-parameter MLP, fastText.
 
     python -m bench scaling [--ranks 1 2 4] [--models cnn fasttext] [--epochs 4] [--tag NAME]
 
@@ -28,6 +28,8 @@ MODELS = {
     # each timed epoch is not lost in timer and scheduling noise.
     "cnn": (["digits"], ["--model", "cnn", "--channels", "16"], 128, 64, 4),
     "fasttext": (["synth-text", "--rows", "24000", "--features", "65536"], ["--model", "fasttext"], 256, 128, 1),
+    # 20M parameters (64-4480-4480-10): 80 MB of gradient a step, where overlap has something to hide.
+    "mlp20m": (["digits"], ["--model", "mlp", "--hidden", "4480"], 128, 64, 1),
 }
 
 
@@ -60,7 +62,7 @@ def measure(data, model, n, global_batch, epochs):
     from mpirt.train.models import build
 
     n_params = sum(p.numel() for p in build(report["spec"]).parameters())
-    return [e["samples_per_s"] for e in report["epochs"]], n_params
+    return [e["samples_per_s"] for e in report["epochs"]], n_params, report.get("wire", {})
 
 
 def run(ranks, models, epochs):
@@ -71,9 +73,9 @@ def run(ranks, models, epochs):
             _, _, strong_batch, weak_batch, more = MODELS[model]
             for n in ranks:
                 for mode, batch in (("strong", strong_batch), ("weak", weak_batch * n)):
-                    per_epoch, n_params = measure(data, model, n, batch, epochs * more)
+                    per_epoch, n_params, wire = measure(data, model, n, batch, epochs * more)
                     points.append({"model": model, "mode": mode, "ranks": n, "global_batch": batch,
-                                   "params": n_params, "cores": os.cpu_count(),
+                                   "params": n_params, "cores": os.cpu_count(), "wire": wire,
                                    "samples_per_s": per_epoch[1:] or per_epoch, "first_epoch": per_epoch[0]})
                     print(f"{model} {mode} n={n} batch={batch}: {statistics.median(points[-1]['samples_per_s']):,.0f}"
                           " samples/s", flush=True)
@@ -114,7 +116,7 @@ def merge():
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m bench scaling")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "fasttext"])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "mlp20m", "fasttext"])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--tag", help="write scaling-TAG.json (a part for --merge) instead of scaling.json")
     p.add_argument("--merge", action="store_true", help="fold the scaling-*.json parts into scaling.json")

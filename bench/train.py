@@ -6,9 +6,11 @@ One MPI job (``mpirt launch``, the fault-tolerant tcp path) runs the same MLP on
 data three ways, one after the other, each from the same initial parameters:
 
 - bare: backward, ``torch.cat`` of the gradients, one mpi4py ``Allreduce``, divide, ``step``;
-- mpirt: ``mpirt.elastic.DistributedOptimizer.step`` (bucket pack, allreduce with the sample
-  count, ``Agree``, unpack x 1/n, ``step``): the protocol ``mpirt train`` runs each step;
-- DDP: ``DistributedDataParallel`` on gloo (bucketed allreduce overlapped with backward).
+- mpirt: ``mpirt.elastic.DistributedOptimizer`` (buckets reduced while backward runs, the sample
+  count with them, ``Agree``, unpack x 1/n, ``step``): the protocol ``mpirt train`` runs each step;
+- DDP: ``DistributedDataParallel`` on gloo (bucketed allreduce overlapped with backward);
+- compute alone (forward, backward, step; no communication) and communication alone (the reducer's
+  allreduce and the Agree, no backward): the step's time against max(compute, communication).
 Figures: samples/s over the timed steps (after warm-up), and mpirt against each.
 """
 
@@ -70,6 +72,22 @@ def ours():
         cross_entropy(m(x), y, reduction="sum").backward()
         opt.step(samples=len(y), step=None)
     return step
+def compute():  # this rank's share of the step alone: forward, backward, step (no communication)
+    m = model(); opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    def step(s):
+        x, y = batch(s)
+        opt.zero_grad()
+        cross_entropy(m(x), y, reduction="sum").backward()
+        opt.step()
+    return step
+def comm():  # the step's communication alone: the same reducer, gradients already there
+    from mpirt.train.allreduce import GradAllreduce
+    m = model()
+    red = GradAllreduce(group.ec, list(m.parameters()), n_stats=4)
+    def step(s):
+        red.allreduce(np.zeros(4))
+        group.ec.agree(True)
+    return step
 def ddp():
     m = torch.nn.parallel.DistributedDataParallel(model())
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
@@ -80,7 +98,7 @@ def ddp():
         opt.step()
     return step
 out = {}
-for name, make in (("bare", bare), ("mpirt", ours), ("ddp", ddp)) * cfg["rounds"]:
+for name, make in (("bare", bare), ("mpirt", ours), ("ddp", ddp), ("compute", compute), ("comm", comm)) * cfg["rounds"]:
     step = make()
     for s in range(5):
         step(s)
@@ -130,5 +148,8 @@ def main(argv):
           f"{args.ranks} ranks (median of {args.rounds} rounds of {args.steps} steps)\n")
     print(table(rows, ["loop", "samples/s", "mpirt / this"]))
     print(f"\nelastic-step overhead against the bare mpi4py loop: {100 * (med['bare'] / med['mpirt'] - 1):+.1f}%")
+    step, comp, com = (args.batch / med[k] for k in ("mpirt", "compute", "comm"))
+    print(f"step {1e3 * step:.1f} ms; compute alone {1e3 * comp:.1f} ms, communication alone {1e3 * com:.1f} ms: "
+          f"step / max(compute, communication) = {step / max(comp, com):.2f} (overlap: < (compute + comm) / max)")
     print("wrote", write_results("train", {"config": cfg, "ranks": args.ranks, "samples_per_s": out}))
     return 0

@@ -26,11 +26,12 @@ FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process
 RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run again (requeue, restart)
 MAX_PARAMS = "MPIRT_MAX_PARAMS"  # the most parameters a model may have (default 2^30)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
+TRANSPORT = "MPIRT_TRANSPORT"  # sm | tcp: how ranks talk under ULFM (mpirt.comm.transport); set for the ranks
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
     HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME,
-    FSYNC, MAX_PARAMS,
+    FSYNC, MAX_PARAMS, TRANSPORT,
 }
 
 # Facts about the host a process runs on: never carried to other hosts (mpiexec -x).

@@ -83,18 +83,21 @@ class DistributedOptimizer:
         params: the parameters whose gradients are reduced (in the same order on every rank).
         group: from :func:`init`.
         compress: None, "bf16" or "fp16" on the wire (error feedback kept per rank).
+        overlap: reduce gradient buckets while backward runs, from :meth:`zero_grad` on (one
+            backward per step; a second one before :meth:`step` raises). False: after backward.
     """
 
-    def __init__(self, optimizer, params, group, compress=None):
+    def __init__(self, optimizer, params, group, compress=None, overlap=True):
         from mpirt.train.allreduce import GradAllreduce
 
         self.optimizer, self.group = optimizer, group
-        self.reducer = GradAllreduce(group.ec, list(params), n_stats=4, compress=compress)
+        self.reducer = GradAllreduce(group.ec, list(params), n_stats=4, compress=compress, overlap=overlap)
         self.totals = None
         self.joiners = 0
 
     def zero_grad(self, set_to_none=False):
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.reducer.begin()  # the next backward's buckets go out as they complete
 
     def step(self, samples, loss=0.0, step=None):
         """Allreduce the gradients (sum / total samples) and apply them on every member, or raise.

@@ -81,17 +81,38 @@ def test_commit_store_is_create_if_absent(tmp_path):
     assert not [n for n in os.listdir(store.dir) if n.endswith(".tmp")]
 
 
-def test_launch_line_has_the_fault_tolerance_flags():
+@pytest.mark.parametrize("transport, flags", [
+    (None, "--mca btl sm,tcp,self --mca smsc cma --mca coll ^han,cuda,sm"),  # one host: shared memory by default
+    ("tcp", "--mca btl tcp,self --mca coll ^han"),
+])
+def test_launch_line_has_the_fault_tolerance_flags(transport, flags):
     cmd = launch.build_command(["mpirt", "wordcount", "d.h5"], n=4, spare=2, cores=2, environ={},
-                               mpiexec="/x/mpiexec", hang_timeout=4)
+                               mpiexec="/x/mpiexec", hang_timeout=4, transport=transport)
     line = " ".join(cmd)
     assert cmd[:3] == ["/x/mpiexec", "-n", "4"]
-    for part in ("--host localhost:6", "--oversubscribe", "--with-ft ulfm", "--mca btl tcp,self",
-                 "--mca coll ^han", "--mca mpi_ft_detector true", "--mca mpi_ft_detector_timeout 4",
-                 "--mca mpi_ft_detector_period 1"):
+    for part in ("--host localhost:6", "--oversubscribe", "--with-ft ulfm", flags,
+                 "--mca mpi_ft_detector true", "--mca mpi_ft_detector_timeout 4", "--mca mpi_ft_detector_period 1"):
         assert part in line, part
     assert "mpi_ft_detector_thread" not in line, "the detector thread makes MPI_Finalize hang"
     assert cmd[-5:] == [sys.executable, "-m", "mpirt", "wordcount", "d.h5"]
+
+
+@pytest.mark.parametrize("flag, env, multi, expected", [
+    (None, {}, False, "sm"), (None, {}, True, "tcp"),  # over hosts sm+tcp was not put through host faults
+    ("tcp", {"MPIRT_TRANSPORT": "sm"}, False, "tcp"), (None, {"MPIRT_TRANSPORT": "tcp"}, False, "tcp"),
+    (None, {"MPIRT_TRANSPORT": "sm"}, True, "sm"),
+])
+def test_transport_is_the_flag_else_the_variable_else_sm_on_one_host(flag, env, multi, expected):
+    from mpirt.comm import transport
+
+    assert transport.choose(flag, multi_host=multi, environ=env) == expected
+
+
+def test_an_unknown_transport_is_a_usage_error():
+    from mpirt.comm import transport
+
+    with pytest.raises(UsageError, match="MPIRT_TRANSPORT 'udp': choose one of sm, tcp"):
+        transport.choose(environ={"MPIRT_TRANSPORT": "udp"})
 
 
 def test_launch_inside_slurm_uses_the_allocation():
@@ -111,6 +132,11 @@ def test_restart_mode_has_no_ulfm_flags():
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1"}, "shared-memory BTL"),
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1", "OMPI_MCA_btl": "sm,tcp,self"}, "shared-memory"),
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1", "OMPI_MCA_btl": "tcp,self"}, None),
+    # shared memory only with the single-copy mechanism and collectives measured under faults
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1", "OMPI_MCA_btl": "sm,self",
+      "OMPI_MCA_coll": "^han"}, "smsc cma"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_mpi_ft_enable": "1", "OMPI_MCA_btl": "sm,self", "OMPI_MCA_smsc": "cma",
+      "OMPI_MCA_coll": "^han,cuda,sm"}, None),
 ])
 def test_fault_tolerance_problems_are_named(env, expected):
     problem = ft_launch_problem(env)

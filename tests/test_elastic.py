@@ -21,9 +21,14 @@ EXPECTED = np.arange(SHARDS * 5000, dtype=np.int64) ** 2
 HANG = "2"  # seconds; the failure detector's timeout in these tests
 
 
-def launch(tmp_path, n, *faults, spare=0, extra=(), timeout=120):
+# The default transport on one host is shared memory; these faults run on tcp too (docs/transport.md).
+TRANSPORTS = pytest.mark.parametrize("transport", ["sm", "tcp"])
+
+
+def launch(tmp_path, n, *faults, spare=0, extra=(), timeout=120, transport=None):
     out = tmp_path / "out.npy"
-    args = [MPIRT, "launch", "-n", n, "--spare", spare, "--hang-timeout", HANG, "--",
+    args = [MPIRT, "launch", "-n", n, "--spare", spare, "--hang-timeout", HANG,
+            *(["--transport", transport] if transport else []), "--",
             sys.executable, JOB, out, "--shards", SHARDS, *extra]
     for f in faults:
         args += ["--inject-fault", f]
@@ -44,12 +49,12 @@ def views(out):
     return [e for e in events(out) if e["event"] == "view"]
 
 
-def check_exactly_once(out):
+def check_exactly_once(out, shards=SHARDS):
     records = ledger(out)
-    shards = sorted(r["shard"] for r in records)
-    assert shards == list(range(SHARDS)), f"shards committed: {shards}"
+    done = sorted(r["shard"] for r in records)
+    assert done == list(range(shards)), f"shards committed: {done}"
     assert not [r for r in records if r.get("duplicate")], "a shard was committed twice"
-    assert np.array_equal(np.load(out), EXPECTED)
+    assert np.array_equal(np.load(out), np.arange(shards * 5000, dtype=np.int64) ** 2)
 
 
 def test_fault_free_4_ranks(tmp_path):
@@ -60,8 +65,9 @@ def test_fault_free_4_ranks(tmp_path):
     assert [v["members"] for v in views(out)] == [[0, 1, 2, 3]]
 
 
-def test_kill_one_worker(tmp_path):
-    res, out = launch(tmp_path, 4, "kill:member=2:step=3")
+@TRANSPORTS
+def test_kill_one_worker(tmp_path, transport):
+    res, out = launch(tmp_path, 4, "kill:member=2:step=3", transport=transport)
     res.check()
     check_exactly_once(out)
     vs = views(out)
@@ -77,8 +83,9 @@ def test_kill_two_at_once(tmp_path):
     assert views(out)[-1]["members"] == [0, 2, 4]
 
 
-def test_kill_coordinator(tmp_path):
-    res, out = launch(tmp_path, 4, "kill:member=coordinator:step=5")
+@TRANSPORTS
+def test_kill_coordinator(tmp_path, transport):
+    res, out = launch(tmp_path, 4, "kill:member=coordinator:step=5", transport=transport)
     res.check()
     check_exactly_once(out)
     last = views(out)[-1]
@@ -94,8 +101,9 @@ def test_kill_during_commit(tmp_path):
     assert not [n for n in os.listdir(f"{out}.parts") if n.endswith(".tmp")]
 
 
-def test_hang_is_detected_and_removed(tmp_path):
-    res, out = launch(tmp_path, 4, "hang:member=1:step=3")
+@TRANSPORTS
+def test_hang_is_detected_and_removed(tmp_path, transport):
+    res, out = launch(tmp_path, 4, "hang:member=1:step=3", transport=transport)
     res.check()
     check_exactly_once(out)
     fault = next(e for e in events(out) if e["event"] == "fault")
@@ -106,16 +114,21 @@ def test_hang_is_detected_and_removed(tmp_path):
     assert detected < float(HANG) + 5, f"hang noticed after {detected:.1f} s"
 
 
-def test_graceful_leave(tmp_path):
-    res, out = launch(tmp_path, 4, "leave:member=2:step=3")
+@TRANSPORTS
+def test_graceful_leave(tmp_path, transport):
+    # 120 shards: the leaver's exit must be noticed before the end. On sm it was noticed 20-80 ms after
+    # the exit, when 24 shards were all committed; a leave that close to the end makes the others
+    # recover without the finished coordinator (both transports; docs/transport.md, "Found").
+    res, out = launch(tmp_path, 4, "leave:member=2:step=3", extra=["--shards", 120], transport=transport)
     res.check()
-    check_exactly_once(out)
+    check_exactly_once(out, 120)
     last = views(out)[-1]
     assert last["left"] == [2] and last["failed"] == []
 
 
-def test_join(tmp_path):
-    res, out = launch(tmp_path, 2, "join:count=2:step=3", spare=2)
+@TRANSPORTS
+def test_join(tmp_path, transport):
+    res, out = launch(tmp_path, 2, "join:count=2:step=3", spare=2, transport=transport)
     res.check()
     check_exactly_once(out)
     last = views(out)[-1]
@@ -123,8 +136,9 @@ def test_join(tmp_path):
     assert {r["member"] for r in ledger(out)} >= {2, 3}, "joiners did no work"
 
 
-def test_join_after_failure(tmp_path):
-    res, out = launch(tmp_path, 3, "kill:member=1:step=2", "join:count=1:step=6", spare=1)
+@TRANSPORTS
+def test_join_after_failure(tmp_path, transport):
+    res, out = launch(tmp_path, 3, "kill:member=1:step=2", "join:count=1:step=6", spare=1, transport=transport)
     res.check()
     check_exactly_once(out)
     vs = views(out)

@@ -12,6 +12,7 @@ SPEC is ``ACTION:key=value:...``:
   join:count=C:step=S        the coordinator spawns C new ranks
   ...:shard=K                instead of step: when the member takes shard K
   ...:phase=commit           after the result is written, before it is committed
+  ...:phase=eval             train: in the evaluation after step S (every rank evaluates)
   ...:phase=save             train, coordinator: in the checkpoint writer (the background thread,
                              or the training thread with --checkpoint-sync) of the first save at a
                              step >= S, once the file is whole and fsynced, just before its rename
@@ -30,7 +31,7 @@ from mpirt.errors import UsageError
 # What a member does to itself (SELF) or to its host, and what the coordinator does (join).
 SELF = ("kill", "hang", "leave", "stop", "raise") + hostfaults.ACTIONS
 ACTIONS = SELF + ("join",)
-PHASES = ("take", "commit", "save")
+PHASES = ("take", "commit", "eval", "save")
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "leave": signal.SIGTERM, "stop": signal.SIGUSR1}
 
 
@@ -91,7 +92,7 @@ def parse(spec, index=0):
     elif fault.member is None:
         raise UsageError(f"fault '{spec}': {action} needs member=M or member=coordinator")
     if fault.phase not in PHASES:
-        raise UsageError(f"fault '{spec}': phase is 'take', 'commit' or 'save'")
+        raise UsageError(f"fault '{spec}': phase is 'take', 'commit', 'eval' or 'save'")
     if fault.phase == "save" and fault.step is None:
         raise UsageError(f"fault '{spec}': phase=save takes step= (the checkpoint's step)")
     return fault

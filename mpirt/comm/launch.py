@@ -1,15 +1,10 @@
 """``mpirt launch``: build and run the real ``mpiexec`` line for an elastic job.
 
-With ULFM (the embedded PyPI Open MPI 5 has it) the job recovers in place; the
-flags below are the ones measured to work (FACTS.md): ``--with-ft ulfm`` and the
-tcp BTL (with shared memory a dead rank hangs every survivor), ``coll ^han``
-(Merge-after-Shrink deadlock, ompi #11724), and Open MPI's heartbeat failure
-detector, which turns a stopped or hung rank into a failure within the hang
-timeout. The detector runs in MPI's progress engine, not in its own thread:
-with ``mpi_ft_detector_thread`` MPI_Finalize hangs in Open MPI 5.0 (seen with
-C programs too); mpirt's ranks keep heartbeats flowing while they compute with
-a progress pump (see ``ElasticComm``). Without ULFM the job runs in restart mode: relaunched on failure, up to
-``--max-restarts`` times, resuming from what it committed.
+With ULFM (the embedded PyPI Open MPI 5 has it) the job recovers in place, with the
+flags measured to work (:mod:`mpirt.comm.transport`: ``--with-ft ulfm``, shared memory or tcp
+between ranks, Open MPI's heartbeat failure detector); mpirt's ranks keep heartbeats flowing while
+they compute with a progress pump (see ``ElasticComm``). Without ULFM the job runs in restart mode:
+relaunched on failure, up to ``--max-restarts`` times, resuming from what it committed.
 
 Over several hosts (``--hostfile``, or a Slurm allocation of several nodes) a host is a failure
 domain: Open MPI's runtime aborts a job that loses one host's daemon, so each rank runs under
@@ -27,7 +22,9 @@ import subprocess
 import sys
 import threading
 
-from mpirt.config import FT_MODE, HANG_TIMEOUT, HOST_FT, HOST_LOCAL, LAUNCH_AGENT, LIFELINE, MPIEXEC, RESUME, RUN, env_float
+from mpirt.comm import transport as transports
+from mpirt.config import (FT_MODE, HANG_TIMEOUT, HOST_FT, HOST_LOCAL, LAUNCH_AGENT, LIFELINE, MPIEXEC, RESUME, RUN,
+                          TRANSPORT, env_float)
 from mpirt.errors import Preempted, UsageError
 
 DEFAULT_HANG_TIMEOUT = 6.0
@@ -51,6 +48,9 @@ def add_parser(sub):
                         "0 turns the detector off, for programs that compute longer than that outside MPI)")
     p.add_argument("--ft", choices=("auto", "ulfm", "restart"), default="auto",
                    help="recovery mode: in place (ulfm), relaunch (restart), or ulfm when available (auto)")
+    p.add_argument("--transport", choices=transports.TRANSPORTS,
+                   help=f"how ranks talk under ULFM: shared memory between ranks of a host (sm) or tcp (default "
+                        f"${TRANSPORT}, else sm on one host and tcp over several; docs/transport.md)")
     p.add_argument("--max-restarts", type=int, default=3, metavar="R", help="restart mode: relaunches at most")
     p.add_argument("--requeue", action="store_true",
                    help="in a Slurm batch job: when the job stops on request (SIGUSR1, exit 75), requeue it "
@@ -97,7 +97,7 @@ def spans_hosts(hostfile=None, environ=None):
 
 
 def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_timeout=DEFAULT_HANG_TIMEOUT,
-                  mpiexec=None, cores=None, environ=None, launch_agent=None):
+                  mpiexec=None, cores=None, environ=None, launch_agent=None, transport=None):
     """The ``mpiexec`` argument list for ``command`` on ``n`` ranks.
 
     Args:
@@ -108,6 +108,7 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
         ft: "ulfm" adds the fault-tolerance flags; "restart" runs plain mpiexec.
         hang_timeout: the failure detector's timeout in seconds.
         cores: cores of this machine (oversubscription is added when ranks exceed them).
+        transport: "sm" or "tcp" under ULFM; default :func:`mpirt.comm.transport.choose`'s.
 
     Returns:
         The argument list, mpiexec first.
@@ -148,12 +149,8 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     if os.geteuid() == 0:
         cmd += ["--allow-run-as-root"]
     if ft == "ulfm":
-        cmd += ["--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--mca", "coll", "^han"]
-        if hang_timeout > 0:
-            # period < timeout/3 is Open MPI's own constraint on the detector.
-            period = max(hang_timeout / 4.0, 0.05)
-            cmd += ["--mca", "mpi_ft_detector", "true", "--mca", "mpi_ft_detector_period", f"{period:g}",
-                    "--mca", "mpi_ft_detector_timeout", f"{hang_timeout:g}"]
+        transport = transport or transports.choose(multi_host=spans_hosts(hostfile, env), environ=env)
+        cmd += transports.ulfm_flags(transport, hang_timeout)
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
     for key in sorted(k for k in env if k.startswith("MPIRT_") and k not in HOST_LOCAL):
         cmd += ["-x", key]
@@ -184,13 +181,15 @@ def run(args):
     hang = args.hang_timeout if args.hang_timeout is not None else env_float(HANG_TIMEOUT, DEFAULT_HANG_TIMEOUT)
     command = args.job[1:] if args.job[:1] == ["--"] else args.job
     env = dict(os.environ)
+    if ft == "ulfm":  # the ranks learn it too (segment sizes follow it: mpirt.train.allreduce)
+        env[TRANSPORT] = transports.choose(args.transport, multi_host=spans_hosts(args.hostfile, env), environ=env)
     restarts = slurm_restarts(env)
     env[RUN] = str(restarts + 1)
     if restarts:
         # The same Slurm job running again (after a requeue): go on from what it saved.
         env[RESUME] = "1"
     cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang,
-                        environ=env, launch_agent=args.launch_agent)
+                        environ=env, launch_agent=args.launch_agent, transport=env.get(TRANSPORT))
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

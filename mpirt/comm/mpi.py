@@ -129,16 +129,15 @@ def cuda_aware():
 def ft_launch_problem(environ=None):
     """Why fault tolerance is off in this process, or None when it is on.
 
-    Open MPI passes ``--with-ft ulfm`` to the ranks as ``OMPI_MCA_mpi_ft_enable=1``;
-    with the shared-memory BTL a killed rank hangs every survivor (FACTS.md), so
-    only ``tcp,self`` counts as fault tolerant.
+    Open MPI passes ``--with-ft ulfm`` to the ranks as ``OMPI_MCA_mpi_ft_enable=1``, and
+    ``--mca`` flags as ``OMPI_MCA_*``; the transport must be one measured to survive a dead rank
+    (:func:`mpirt.comm.transport.ft_problem`).
     """
+    from mpirt.comm import transport
+
     env = os.environ if environ is None else environ
     if "OMPI_COMM_WORLD_SIZE" not in env and "PMIX_RANK" not in env:
         return "not launched by Open MPI's mpiexec"
     if env.get("OMPI_MCA_mpi_ft_enable", "0") not in ("1", "true"):
         return "mpiexec was run without '--with-ft ulfm' (use 'mpirt launch')"
-    btl = env.get("OMPI_MCA_btl", "")
-    if "sm" in btl.replace("self", "").split(",") or not btl:
-        return "the shared-memory BTL is on; a dead rank would hang the others (use '--mca btl tcp,self')"
-    return None
+    return transport.ft_problem(env)

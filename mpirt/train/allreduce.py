@@ -24,12 +24,16 @@ replicated parameters stay identical across ranks.
 import numpy as np
 
 import mpirt.kernels as K
+from mpirt.train.overlap import Overlap
 
 # Chosen by `python -m bench allreduce` on the 2-core machine (tcp path, 4 ranks oversubscribed,
 # bench/results/allreduce-2core.md): 25M floats took 546 ms with 8 MiB segments one at a time,
 # 2.4x longer with 1 MiB segments (each blocking collective pays a scheduling round on 2 cores),
 # and 16% longer with 4 segments in flight (libnbc).
 BUCKET_BYTES = 16 << 20
+# With overlap, the first bucket (the last layers, whose gradients backward gives first) is small so
+# that communication starts early: DDP's choice (torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES).
+FIRST_BUCKET_BYTES = 1 << 20
 SEGMENT_BYTES = 8 << 20
 INFLIGHT = 1
 COMPRESSIONS = ("bf16", "fp16")
@@ -44,10 +48,11 @@ class GradAllreduce:
         n_stats: float slots reduced with the gradients (sample count, loss sum, flags...).
         bucket_bytes, segment_bytes, inflight: see the module docstring.
         compress: None, "bf16" or "fp16".
+        overlap: reduce buckets on a thread while backward runs (call :meth:`begin` before backward).
     """
 
     def __init__(self, ec, params, *, n_stats=4, bucket_bytes=BUCKET_BYTES, segment_bytes=SEGMENT_BYTES,
-                 inflight=INFLIGHT, compress=None):
+                 inflight=INFLIGHT, compress=None, overlap=False):
         import torch
 
         if compress not in (None, *COMPRESSIONS):
@@ -61,7 +66,10 @@ class GradAllreduce:
                 p.grad = torch.zeros_like(p)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.on_device = self.device.type != "cpu"
-        self.groups = _plan(self.params, max(1, bucket_bytes // 4))
+        if overlap:  # backward fills the last layers' gradients first: they go first, in a small bucket
+            self.groups = _plan(self.params[::-1], max(1, bucket_bytes // 4), first=FIRST_BUCKET_BYTES // 4)
+        else:
+            self.groups = _plan(self.params, max(1, bucket_bytes // 4))
         self.bucket_grads = [[p.grad for p in g] for g in self.groups]
         self.buckets = [K.Bucket(grads) for grads in self.bucket_grads]
         tail = 0 if compress else n_stats
@@ -72,21 +80,42 @@ class GradAllreduce:
         self.dev = [torch.zeros(n, dtype=torch.float32, device=self.device) for n in sizes] if self.on_device else None
         self.residual = [np.zeros(n, dtype=np.float32) for n in sizes] if compress else None
         self._op = None
+        self._overlap = Overlap(self) if overlap and len(self.groups) > 1 else None
 
-    def pack(self):
-        """Copy the live gradients into the flat buffers (one launch per bucket)."""
+    def begin(self):
+        """Before backward: buckets are reduced, in order, as their gradients are complete."""
+        if self._overlap is not None:
+            self._overlap.begin()
+
+    def pack_bucket(self, i):
+        """Copy bucket ``i``'s live gradients into its flat buffer (one launch), then to the host."""
         import torch
 
-        for i, group in enumerate(self.groups):
-            for p in group:
-                if p.grad is None:  # zero_grad(set_to_none=True) or a parameter unused this step
-                    p.grad = torch.zeros_like(p)
-            # A bucket is planned over the gradient tensors themselves: re-plan if autograd or
-            # the user replaced one (zero_grad(set_to_none=False) keeps them, and the plan).
-            if any(t is not p.grad for t, p in zip(self.bucket_grads[i], group)):
-                self.bucket_grads[i] = [p.grad for p in group]
-                self.buckets[i] = K.Bucket(self.bucket_grads[i])
-            self.buckets[i].pack(self.dev[i] if self.on_device else torch.from_numpy(self.host[i]))
+        group = self.groups[i]
+        for p in group:
+            if p.grad is None:  # zero_grad(set_to_none=True) or a parameter unused this step
+                p.grad = torch.zeros_like(p)
+        # A bucket is planned over the gradient tensors themselves: re-plan if autograd or
+        # the user replaced one (zero_grad(set_to_none=False) keeps them, and the plan).
+        if any(t is not p.grad for t, p in zip(self.bucket_grads[i], group)):
+            self.bucket_grads[i] = [p.grad for p in group]
+            self.buckets[i] = K.Bucket(self.bucket_grads[i])
+        self.buckets[i].pack(self.dev[i] if self.on_device else torch.from_numpy(self.host[i]))
+        if self.on_device:
+            self.host[i][:] = self.dev[i].cpu().numpy()  # staging: the MPI here is not CUDA-aware
+
+    def reduce_bucket(self, i):
+        """Sum host buffer ``i`` over the view (in place): float32, or compressed on the wire."""
+        MPI = self.ec.MPI
+        if not self.compress:
+            reduce_segments(self.ec, [self.host[i]], MPI.FLOAT, MPI.SUM, segment=self.segment,
+                            inflight=self.inflight)
+            return
+        if self._op is None:
+            self._op = MPI.Op.Create(_half_sum(self.compress), commute=True)
+        wire = K.compress(self.host[i], self.compress, residual=self.residual[i], backend="numpy").view(np.uint16)
+        reduce_segments(self.ec, [wire], MPI.UINT16_T, self._op, segment=self.segment, inflight=self.inflight)
+        K.decompress(wire.view(_np_half(self.compress)), self.compress, out=self.host[i], backend="numpy")
 
     def allreduce(self, stats):
         """Sum the gradients and ``stats`` over the view; gradients become ``sum / stats[0]``.
@@ -98,22 +127,30 @@ class GradAllreduce:
             The summed stats (float64 array).
 
         Raises:
-            ProcessFailure: a member failed (or the communicator was revoked) during the reduction.
+            ProcessFailure: a member failed (or the communicator was revoked) during the reduction
+                (here, or on the overlap thread during backward).
         """
-        self.pack()
         stats = np.asarray(stats, dtype=np.float64)
-        if self.on_device:
-            for h, d in zip(self.host, self.dev):
-                h[:] = d.cpu().numpy()  # staging: the MPI here is not CUDA-aware
-        if self.compress:
-            total = self._reduce_compressed(stats)
-        else:
-            self.host[-1][-self.n_stats:] = stats
-            with self.ec.guard():
-                self._reduce(self.host, self.ec.MPI.FLOAT, self.ec.MPI.SUM)
-            total = self.host[-1][-self.n_stats:].astype(np.float64)
+        first = self._overlap.finish() if self._overlap is not None else 0  # buckets already reduced
+        last = len(self.host) - 1  # the stats ride in its tail (uncompressed) and are known only now
+        with self.ec.guard():
+            for i in range(first, last + 1):
+                if i < len(self.buckets):
+                    self.pack_bucket(i)
+                if i == last and not self.compress:
+                    self.host[i][-self.n_stats:] = stats
+                self.reduce_bucket(i)
+            if self.compress:  # the stats exact, in float64, beside the rounded gradients
+                total = stats.copy()
+                self.ec.comm.Allreduce(self.ec.MPI.IN_PLACE, total, op=self.ec.MPI.SUM)
+            else:
+                total = self.host[-1][-self.n_stats:].astype(np.float64)
         self.unpack(1.0 / max(total[0], 1.0))
         return total
+
+    def wire_bytes(self):
+        """Bytes one step reduces (gradients and stats; half-width when compressed)."""
+        return sum(len(h) for h in self.host) * (2 if self.compress else 4)
 
     def unpack(self, scale):
         import torch
@@ -127,60 +164,57 @@ class GradAllreduce:
             bucket.unpack(src, scale)
 
     def _reduce(self, buffers, mpi_type, op):
-        """Segmented, pipelined in-place Allreduce of every buffer (same order on every rank)."""
-        MPI, comm = self.ec.MPI, self.ec.comm
-        if self.inflight == 1:  # blocking segments: coll/tuned, no libnbc schedule per segment
-            for buf in buffers:
-                for a in range(0, len(buf), self.segment):
-                    comm.Allreduce(MPI.IN_PLACE, [buf[a:a + self.segment], mpi_type], op=op)
-            return
-        pending = []
-        try:
-            for buf in buffers:
-                for a in range(0, len(buf), self.segment):
-                    if len(pending) >= self.inflight:
-                        pending.pop(0).Wait()
-                    seg = buf[a:a + self.segment]
-                    pending.append(comm.Iallreduce(MPI.IN_PLACE, [seg, mpi_type], op=op))
-            # One Wait each, not Waitall: Waitall reports a failure as ERR_IN_STATUS, hiding its class.
-            while pending:
-                pending.pop(0).Wait()
-        except MPI.Exception:
-            # Revoked, the others' pending segments complete (in error) instead of waiting forever.
-            self.ec.revoke()
-            for req in pending:
-                try:
-                    req.Wait()
-                except MPI.Exception:
-                    pass
-            raise
-
-    def _reduce_compressed(self, stats):
-        MPI = self.ec.MPI
-        if self._op is None:
-            self._op = MPI.Op.Create(_half_sum(self.compress), commute=True)
-        wire = [K.compress(h, self.compress, residual=r, backend="numpy").view(np.uint16)
-                for h, r in zip(self.host, self.residual)]
-        total = stats.copy()
-        with self.ec.guard():
-            self._reduce(wire, MPI.UINT16_T, self._op)
-            self.ec.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-        for h, w in zip(self.host, wire):
-            K.decompress(w.view(_np_half(self.compress)), self.compress, out=h, backend="numpy")
-        return total
+        reduce_segments(self.ec, buffers, mpi_type, op, segment=self.segment, inflight=self.inflight)
 
     def close(self):
+        if self._overlap is not None:
+            self._overlap.close()
         if self._op is not None:
             self._op.Free()
             self._op = None
 
 
-def _plan(params, bucket_floats):
-    """Consecutive parameters grouped into buckets of at most ``bucket_floats`` (one big tensor alone)."""
+def reduce_segments(ec, buffers, mpi_type, op, *, segment=SEGMENT_BYTES // 4, inflight=INFLIGHT):
+    """Segmented, pipelined in-place Allreduce of every buffer (same order on every rank).
+
+    ``segment`` elements a collective, ``inflight`` of them outstanding (see the module docstring).
+    """
+    MPI, comm = ec.MPI, ec.comm
+    if inflight == 1:  # blocking segments: coll/tuned, no libnbc schedule per segment
+        for buf in buffers:
+            for a in range(0, len(buf), segment):
+                comm.Allreduce(MPI.IN_PLACE, [buf[a:a + segment], mpi_type], op=op)
+        return
+    pending = []
+    try:
+        for buf in buffers:
+            for a in range(0, len(buf), segment):
+                if len(pending) >= inflight:
+                    pending.pop(0).Wait()
+                seg = buf[a:a + segment]
+                pending.append(comm.Iallreduce(MPI.IN_PLACE, [seg, mpi_type], op=op))
+        # One Wait each, not Waitall: Waitall reports a failure as ERR_IN_STATUS, hiding its class.
+        while pending:
+            pending.pop(0).Wait()
+    except MPI.Exception:
+        # Revoked, the others' pending segments complete (in error) instead of waiting forever.
+        ec.revoke()
+        for req in pending:
+            try:
+                req.Wait()
+            except MPI.Exception:
+                pass
+        raise
+
+
+def _plan(params, bucket_floats, first=None):
+    """Consecutive parameters grouped into buckets of at most ``bucket_floats`` (one big tensor alone);
+    the first bucket at most ``first`` floats, when given."""
     groups, current, size = [], [], 0
     for p in params:
         n = p.numel()
-        if current and size + n > bucket_floats:
+        cap = first if first is not None and not groups else bucket_floats
+        if current and size + n > cap:
             groups.append(current)
             current, size = [], 0
         current.append(p)

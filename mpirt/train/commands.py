@@ -35,6 +35,9 @@ class TrainConfig:
     report: str = None
     compress: str = None
     bucket_bytes: int = 16 << 20
+    overlap: bool = True  # reduce gradient buckets while backward runs (mpirt.train.overlap)
+    embedding_grad: str = "sparse"  # fasttext's table: row-sparse gradients (mpirt.train.sparse) or dense
+    sparse_exchange: str = "auto"  # how sparse rows travel: by bytes, or forced (mpirt.train.sparse.MODES)
     progress: object = None
     spawn_argv: list = field(default_factory=list)
     verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
@@ -68,6 +71,13 @@ def add_parser(sub):
     p.add_argument("--audit", metavar="FILE", help="JSON lines: the samples each committed step consumed")
     p.add_argument("--report", metavar="DIR", help="report.json and PNG plots")
     p.add_argument("--compress", choices=("bf16", "fp16"), help="compress gradients on the wire")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="reduce the gradients after backward, not while it runs")
+    p.add_argument("--embedding-grad", choices=("sparse", "dense"), default="sparse",
+                   help="fasttext: the embedding's gradient as touched rows (optimizers update those rows "
+                        "only) or dense (every row, as a dense layer) (default sparse)")
+    p.add_argument("--sparse-exchange", choices=("auto", "allgather", "allreduce"), default="auto",
+                   help="how sparse rows travel between ranks: chosen each step by bytes (default), or forced")
     p.add_argument("--bucket-mb", type=flags.number(1 / 1024, 4096), default=16.0, help="gradient bucket size (MiB)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     add_elastic_options(p)
@@ -103,6 +113,7 @@ def config_from_args(args, dataset):
         checkpoint_sync=args.checkpoint_sync, keep=args.keep,
         resume=args.resume or env_flag(RESUME), key=resolve_key(args.key_file), faults=FaultPlan(args.inject_fault),
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
+        overlap=not args.no_overlap, embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
         data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
 
@@ -111,10 +122,12 @@ def train_argv(args):
     """What a joiner runs: this command again, with absolute paths, never --resume."""
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
-        "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb", "min_ranks")]
+        "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb",
+        "embedding_grad", "sparse_exchange", "min_ranks")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
     return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),
+                                                   ("--no-overlap", args.no_overlap),
                                                    ("--checkpoint-sync", args.checkpoint_sync)])
 
 

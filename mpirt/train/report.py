@@ -66,7 +66,8 @@ class Reporter:
         if self.enabled:
             self._print(f"[mpirt] {text}")
 
-    def epoch(self, epoch, *, train_loss, samples_per_s, val_loss=None, val_accuracy=None, ranks, seconds):
+    def epoch(self, epoch, *, train_loss, samples_per_s, val_loss=None, val_accuracy=None, ranks, seconds,
+              echo=True):
         if not self.enabled:
             return
         rec = {"epoch": epoch, "train_loss": float(train_loss), "samples_per_s": float(samples_per_s),
@@ -74,6 +75,8 @@ class Reporter:
                "val_accuracy": None if val_accuracy is None else float(val_accuracy),
                "ranks": int(ranks), "seconds": float(seconds)}
         self.epochs.append(rec)
+        if not echo:
+            return
         val = "" if val_loss is None else f"  val loss {val_loss:.4f}  val acc {100 * val_accuracy:.2f}%"
         self._print(f"epoch {epoch + 1}  train loss {train_loss:.4f}{val}  {samples_per_s:,.0f} samples/s  "
                     f"{ranks} ranks  ({seconds:.1f} s)")

@@ -25,7 +25,7 @@ LOCK_FILE = ".lock"
 FLAGS = {"data_sha256": "--data (another data set, or the same file changed)", "global_batch": "--global-batch",
          "seed": "--seed", "spec": "--model (or its sizes: --hidden, --embed-dim, --channels)",
          "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
-         "compress": "--compress"}
+         "compress": "--compress", "embedding_grad": "--embedding-grad"}
 
 
 def identity(cfg, data_sha256):
@@ -34,7 +34,9 @@ def identity(cfg, data_sha256):
     return {"data_sha256": data_sha256, "global_batch": int(cfg.global_batch), "seed": int(cfg.seed),
             "spec": cfg.spec, "optimizer": cfg.optimizer, "lr": float(cfg.lr),
             "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None,  # Adam ignores it
-            "weight_decay": float(cfg.weight_decay), "compress": cfg.compress}
+            "weight_decay": float(cfg.weight_decay), "compress": cfg.compress,
+            # what an optimizer step does to untouched embedding rows (mpirt.train.sparse)
+            "embedding_grad": cfg.embedding_grad if cfg.spec["name"] == "fasttext" else None}
 
 
 def differences(recorded, ident):

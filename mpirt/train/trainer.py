@@ -31,8 +31,10 @@ from mpirt.log import get_logger
 from mpirt.train import models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.audit import Audit
+from mpirt.train.evaluate import evaluate
 from mpirt.train.order import Orders, Schedule
-from mpirt.train.source import RowSource, batches
+from mpirt.train.source import RowSource
+from mpirt.train.sparse import SparseExchange, sparse_params
 
 log = get_logger("mpirt.train")
 
@@ -62,6 +64,13 @@ class Trainer:
         self.saved = None  # (step, path) of the last checkpoint this process wrote
         self.ident = rundir.identity(cfg, cfg.data_sha256)
         self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
+        # Evaluations due before the next step, done by every member (see _phase): "val" after each
+        # epoch; then "test" once, after the last step.
+        self.pending = []
+        self.tested = None
+        self.epoch_done = None  # the train figures of the epoch whose "val" is pending
+        self.epochs = []  # the epochs reported so far
+        self.eval_sources = {}
 
     # -- state ---------------------------------------------------------------
     def _build(self):
@@ -74,15 +83,30 @@ class Trainer:
             self.opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
                                        weight_decay=self.cfg.weight_decay)
         self.opt.zero_grad(set_to_none=False)
-        self.reducer = GradAllreduce(self.group.ec, params, n_stats=N_STATS, compress=self.cfg.compress,
-                                     bucket_bytes=self.cfg.bucket_bytes)
+        rows = []
+        if self.cfg.embedding_grad == "sparse":
+            for m in self.model.modules():
+                if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                    m.sparse = True  # a module flag, not state: checkpoints and classify are unchanged
+            rows = sparse_params(self.model)
+        self.sparse = SparseExchange(self.group.ec, rows, mode=self.cfg.sparse_exchange) if rows else None
+        dense = [p for p in params if not any(p is q for q in rows)]
+        self.reducer = GradAllreduce(self.group.ec, dense, n_stats=N_STATS, compress=self.cfg.compress,
+                                     bucket_bytes=self.cfg.bucket_bytes, overlap=self.cfg.overlap)
 
     def state(self):
         """What a joiner needs (and what a checkpoint holds): the replicated training state."""
-        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "pending": list(self.pending), "epoch_done": self.epoch_done, "epochs": self.epochs,
+                "epoch_stats": {k: v for k, v in self.epoch_stats.items() if k != "t0"}}
 
     def load_state(self, state):
         self.step = int(state["step"])
+        # A checkpoint has none of these: its epoch's figures were reported by the run that saved it.
+        self.pending = list(state.get("pending", ()))
+        self.epoch_done = state.get("epoch_done")
+        self.epochs = list(state.get("epochs", ()))
+        self.epoch_stats.update(state.get("epoch_stats", {}))
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
@@ -152,19 +176,32 @@ class Trainer:
 
             self.reporter = Reporter(cfg.report, class_names=self.dataset.class_names,
                                      total_steps=self.schedule.total_steps, progress=cfg.progress)
+            for rec in self.epochs:  # a coordinator taking over: the epochs reported before it
+                self.reporter.epoch(**rec, echo=False)
 
     # -- the loop ------------------------------------------------------------
     def run(self):
         """Train to the end; return the summary on the final coordinator, None elsewhere."""
         self.start()
-        while self.step < self.schedule.total_steps:
+        while (phase := self._phase()) is not None:
             try:
-                if self._attempt():
-                    self._after_commit()
+                if phase == "step":
+                    if self._attempt():
+                        self._after_commit()
+                else:
+                    self._evaluate_phase(phase)
             except ProcessFailure as exc:
-                log.info("step %d failed (%s): recovering", self.step, exc)
+                log.info("%s at step %d failed (%s): recovering", phase, self.step, exc)
                 self._recover()
         return self._finish()
+
+    def _phase(self):
+        """What every member does next: "step", "val" or "test" (an evaluation), or None (done)."""
+        if self.pending:
+            return self.pending[0]
+        if self.step < self.schedule.total_steps:
+            return "step"
+        return "test" if self.tested is None else None
 
     def _attempt(self):
         """Try step ``self.step``; True when every member agreed to commit it."""
@@ -183,6 +220,8 @@ class Trainer:
         failed = False
         try:
             self.totals = self.reducer.allreduce(stats)
+            if self.sparse:
+                self.sparse.exchange(1.0 / max(self.totals[SAMPLES], 1.0))
         except ProcessFailure:
             failed = True
         group.fire(group.faults.due(member=group.member, is_coordinator=coord, step=step, phase="commit"),
@@ -201,6 +240,9 @@ class Trainer:
         a, b = self.schedule.slice_of(step, self.group.rank, self.group.size)
         stats = np.zeros(N_STATS)
         self.opt.zero_grad(set_to_none=False)
+        for p in self.sparse.params if self.sparse else ():
+            p.grad = None  # a sparse gradient is replaced, not accumulated into
+        self.reducer.begin()  # buckets go out as backward completes them (mpirt.train.overlap)
         if b > a:
             batch = self.train.get(self.orders.rows(epoch, a, b))
             self.model.train()
@@ -211,8 +253,8 @@ class Trainer:
             stats[SAMPLES] = len(batch)
             stats[LOSS] = float(loss.detach())
             stats[CORRECT] = float((logits.detach().argmax(1) == y).sum())
-            stats[NONFINITE] = 0.0 if all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
-                                          if p.grad is not None) else 1.0
+            stats[NONFINITE] = 0.0 if all(bool(torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all())
+                                          for p in self.model.parameters() if p.grad is not None) else 1.0
         return stats
 
     def _mark_fired(self, step, actions, phase="take"):
@@ -227,8 +269,20 @@ class Trainer:
         if totals[NONFINITE] or not np.isfinite(totals[LOSS]):
             self._stop_non_finite(step, totals)
         self.opt.step()  # gradients already hold sum / total samples
+        if self.sparse:
+            self.sparse.apply(self.opt)  # the embedding rows this step touched (mpirt.train.sparse)
         self.step += 1
         self._mark_fired(step, ("join",))
+        # Every member keeps the epoch's figures (the sums are the same everywhere), so whoever
+        # coordinates when the epoch's evaluation ends can report it.
+        self.epoch_stats["loss"] += totals[LOSS]
+        self.epoch_stats["samples"] += int(totals[SAMPLES])
+        if self.step % self.schedule.steps_per_epoch == 0:
+            s = self.epoch_stats
+            self.epoch_done = {"epoch": self.schedule.locate(step)[0], "seconds": time.perf_counter() - s["t0"],
+                               "train_loss": float(s["loss"] / max(s["samples"], 1)), "samples": s["samples"]}
+            self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
+            self.pending.append("val")  # before joiners are merged: they receive it with the state
         if group.is_coordinator:
             self._report_step(step, totals)
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
@@ -288,13 +342,9 @@ class Trainer:
         if self.audit:
             self.audit.write(step, view=self.group.view.id, members=self.group.view.members)
         n = int(totals[SAMPLES])
-        self.epoch_stats["loss"] += totals[LOSS]
-        self.epoch_stats["samples"] += n
         self.reporter.step(epoch, step, totals[LOSS] / max(n, 1), n, self.group.size)
         if self.ckpt and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
-        if self.step % self.schedule.steps_per_epoch == 0:
-            self._end_epoch(epoch)
 
     def _recover(self):
         group = self.group
@@ -315,35 +365,41 @@ class Trainer:
                                 f"(failed {v.failed}, left {v.departed}), redoing step {self.step}")
 
     # -- epochs, checkpoints, the end ----------------------------------------
-    def _end_epoch(self, epoch):
-        s = self.epoch_stats
-        seconds = time.perf_counter() - s["t0"]
-        val = self.evaluate("val")
-        self.reporter.epoch(epoch, train_loss=float(s["loss"] / max(s["samples"], 1)),
-                            samples_per_s=s["samples"] / max(seconds, 1e-9),
-                            val_loss=val and val["loss"], val_accuracy=val and val["accuracy"],
-                            ranks=self.group.size, seconds=seconds)
-        self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
-
-    @torch.no_grad()
-    def evaluate(self, name, with_predictions=False):
-        """Loss and accuracy of the current model on split ``name`` (this process alone)."""
-        split = self.dataset.split(name)
-        if split.n_rows == 0:
-            return None
-        self.model.eval()
-        loss, correct, preds = 0.0, 0, []
-        for batch in batches(RowSource(split).all(), 4096):
-            logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
-            y = torch.from_numpy(batch.y).to(self.device)
-            loss += float(cross_entropy(logits, y, reduction="sum"))
-            p = logits.argmax(1)
-            correct += int((p == y).sum())
-            preds.append(p.cpu().numpy())
-        out = {"loss": loss / split.n_rows, "accuracy": correct / split.n_rows}
-        if with_predictions:
-            out["y_true"], out["y_pred"] = split.read(0, split.n_rows).y, np.concatenate(preds)
-        return out
+    def _evaluate_phase(self, name):
+        """Evaluate split ``name`` on every member; agreed like a step, redone after a failure."""
+        out, failed = None, False
+        group = self.group
+        group.fire(group.faults.due(member=group.member, is_coordinator=group.is_coordinator, step=self.step,
+                                    phase="eval", actions=faultlib.SELF), step=self.step, phase="eval")
+        self._mark_fired(self.step, faultlib.SELF, "eval")
+        source = self.eval_sources.get(name)
+        if source is None:
+            source = self.eval_sources[name] = RowSource(self.dataset.split(name))
+        try:
+            out = evaluate(self.model, self.spec["name"], source, self.group.ec, self.device,
+                           with_predictions=name == "test")
+        except ProcessFailure:
+            failed = True
+        try:
+            ok = self.group.ec.agree(not failed)
+        except ProcessFailure:
+            ok = False
+        if not ok:
+            raise ProcessFailure(f"{name} evaluation not completed by every member")
+        if name == "test":
+            self.tested = out or {}
+            return
+        self.pending.pop(0)
+        done, self.epoch_done = self.epoch_done, None
+        if done is None:
+            return
+        # Kept by every member: a coordinator taking over reports the epochs before it too.
+        self.epochs.append(dict(epoch=done["epoch"], train_loss=done["train_loss"],
+                                samples_per_s=done["samples"] / max(done["seconds"], 1e-9),
+                                val_loss=out and out["loss"], val_accuracy=out and out["accuracy"],
+                                ranks=self.group.size, seconds=done["seconds"]))
+        if self.group.is_coordinator:
+            self.reporter.epoch(**self.epochs[-1])
 
     def _run_dir(self):
         cfg = self.cfg
@@ -382,12 +438,14 @@ class Trainer:
             return None
         if self.ckpt and not (self.saved and self.saved[0] == self.step):  # unless just saved
             self.save_checkpoint()
-        test = self.evaluate("test", with_predictions=True)  # while the last checkpoint is written
         if self.ckpt:
             self.ckpt.wait()  # exit 0 says the last checkpoint is on disk
             log.info("checkpoints: %s", self.ckpt.stats())
+        test = self.tested or None
+        if test:
+            test["y_true"] = self.eval_sources["test"].all().y
         extra = {"events": group.events.read(), "views": group.view.id + 1, "steps": self.step,
-                 "ranks_at_end": group.size, "spec": self.spec,
+                 "ranks_at_end": group.size, "spec": self.spec, "wire": self._wire(),
                  "checkpoints": self.ckpt.stats() if self.ckpt else None}
         report = self.reporter.final(y_true=test and test["y_true"], y_pred=test and test["y_pred"],
                                      test_loss=test and test["loss"], extra=extra)
@@ -395,6 +453,16 @@ class Trainer:
         return {"steps": self.step, "views": group.view.id + 1, "ranks": group.size,
                 "test_accuracy": test and test["accuracy"], "report": report,
                 "params": {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}}
+
+    def _wire(self):
+        """Bytes each step puts through the collectives (this process's steps), for the report."""
+        out = {"dense_bytes_per_step": self.reducer.wire_bytes()}
+        if self.sparse:
+            c = self.sparse.counters
+            out.update(sparse_bytes_per_step=c["bytes"] / max(c["steps"], 1),
+                       sparse_rows_per_step=c["rows"] / max(c["steps"], 1),
+                       sparse_exchanges={"allgather": c["allgather"], "allreduce": c["allreduce"]})
+        return out
 
     def close(self, failed=False):
         if self.reporter:

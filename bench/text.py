@@ -1,0 +1,88 @@
+"""fastText on real text: 1 rank against 2, sparse embedding gradients against dense.
+
+    python -m bench text [--rounds 2] [--epochs 3] [--per-section 400]
+
+The corpus is this machine's man pages as HTML (:mod:`bench.mancorpus`, ~2,240 documents in 6
+sections), hashed by ``mpirt prepare text`` to 2^20 features: fastText's table is 1M x 64 (268 MB of
+float32). Each configuration is a whole ``mpirt launch -n N -- mpirt train`` run (SGD, lr 2.0, no
+momentum, global batch 64, as in FACTS.md's measurement), the configurations interleaved round by
+round. Figures: the training loop's seconds (the report's epoch times: no start-up, no evaluation),
+the whole command's wall seconds, the bytes each step put through the collectives (report.json),
+test accuracy, and the ratios 2 ranks / 1 rank and sparse / dense.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import table, write_results
+
+CONFIGS = [(1, "dense"), (1, "sparse"), (2, "dense"), (2, "sparse")]
+
+
+def corpus(workdir, per_section):
+    """The prepared data set (built once per work directory: rendering takes ~2.5 min on 2 cores)."""
+    from bench.mancorpus import build
+
+    jsonl, h5 = os.path.join(workdir, "man.jsonl"), os.path.join(workdir, "man.h5")
+    if not os.path.exists(jsonl):
+        build(jsonl, per_section)
+    if not os.path.exists(h5):
+        subprocess.run([sys.executable, "-m", "mpirt", "prepare", "text", jsonl, h5], check=True,
+                       capture_output=True, timeout=600)
+    return h5
+
+
+def train(data, n, grad, epochs, workdir, extra=()):
+    report = tempfile.mkdtemp(dir=workdir, prefix=f"r{n}{grad}-")
+    cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--", sys.executable, "-m", "mpirt", "train",
+           "--data", data, "--model", "fasttext", "--optimizer", "sgd", "--lr", "2.0", "--momentum", "0",
+           "--global-batch", "64", "--epochs", str(epochs), "--embedding-grad", grad, "--no-progress",
+           "--report", report, *extra]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if res.returncode:
+        raise SystemExit(f"text bench: {' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    with open(os.path.join(report, "report.json")) as f:
+        rep = json.load(f)
+    wire = rep["wire"]
+    return {"loop_s": sum(e["seconds"] for e in rep["epochs"]), "wall_s": wall,
+            "bytes_per_step": wire["dense_bytes_per_step"] + wire.get("sparse_bytes_per_step", 0.0) if n > 1 else 0.0,
+            "exchanges": wire.get("sparse_exchanges"), "test_accuracy": rep["test"]["accuracy"]}
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench text")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--per-section", type=int, default=400)
+    p.add_argument("--workdir", default=os.environ.get("MPIRT_BENCH_TMP") or "/tmp/mpirt-bench-text",
+                   help="where the corpus is built and kept between runs")
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    data = corpus(args.workdir, args.per_section)
+    runs = {f"{n}-{g}": [] for n, g in CONFIGS}
+    for _ in range(args.rounds):
+        for n, g in CONFIGS:
+            runs[f"{n}-{g}"].append(train(data, n, g, args.epochs, args.workdir))
+    med = {k: {f: sorted(r[f] for r in v)[len(v) // 2] for f in ("loop_s", "wall_s", "bytes_per_step")}
+           for k, v in runs.items()}
+    rows = []
+    for n, g in CONFIGS:
+        k = f"{n}-{g}"
+        rows.append([n, g, f"{med[k]['loop_s']:.2f}", f"{med[k]['wall_s']:.1f}",
+                     f"{med[k]['bytes_per_step'] / 1e6:.2f}" if n > 1 else "-",
+                     f"{100 * runs[k][-1]['test_accuracy']:.2f}%",
+                     f"{med[f'1-{g}']['loop_s'] / med[k]['loop_s']:.2f}x",
+                     f"{med['1-dense']['loop_s'] / med[k]['loop_s']:.2f}x"])
+    print(f"## fastText on {os.path.basename(data)} (man pages as HTML), {args.epochs} epochs, global batch 64 "
+          f"(median of {args.rounds} rounds)\n")
+    print(table(rows, ["ranks", "embedding grad", "train loop s", "command s", "MB/step on the wire",
+                       "test acc", "vs 1 rank, same grad", "vs 1 rank dense"]))
+    print("\nwrote", write_results("text", {"epochs": args.epochs, "runs": runs, "median": med}))
+    return 0

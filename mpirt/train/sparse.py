@@ -1,0 +1,231 @@
+"""Row-sparse gradients of embedding tables: exchanged as (row ids, rows), applied to those rows only.
+
+A fastText step over 64 documents touches ~80k of 1M embedding rows; the dense gradient is 268 MB
+(FACTS.md: 2 ranks trained 0.56x as fast as 1). Here an embedding whose module has ``sparse=True``
+gives torch's sparse gradient, and each step:
+
+1. each rank coalesces its gradient (duplicate rows summed locally): ``ids`` (int64), ``rows``;
+2. the ranks exchange, chosen per step from the gathered row counts (the same on every rank):
+   - *allgather*: every rank's (ids, rows) in one ``Allgatherv``; bytes = all touched rows;
+   - *allreduce*: rows scattered into a dense table, the segmented allreduce of the dense path,
+     and an ``Allgatherv`` of the ids alone (the touched set);
+   whichever moves fewer bytes, weighted by :data:`DENSE_WEIGHT` (``bench sparse`` measures it);
+3. every rank merges the same bytes the same way (:func:`merge_rows`), so every rank gets bitwise
+   the same (unique ids, summed rows) and replicas stay identical;
+4. the optimizer updates the touched rows only (:func:`apply_rows`).
+
+What an optimizer step means for a sparse table (the "lazy" rule of torch.optim.SparseAdam and of
+fastText's own per-row updates). Only rows some rank touched in the global batch change:
+
+- SGD without momentum or weight decay: exactly the dense update (an untouched row's gradient is 0);
+- SGD with momentum: a touched row's buffer is ``momentum * buf + grad`` and the row moves by
+  ``lr * buf``; an untouched row keeps its buffer and does not move (a dense optimizer would keep
+  moving it, with a decaying buffer);
+- weight decay (L2, added to the gradient as torch's SGD and Adam do): on touched rows only;
+- Adam: the moments of touched rows are updated, with bias correction by the table's step count
+  (every committed step counts), as SparseAdam does; untouched rows keep their moments and values.
+
+The choice of exchange moves bytes, never the result's meaning: both give the same touched set.
+For 2 ranks both sum each row as ``r0 + r1`` (bitwise equal); for more, the two exchanges may add
+a row's parts in different orders (a difference in the last bit). One rank or N ranks run the same rule, so "N ranks train the same model as
+1 rank" holds as for dense gradients (float32 rounding of a different partition of the sums).
+"""
+
+import numpy as np
+
+from mpirt.train.allreduce import reduce_segments
+
+MODES = ("auto", "allgather", "allreduce")
+# The dense exchange is chosen when its bytes x DENSE_WEIGHT are fewer than the sparse one's. A ring
+# allreduce moves about 2x the table per rank and an allgather 1x the gathered rows, but the sparse
+# exchange also sorts and merges: measured by `python -m bench sparse` (bench/results/sparse-2core.md).
+DENSE_WEIGHT = 2.0
+_INT32_MAX = 2**31 - 1  # Allgatherv counts are C ints
+
+
+def sparse_params(model):
+    """The weights of ``model``'s embeddings that produce sparse gradients (``sparse=True``)."""
+    import torch.nn as nn
+
+    return [m.weight for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
+
+
+def local_rows(p):
+    """This rank's coalesced gradient of ``p``: (ids int64 [k], rows float32 [k, dim]), as numpy."""
+    dim = p.shape[1]
+    if p.grad is None:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    g = p.grad.coalesce()
+    ids = g.indices()[0].cpu().numpy().astype(np.int64, copy=False)
+    rows = np.ascontiguousarray(g.values().detach().cpu().numpy(), dtype=np.float32)
+    return ids, rows.reshape(len(ids), dim)
+
+
+def merge_rows(ids, rows):
+    """Sum the rows of equal ids: (sorted unique ids, summed rows). Deterministic: the same input
+    gives the same bits (a stable sort, then numpy's ``add.reduceat``)."""
+    if len(ids) == 0:
+        return ids, rows
+    order = np.argsort(ids, kind="stable")
+    sid = ids[order]
+    starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
+    return sid[starts], np.add.reduceat(rows[order], starts, axis=0)
+
+
+class SparseExchange:
+    """Sum the row-sparse gradients of ``params`` over ``ec``'s view; see the module docstring.
+
+    Args:
+        ec: the :class:`mpirt.comm.elastic.ElasticComm` (its ``.comm`` may change between calls).
+        params: embedding weights with sparse gradients (:func:`sparse_params`).
+        mode: "auto" (per step, by bytes), "allgather" or "allreduce" (forced, for tests and benches).
+    """
+
+    def __init__(self, ec, params, mode="auto"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.ec, self.params, self.mode = ec, list(params), mode
+        self.merged = [None] * len(self.params)
+        self._dense = {}  # a zeroed float32 table per param, for the allreduce exchange
+        self.counters = {"steps": 0, "allgather": 0, "allreduce": 0, "bytes": 0, "rows": 0}
+
+    def exchange(self, scale):
+        """Exchange and merge; ``self.merged[i]`` = (ids, rows x ``scale``) of ``params[i]``.
+
+        Raises:
+            ProcessFailure: a member failed (or the view was revoked) during the exchange.
+        """
+        local = [local_rows(p) for p in self.params]
+        for p in self.params:
+            p.grad = None  # taken: the dense optimizer must not see it
+        if self.ec.size > 1 and self.params:
+            with self.ec.guard():
+                counts = np.zeros((self.ec.size, len(self.params)), np.int64)
+                self.ec.comm.Allgather(np.array([len(i) for i, _ in local], np.int64), counts)
+                local = [self._exchange_one(i, ids, rows, counts[:, i]) for i, (ids, rows) in enumerate(local)]
+        self.counters["steps"] += 1
+        for i, (ids, rows) in enumerate(local):
+            rows *= np.float32(scale)
+            self.merged[i] = (ids, rows)
+            self.counters["rows"] += len(ids)
+
+    def choose(self, p, counts):
+        """"allgather" or "allreduce" for a step whose ranks touched ``counts`` rows of ``p``."""
+        total = int(counts.sum())
+        vocab, dim = p.shape
+        sparse_bytes = total * (8 + 4 * dim)
+        if self.mode != "auto":
+            return self.mode
+        if sparse_bytes > _INT32_MAX:
+            return "allreduce"
+        return "allreduce" if 4 * vocab * dim * DENSE_WEIGHT < sparse_bytes else "allgather"
+
+    def _exchange_one(self, i, ids, rows, counts):
+        p = self.params[i]
+        how = self.choose(p, counts)
+        self.counters[how] += 1
+        dim = p.shape[1]
+        if how == "allgather":
+            self.counters["bytes"] += int(counts.sum()) * (8 + 4 * dim)
+            ids, rows = self._gather(ids, rows, counts, dim)
+            return merge_rows(ids, rows)
+        self.counters["bytes"] += 4 * p.numel() + 8 * int(counts.sum())
+        return self._reduce_dense(p, ids, rows, counts)
+
+    def _gather(self, ids, rows, counts, dim):
+        """Every rank's (ids, rows) in rank order: one Allgatherv of bytes (ids then rows per rank)."""
+        MPI = self.ec.MPI
+        width = 8 + 4 * dim
+        mine = np.empty(len(ids) * width, np.uint8)
+        mine[:8 * len(ids)] = ids.view(np.uint8)
+        mine[8 * len(ids):] = rows.reshape(-1).view(np.uint8)
+        sizes = counts * width
+        displs = np.r_[0, np.cumsum(sizes)[:-1]]
+        out = np.empty(int(sizes.sum()), np.uint8)
+        self.ec.comm.Allgatherv([mine, MPI.BYTE], [out, (sizes, displs), MPI.BYTE])
+        all_ids, all_rows = [], []
+        for n, at in zip(counts, displs):
+            n, at = int(n), int(at)
+            all_ids.append(out[at:at + 8 * n].view(np.int64))
+            all_rows.append(out[at + 8 * n:at + n * width].view(np.float32).reshape(n, dim))
+        return np.concatenate(all_ids), np.concatenate(all_rows)
+
+    def _reduce_dense(self, p, ids, rows, counts):
+        """Scatter into a dense table, allreduce it, keep the touched rows (the gathered ids)."""
+        MPI = self.ec.MPI
+        table = self._dense.get(id(p))
+        if table is None:
+            table = self._dense[id(p)] = np.zeros(tuple(p.shape), np.float32)
+        displs = np.r_[0, np.cumsum(counts)[:-1]]
+        all_ids = np.empty(int(counts.sum()), np.int64)
+        self.ec.comm.Allgatherv([ids, MPI.INT64_T], [all_ids, (counts, displs), MPI.INT64_T])
+        touched = np.unique(all_ids)
+        table[ids] = rows
+        try:
+            reduce_segments(self.ec, [table.reshape(-1)], MPI.FLOAT, MPI.SUM)
+        except MPI.Exception:
+            table.fill(0.0)  # a failed allreduce leaves partial sums anywhere
+            raise
+        out = table[touched]
+        table[touched] = 0.0  # every nonzero row of the sum is a touched row
+        return touched, out
+
+    def apply(self, opt):
+        """Update the touched rows of every param with ``opt``'s hyper-parameters (after a commit)."""
+        for p, (ids, rows) in zip(self.params, self.merged):
+            apply_rows(opt, p, ids, rows)
+
+
+def apply_rows(opt, p, ids, rows):
+    """One lazy optimizer step on rows ``ids`` of ``p`` (see the module docstring for the rule).
+
+    The state lives in ``opt.state[p]`` under torch's own names (``momentum_buffer``; ``step``,
+    ``exp_avg``, ``exp_avg_sq``), so ``opt.state_dict()`` (checkpoints, joiners) carries it.
+    """
+    import torch
+
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    state = opt.state[p]
+    idx = torch.from_numpy(ids).to(p.device)
+    g = torch.from_numpy(rows).to(p.device)
+    with torch.no_grad():
+        w = p.data
+        if group["weight_decay"]:
+            g = g.add(w[idx], alpha=group["weight_decay"])
+        if isinstance(opt, torch.optim.Adam):
+            _adam_rows(group, state, w, idx, g)
+            return
+        if not isinstance(opt, torch.optim.SGD):
+            raise TypeError(f"sparse embedding gradients need SGD or Adam, not {type(opt).__name__}")
+        momentum = group["momentum"]
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(w)
+            b = buf[idx].mul_(momentum).add_(g, alpha=1 - group["dampening"])
+            buf[idx] = b
+            g = g.add(b, alpha=momentum) if group["nesterov"] else b
+        w.index_add_(0, idx, g, alpha=-group["lr"])
+
+
+def _adam_rows(group, state, w, idx, g):
+    """torch.optim.Adam's single-tensor update (same formulas, same order), on rows ``idx``."""
+    import torch
+
+    if group.get("amsgrad"):
+        raise TypeError("sparse embedding gradients do not support Adam's amsgrad")
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(w)
+        state["exp_avg_sq"] = torch.zeros_like(w)
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    step = float(state["step"])
+    m = state["exp_avg"][idx].lerp_(g, 1 - beta1)
+    v = state["exp_avg_sq"][idx].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    state["exp_avg"][idx] = m
+    state["exp_avg_sq"][idx] = v
+    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+    denom = (v.sqrt() / bias2 ** 0.5).add_(group["eps"])
+    w[idx] = w[idx].addcdiv_(m, denom, value=-group["lr"] / bias1)

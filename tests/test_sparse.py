@@ -1,0 +1,159 @@
+"""Row-sparse embedding gradients (mpirt.train.sparse): the merge, the lazy optimizer rule, and
+fastText trained on N ranks against 1 rank over both exchanges, with faults."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from harness import assert_same_model
+from mpirt.train.sparse import DENSE_WEIGHT, SparseExchange, apply_rows, merge_rows
+
+
+def test_merge_sums_equal_ids():
+    ids = np.array([5, 2, 5, 9, 2, 5], np.int64)
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2) + np.float32(0.1)
+    uniq, summed = merge_rows(ids, rows)
+    assert uniq.tolist() == [2, 5, 9]
+    assert np.array_equal(summed[0], rows[1] + rows[4])  # two parts (2 ranks): bitwise a + b
+    assert np.allclose(summed[1], rows[0] + rows[2] + rows[5]) and np.array_equal(summed[2], rows[3])
+    again = merge_rows(ids.copy(), rows.copy())
+    assert np.array_equal(again[1], summed)  # the same bytes, the same sums: replicas stay equal
+    assert merge_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.float32))[0].size == 0
+
+
+def _table(seed=0, rows=6, dim=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(rows, dim, generator=g))
+
+
+def _step(opt_cls, p, ids, rows, **hp):
+    opt = opt_cls([p], **hp)
+    apply_rows(opt, p, np.array(ids, np.int64), np.asarray(rows, np.float32))
+    return opt
+
+
+def test_sgd_without_momentum_is_the_dense_update():
+    p, q = _table(), _table()
+    g = torch.zeros_like(q)
+    rows = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    g[[1, 4]] = torch.from_numpy(rows)
+    _step(torch.optim.SGD, p, [1, 4], rows, lr=0.3, momentum=0.0)
+    dense = torch.optim.SGD([q], lr=0.3)
+    q.grad = g
+    dense.step()
+    assert torch.equal(p.data, q.data)
+
+
+def test_momentum_and_weight_decay_move_touched_rows_only():
+    p = _table()
+    before = p.data.clone()
+    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=0.1)
+    g1 = np.ones((1, 3), np.float32)
+    apply_rows(opt, p, np.array([2]), g1)
+    buf = opt.state[p]["momentum_buffer"]
+    expect_g = torch.from_numpy(g1) + 0.1 * before[[2]]
+    assert torch.allclose(buf[[2]], expect_g)
+    assert torch.equal(buf[[0, 1, 3, 4, 5]], torch.zeros(5, 3))
+    assert torch.allclose(p.data[[2]], before[[2]] - 0.5 * expect_g)
+    # A step touching row 3 only: row 2 keeps its buffer and does not move (the lazy rule).
+    moved = p.data.clone()
+    apply_rows(opt, p, np.array([3]), g1)
+    assert torch.equal(p.data[[2]], moved[[2]])
+    assert torch.allclose(buf[[2]], expect_g)
+    assert not torch.equal(p.data[[3]], moved[[3]])
+
+
+def test_adam_on_rows_touched_every_step_is_torch_adam():
+    p, q = _table(), _table()
+    opt = torch.optim.Adam([p], lr=0.01, weight_decay=0.01)
+    dense = torch.optim.Adam([q], lr=0.01, weight_decay=0.01)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        rows = rng.standard_normal((6, 3)).astype(np.float32)
+        apply_rows(opt, p, np.arange(6), rows)
+        q.grad = torch.from_numpy(rows.copy())
+        dense.step()
+    assert torch.equal(p.data, q.data)
+    assert float(opt.state[p]["step"]) == 5.0
+    # And the state travels as torch's: a fresh optimizer loads it.
+    again = torch.optim.Adam([_table()], lr=0.01)
+    again.load_state_dict(opt.state_dict())
+
+
+def test_the_exchange_is_chosen_by_bytes():
+    p = _table(rows=1000, dim=4)
+    ex = SparseExchange(ec=None, params=[p])
+    sparse_per_row = 8 + 4 * 4
+    dense = 4 * 1000 * 4 * DENSE_WEIGHT
+    few = np.array([int(dense / sparse_per_row / 4)] * 2)
+    many = np.array([int(dense / sparse_per_row)] * 2)
+    assert ex.choose(p, few) == "allgather"
+    assert ex.choose(p, many) == "allreduce"
+    assert SparseExchange(None, [p], mode="allgather").choose(p, many) == "allgather"
+
+
+# -- under mpiexec -----------------------------------------------------------------------------------
+
+ADAM = ["--optimizer", "adam", "--lr", "0.01"]
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_fasttext_sparse_on_n_ranks_is_one_rank_over_both_exchanges(tmp_path, text):
+    from test_train import final_params, train
+
+    res, one = train(tmp_path, text, 1, *ADAM, model="fasttext", name="one")
+    res.check()
+    ref = final_params(one)[0]
+    for mode, n in (("allgather", 3), ("allreduce", 2)):
+        res, run = train(tmp_path, text, n, *ADAM, "--sparse-exchange", mode, "--report", tmp_path / mode,
+                         model="fasttext", name=mode)
+        res.check()
+        assert_same_model(ref, final_params(run)[0])
+        with open(tmp_path / mode / "report.json") as f:
+            wire = json.load(f)["wire"]
+        assert wire["sparse_exchanges"][mode] > 0 and wire["sparse_exchanges"][({"allgather", "allreduce"} - {mode}).pop()] == 0
+        assert 0 < wire["sparse_rows_per_step"] < 4096
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_fasttext_sparse_momentum_with_a_kill_and_a_join(tmp_path, text):
+    from test_train import assert_exactly_once, final_params, n_train, train
+
+    sgd = ["--optimizer", "sgd", "--lr", "0.2", "--momentum", "0.9", "--weight-decay", "0.0001"]
+    res, one = train(tmp_path, text, 1, *sgd, model="fasttext", name="one")
+    res.check()
+    res, run = train(tmp_path, text, 3, *sgd, model="fasttext", spare=1, name="three",
+                     faults=["kill:member=1:step=5", "join:step=12"])
+    res.check()
+    assert_same_model(final_params(one)[0], final_params(run)[0])
+    assert_exactly_once(run, n_train(text))
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_sparse_resume_keeps_the_rows_momentum(tmp_path, text):
+    """The lazy momentum buffer is optimizer state: a resumed run ends as the uninterrupted one."""
+    from test_train import final_params, train
+
+    sgd = ["--lr", "0.2", "--momentum", "0.9", "--checkpoint-every", "10"]
+    res, whole = train(tmp_path, text, 2, *sgd, model="fasttext", name="whole")
+    res.check()
+    res, cut = train(tmp_path, text, 2, *sgd, model="fasttext", name="cut",
+                     faults=["kill:member=0:step=17", "kill:member=1:step=17"])
+    assert res.returncode != 0
+    res, cut = train(tmp_path, text, 3, *sgd, "--resume", model="fasttext", name="cut")
+    res.check()
+    assert_same_model(final_params(whole)[0], final_params(cut)[0])
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    from harness import run_cli
+
+    out = tmp_path_factory.mktemp("text") / "text.h5"
+    run_cli("prepare", "synth-text", out, "--rows", "3000", "--features", "4096", "--shard-rows", "256").check()
+    return out
