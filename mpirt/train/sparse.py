@@ -36,10 +36,11 @@ import numpy as np
 from mpirt.train.allreduce import reduce_segments
 
 MODES = ("auto", "allgather", "allreduce")
-# The dense exchange is chosen when its bytes x DENSE_WEIGHT are fewer than the sparse one's. A ring
-# allreduce moves about 2x the table per rank and an allgather 1x the gathered rows, but the sparse
-# exchange also sorts and merges: measured by `python -m bench sparse` (bench/results/sparse-2core.md).
-DENSE_WEIGHT = 2.0
+# The dense exchange is chosen when the table's bytes x DENSE_WEIGHT are fewer than the gathered rows'
+# bytes. In bytes alone the allgather would win up to 2x the table (a ring allreduce moves 2x the table
+# per rank), but the sparse side also sorts and merges: `python -m bench sparse` (2 ranks) measured the
+# times crossing between 0.27x and 0.54x the table (16 MiB table) and between 0.5x and 1.0x (256 MiB).
+DENSE_WEIGHT = 0.6
 _INT32_MAX = 2**31 - 1  # Allgatherv counts are C ints
 
 
