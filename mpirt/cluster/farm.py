@@ -13,11 +13,12 @@ import time
 
 from mpirt.cluster.farmworker import TAG_REPLY, TAG_REQ, FarmWorker, Units
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
-from mpirt.cluster.ledger import CommitStore, ShardLedger, batch_size
+from mpirt.cluster.ledger import BATCH_S, CommitStore, ShardLedger, batch_size
 from mpirt.cluster.parts import PartsDir, check_not_link
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
-from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure
+from mpirt.config import LEASE_S, env_float
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
 from mpirt.log import get_logger
 from mpirt.outputs import os_error_line
 
@@ -58,6 +59,9 @@ class Farm:
         self.faults = self.group.faults
         self.resume = resume
         self.units = Units(self)
+        self.lease_s = env_float(LEASE_S, BATCH_S)  # every rank checks it alike, before the job starts
+        if self.lease_s <= 0:
+            raise UsageError(f"{LEASE_S}={self.lease_s:g}: give the seconds of work a lease aims at (> 0)")
 
     @property
     def ec(self):
@@ -122,18 +126,26 @@ class Farm:
                 self.store.log_fault(fault.index)
         self.group.fire(due, **context)
 
-    def fire_due(self, *, step=None, shard=None, phase="take", actions=faultlib.ACTIONS):
-        """Strike this member's faults that are due at this point (see :mod:`mpirt.comm.faults`)."""
+    def fire_due(self, *, step=None, shard=None, phase="take", actions=faultlib.ACTIONS, held=None):
+        """Strike this member's faults that are due at this point (see :mod:`mpirt.comm.faults`).
+
+        ``held``: a function giving what this member holds uncommitted, for the fault's record.
+        """
         due = self.faults.due(member=self.member, is_coordinator=self.ec.rank == 0, step=step, shard=shard,
                               phase=phase, actions=actions)
         if due:
             context = {"step": step} if shard is None else {"shard": shard}
-            self._fire(due, **(dict(context, phase=phase) if phase != "take" else context))
+            if phase != "take":
+                context["phase"] = phase
+            if held is not None:
+                context["held"] = held()
+            self._fire(due, **context)
 
     def _coordinate(self):
         comm = self.ec.comm
         # A coordinator taking over: the one before may still hold the lock (frozen, cut off; fenced).
         self.parts.lock.take(self.group.gone)
+        self.units.queue = ()  # a worker's queue of the view before is nobody's now
         r = _Round(self._rebuild(), active=set(range(1, comm.Get_size())))
         ledger = r.ledger
         while True:
@@ -141,7 +153,7 @@ class Farm:
             if self.group.can_grow():
                 r.join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
                                                       actions=("join",)) if f not in r.join]
-            self.fire_due(step=step, actions=faultlib.SELF)
+            self.fire_due(step=step, actions=faultlib.SELF, held=lambda: _by_member(ledger.leased))
             if Leaving.requested:
                 self.group.leave()
             r.stopping = r.stopping or Preempt.requested
@@ -202,7 +214,7 @@ class Farm:
     def _lease(self, r, src, holding):
         """Send ``src`` its next batch; with nothing to give, park it once it holds nothing."""
         ledger = r.ledger
-        count = batch_size(ledger.pending, len(r.active), r.unit_s.get(src))
+        count = batch_size(ledger.pending, len(r.active), r.unit_s.get(src), self.lease_s)
         shards = [] if r.closing else ledger.lease_many(self.view.members[src], count)
         if not shards and not holding:
             r.parked.append(src)
@@ -262,6 +274,14 @@ class Farm:
     def close(self, failed=False):
         self.parts.release()
         self.group.close(failed)
+
+
+def _by_member(leased):
+    """{member: [shards]} of a ledger's leases (what the workers hold when the coordinator fails)."""
+    held = {}
+    for shard, member in sorted(leased.items()):
+        held.setdefault(member, []).append(shard)
+    return held
 
 
 def run_shard_job(job, **options):

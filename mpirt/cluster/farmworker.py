@@ -36,6 +36,7 @@ class Units:
     def __init__(self, farm):
         self.farm = farm
         self.written = []  # (shard, step, tmp): written under a temporary name, not committed
+        self.queue = ()  # the worker's leased shards not started yet (for the faults' record)
         self._write_s = self._commit_s = None  # moving averages, seconds per shard
 
     @property
@@ -48,8 +49,9 @@ class Units:
     def write(self, shard, step):
         """Compute ``shard`` and write its result under a temporary name (committed by :meth:`commit`)."""
         farm, t0 = self.farm, time.perf_counter()
-        farm.fire_due(step=step, actions=faultlib.SELF)
-        farm.fire_due(shard=shard)
+        held = lambda: self.held(shard)  # noqa: E731
+        farm.fire_due(step=step, actions=faultlib.SELF, held=held)
+        farm.fire_due(shard=shard, held=held)
         result = farm.job.map(shard)
         tmp = farm.store.temp_path(shard)
         try:
@@ -78,12 +80,16 @@ class Units:
             self.discard()
             raise JobError(os_error_line(exc, farm.store.dir)) from None
         for shard, step, _ in self.written:
-            farm.fire_due(step=step, shard=shard, phase="commit")
+            farm.fire_due(step=step, shard=shard, phase="commit", held=self.held)
         lifeline.check_fence()  # a rank the others may have dropped must not commit
         done = [(shard, farm.store.link(shard, tmp)) for shard, _, tmp in self.written]
         self.written = []
         self._commit_s = _average(self._commit_s, (time.perf_counter() - t0) / count)
         return done
+
+    def held(self, *in_hand):
+        """The shards this member holds uncommitted: written, in hand, queued."""
+        return [s for s, _, _ in self.written] + list(in_hand) + [s for s, _ in self.queue]
 
     def discard(self):
         """Remove the written, uncommitted results (the job is stopping on an error)."""
@@ -105,7 +111,7 @@ class FarmWorker:
     def __init__(self, farm):
         self.farm, self.ec = farm, farm.ec
         self.units = farm.units
-        self.queue = collections.deque()  # (shard, step): leased, not started
+        self.queue = self.units.queue = collections.deque()  # (shard, step): leased, not started
         self.done = []  # (shard, first): committed, not reported yet
         self.asked = False  # a request is out and its reply not read
         self.failed = False  # a shard failed (a full disk...): wait for the coordinator's stop

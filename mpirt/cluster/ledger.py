@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import socket
 
 from mpirt.atomic import fsync
 from mpirt.config import FSYNC, env_flag
@@ -41,8 +41,18 @@ class CommitStore:
         return os.path.join(self.dir, f"shard-{shard:06d}.h5")
 
     def temp_path(self, shard):
-        fd, tmp = tempfile.mkstemp(prefix=f"shard-{shard:06d}.", suffix=".tmp", dir=self.dir)
-        os.close(fd)
+        """Where this process writes ``shard``'s result before committing it (the job creates the file).
+
+        Named for the shard and its writer (``shard-K.PID@HOST.tmp``) rather than made unique by
+        ``mkstemp``: creating the file first cost a second journalled create per shard, 0.66 ms a
+        shard on this machine with three workers committing (bench ledger). A live process has one
+        temporary per shard; one left by a dead process with the same pid is replaced.
+        """
+        tmp = os.path.join(self.dir, f"shard-{shard:06d}.{os.getpid()}@{socket.gethostname()}.tmp")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         return tmp
 
     def commit(self, shard, tmp):
