@@ -59,6 +59,7 @@ class Farm:
         self.faults = self.group.faults
         self.resume = resume
         self.units = Units(self)
+        self._round = None  # the coordinator's state in the last view it coordinated
         self.lease_s = env_float(LEASE_S, BATCH_S)  # every rank checks it alike, before the job starts
         if self.lease_s <= 0:
             raise UsageError(f"{LEASE_S}={self.lease_s:g}: give the seconds of work a lease aims at (> 0)")
@@ -115,9 +116,10 @@ class Farm:
             except ProcessFailure as exc:
                 self.group.error_time = time.time()
                 log.info("recovering: %s", exc)
-                # Results written in the old view are nobody's lease in the next: the new coordinator
-                # leases every shard not committed on disk, so committing them later would do one twice.
-                self.units.discard()
+                # A group committing in the background reaches the disk before this rank joins the
+                # shrink, so the next coordinator counts it. Results written but not committed are
+                # nobody's lease in the next view: committed later, a shard would be done twice.
+                self.units.settle()
                 self.group.recover()
 
     def _fire(self, due, **context):
@@ -146,7 +148,7 @@ class Farm:
         # A coordinator taking over: the one before may still hold the lock (frozen, cut off; fenced).
         self.parts.lock.take(self.group.gone)
         self.units.queue = ()  # a worker's queue of the view before is nobody's now
-        r = _Round(self._rebuild(), active=set(range(1, comm.Get_size())))
+        r = self._round = _Round(self._rebuild(), active=set(range(1, comm.Get_size())))
         ledger = r.ledger
         while True:
             step = len(ledger.done)
@@ -188,7 +190,12 @@ class Farm:
             store.log_commits([dict(shard=shard, member=None, view=view.id, recovered=True, time=time.time())
                                for shard in recovered])
         if view.id > 0:
-            self.events.write("replan", view=view.id, done=len(ledger.done), replan_s=time.perf_counter() - t_plan)
+            # What members now gone held leased and uncommitted (known when this coordinator leased it):
+            # leased again from here, like every shard not committed.
+            before = self._round.ledger.leased if self._round else {}
+            released = _by_member({s: m for s, m in before.items() if m not in view.members and s not in ledger.done})
+            self.events.write("replan", view=view.id, done=len(ledger.done), replan_s=time.perf_counter() - t_plan,
+                              released=released if self._round else None)
         return ledger
 
     def _answer(self, r, src, kind, msg):
@@ -199,7 +206,9 @@ class Farm:
             r.failure = r.failure or msg["error"]
             r.parked.append(src)
             return
-        ledger.give_back(msg["returned"])
+        if msg["returned"]:
+            ledger.give_back(msg["returned"])
+            self.events.write("handback", member=member, view=self.view.id, shards=msg["returned"])
         r.stopping = r.stopping or msg["preempt"]
         r.unit_s[src] = msg["unit_s"]
         if not msg["leaving"]:

@@ -21,7 +21,10 @@ from mpirt.cluster.group import Leaving, Preempt
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline
 from mpirt.errors import JobError, MpirtError, Preempted, RecoverableError
+from mpirt.log import get_logger
 from mpirt.outputs import os_error_line
+
+log = get_logger("mpirt.farm")
 
 TAG_REQ, TAG_REPLY = 701, 702
 
@@ -38,6 +41,8 @@ class Units:
         self.written = []  # (shard, step, tmp): written under a temporary name, not committed
         self.queue = ()  # the worker's leased shards not started yet (for the faults' record)
         self._write_s = self._commit_s = None  # moving averages, seconds per shard
+        self._pool = None  # the thread that commits in the background (made on first use)
+        self._flight = None  # the future of the group it is committing
 
     @property
     def unit_s(self):
@@ -57,47 +62,78 @@ class Units:
         try:
             farm.job.write_part(tmp, shard, result)
         except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _remove([tmp])
             if isinstance(exc, OSError):  # a full disk: one line, not a traceback
                 raise JobError(os_error_line(exc, farm.store.path(shard))) from None
             raise
         self.written.append((shard, step, tmp))
         self._write_s = _average(self._write_s, time.perf_counter() - t0)
 
-    def commit(self):
-        """Commit every written result: durable first, then the fence, then a create-if-absent link each.
+    def commit(self, wait=True, step=None):
+        """Commit the written results: durable first, then the fence, then a create-if-absent link each.
+
+        Args:
+            wait: False: commit them in the background (overlapping the next shards' work) and return
+                what the group before committed; True: return once every written result is committed.
+            step: the shards committed in the job as this member last heard (for step faults).
 
         Returns:
             ``[(shard, first)]``: ``first`` is False where the shard had been committed already.
         """
-        if not self.written:
-            return []
-        farm, t0, count = self.farm, time.perf_counter(), len(self.written)
+        done = self._collect()
+        group, self.written = self.written, []
+        if len(group) == 1 or (group and wait):  # one shard: reported at once (the first after a change)
+            done += self._commit_group(group, step)
+        elif group:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpirt-commit")
+            self._flight = self._pool.submit(self._commit_group, group, step)
+        return done
+
+    def settle(self):
+        """At the end of a view: let a group in flight reach the disk (the next coordinator counts what is
+        there), and remove what is written but not committed (nobody's lease in the next view)."""
         try:
-            farm.store.make_durable([tmp for _, _, tmp in self.written])
+            self._collect()
+        except MpirtError as exc:  # a full disk: its shards are not committed, and will be leased again
+            log.warning("a commit in flight failed as the view ended: %s", exc)
+        self.discard()
+
+    def _collect(self):
+        flight, self._flight = self._flight, None
+        return [] if flight is None else flight.result()  # its error, if any, raised here
+
+    def _commit_group(self, group, step):
+        farm, t0 = self.farm, time.perf_counter()
+        try:
+            farm.store.make_durable([tmp for _, _, tmp in group])
         except OSError as exc:
-            self.discard()
+            _remove([tmp for _, _, tmp in group])
             raise JobError(os_error_line(exc, farm.store.dir)) from None
-        for shard, step, _ in self.written:
-            farm.fire_due(step=step, shard=shard, phase="commit", held=self.held)
+        for shard, taken, _ in group:  # a step fault strikes at the commit of a shard taken then, or later
+            farm.fire_due(step=max(taken, step or 0), shard=shard, phase="commit",
+                          held=lambda: [s for s, _, _ in group])
         lifeline.check_fence()  # a rank the others may have dropped must not commit
-        done = [(shard, farm.store.link(shard, tmp)) for shard, _, tmp in self.written]
-        self.written = []
-        self._commit_s = _average(self._commit_s, (time.perf_counter() - t0) / count)
+        done = [(shard, farm.store.link(shard, tmp)) for shard, _, tmp in group]
+        self._commit_s = _average(self._commit_s, (time.perf_counter() - t0) / len(group))
         return done
 
     def held(self, *in_hand):
-        """The shards this member holds uncommitted: written, in hand, queued."""
-        return [s for s, _, _ in self.written] + list(in_hand) + [s for s, _ in self.queue]
+        """The shards this member holds uncommitted and not being committed: written, in hand, queued."""
+        return [s for s, _, _ in self.written] + list(in_hand) + list(self.queue)
 
     def discard(self):
-        """Remove the written, uncommitted results (the job is stopping on an error)."""
-        for _, _, tmp in self.written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        """Remove the written results not committed (a failure, or the job stopping on an error)."""
+        _remove([tmp for _, _, tmp in self.written])
         self.written = []
 
+
+def _remove(paths):
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _average(mean, seconds):
@@ -111,7 +147,11 @@ class FarmWorker:
     def __init__(self, farm):
         self.farm, self.ec = farm, farm.ec
         self.units = farm.units
-        self.queue = self.units.queue = collections.deque()  # (shard, step): leased, not started
+        self.queue = self.units.queue = collections.deque()  # shards leased, not started
+        # The shards committed in the job, as this worker knows it: the count the coordinator sent with
+        # its last reply, plus the shards taken here since (each shard's "step", for step faults).
+        self.heard = self.taken = 0
+        self.fresh = True  # nothing written in this view yet: ask for one shard at a time (see _ask)
         self.done = []  # (shard, first): committed, not reported yet
         self.asked = False  # a request is out and its reply not read
         self.failed = False  # a shard failed (a full disk...): wait for the coordinator's stop
@@ -120,7 +160,8 @@ class FarmWorker:
         with self.ec.guard():
             while True:
                 if self.queue and not (Leaving.requested or Preempt.requested):
-                    shard, step = self.queue.popleft()
+                    shard, step = self.queue.popleft(), self.step
+                    self.taken += 1
                     if not self.queue and not self.asked:
                         self._ask(holding=1)  # the next batch, while this last shard is worked on
                     self._write(shard, step)
@@ -131,18 +172,28 @@ class FarmWorker:
                 if outcome != "lease":
                     return outcome
 
+    @property
+    def step(self):
+        return self.heard + self.taken
+
     def _write(self, shard, step):
         try:
             self.units.write(shard, step)
+            self.fresh = False
         except RecoverableError:
             raise
         except MpirtError as exc:  # a full disk, a bad shard: the coordinator stops every rank with it
             self._fail(str(exc))
 
     def _ask(self, holding):
-        """Commit what is written and send a request; a leaving or stopping worker hands its queue back."""
+        """Commit what is written and send a request; a leaving or stopping worker hands its queue back.
+
+        Asking ahead (``holding``), the written results are committed in the background while the
+        last shard is worked on; the request reports the group committed before. Asking with nothing
+        held, every result is committed first, so the coordinator may park, resize or stop.
+        """
         try:
-            self.done += self.units.commit()
+            self.done += self.units.commit(wait=not holding, step=self.step)
         except RecoverableError:
             raise
         except MpirtError as exc:
@@ -150,15 +201,18 @@ class FarmWorker:
             return
         returned = []
         if Leaving.requested or Preempt.requested:
-            returned = [shard for shard, _ in self.queue]
+            returned = list(self.queue)
             self.queue.clear()
-        request = {"done": self.done, "returned": returned, "holding": holding, "unit_s": self.units.unit_s,
+        # A new view starts with single shards, each reported as soon as it is committed: the first
+        # commits after a failure are what its recovery time is measured to.
+        unit_s = None if self.fresh else self.units.unit_s
+        request = {"done": self.done, "returned": returned, "holding": holding, "unit_s": unit_s,
                    "leaving": Leaving.requested and not holding, "preempt": Preempt.requested}
         self.ec.comm.send(("req", request), dest=0, tag=TAG_REQ)
         self.done, self.asked = [], True
 
     def _fail(self, error):
-        self.units.discard()
+        self.units.settle()
         self.queue.clear()
         self.ec.comm.send(("failed", {"error": error, "done": self.done}), dest=0, tag=TAG_REQ)
         self.done, self.failed, self.asked = [], True, True
@@ -171,11 +225,12 @@ class FarmWorker:
         kind, *payload = self.ec.comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REPLY)
         self.asked = False
         if kind == "lease":
-            shards, step = payload
+            shards, self.heard = payload
+            self.taken = 0
             if self.failed:  # the answer to a request sent before the failure: wait for the stop
                 self.asked = True
             else:
-                self.queue.extend((shard, step + i) for i, shard in enumerate(shards))
+                self.queue.extend(shards)
             return "lease"
         if kind == "bye":
             self.farm.group.leave()
