@@ -33,6 +33,7 @@ class _Round:
         self.active = active  # ranks of the workers still in the job
         self.parked = []  # ranks holding no lease, waiting for the next lease, a resize or the end
         self.unit_s = {}  # rank -> its last reported seconds per shard
+        self.batch = {}  # rank -> the size of the last batch it was leased
         self.join = []  # join faults due: grow once every worker is parked
         self.stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
         self.failure = None  # a worker's one-line error: the same, then every rank stops with it
@@ -223,8 +224,12 @@ class Farm:
     def _lease(self, r, src, holding):
         """Send ``src`` its next batch; with nothing to give, park it once it holds nothing."""
         ledger = r.ledger
-        count = batch_size(ledger.pending, len(r.active), r.unit_s.get(src), self.lease_s)
+        # At most twice the batch before (1, 2, 4...): a view starts with small batches, so the first
+        # commits after a change are reported at once and a join or a stop waits little.
+        count = min(batch_size(ledger.pending, len(r.active), r.unit_s.get(src), self.lease_s),
+                    2 * r.batch[src] if src in r.batch else 1)
         shards = [] if r.closing else ledger.lease_many(self.view.members[src], count)
+        r.batch[src] = max(len(shards), 1)
         if not shards and not holding:
             r.parked.append(src)
             return
