@@ -34,6 +34,7 @@ class _Round:
         self.parked = []  # ranks holding no lease, waiting for the next lease, a resize or the end
         self.unit_s = {}  # rank -> its last reported seconds per shard
         self.batch = {}  # rank -> the size of the last batch it was leased
+        self.left = set()  # members that left in this view (said bye)
         self.join = []  # join faults due: grow once every worker is parked
         self.stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
         self.failure = None  # a worker's one-line error: the same, then every rank stops with it
@@ -161,6 +162,11 @@ class Farm:
                 self.group.leave()
             r.stopping = r.stopping or Preempt.requested
             if len(r.parked) == len(r.active):  # no worker holds a lease: the view may end here
+                if r.left:
+                    # Ending the view with a member gone, a parked worker's receive may be interrupted by
+                    # its exit before the last word arrives (it then recovered without this coordinator,
+                    # which had finished): shrink past it first, as after a failure.
+                    raise ProcessFailure(f"member(s) {sorted(r.left)} left: the view changes before it ends")
                 if r.failure:
                     self._stop_all(r.parked, "failed")
                     raise JobError(r.failure)
@@ -216,6 +222,7 @@ class Farm:
             self._lease(r, src, holding=msg["holding"])
             return
         self.group.leaving.add(member)
+        r.left.add(member)
         r.active.discard(src)
         self.ec.comm.send(("bye",), dest=src, tag=TAG_REPLY)
         while r.parked and ledger.pending and not r.closing:  # the shards it handed back, to those waiting
