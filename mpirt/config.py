@@ -23,6 +23,7 @@ HOST_FT = "MPIRT_HOST_FT"  # set by `mpirt launch` for jobs over several hosts: 
 LAUNCH_AGENT = "MPIRT_LAUNCH_AGENT"  # the command that reaches another host (default: ssh)
 SIMULATED_HOST = "MPIRT_SIMULATED_HOST"  # set by scripts/hosts/ssh on a simulated host: its name
 FSYNC = "MPIRT_FSYNC"  # 0: commit shard results without fsync (survives process kills, not node crashes)
+LEASE_S = "MPIRT_LEASE_S"  # seconds of work a shard job's lease aims at (mpirt.cluster.ledger.batch_size)
 RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run again (requeue, restart)
 MAX_PARAMS = "MPIRT_MAX_PARAMS"  # the most parameters a model may have (default 2^30)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
@@ -31,7 +32,7 @@ TRANSPORT = "MPIRT_TRANSPORT"  # sm | tcp: how ranks talk under ULFM (mpirt.comm
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
     HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME,
-    FSYNC, MAX_PARAMS, TRANSPORT,
+    FSYNC, LEASE_S, MAX_PARAMS, TRANSPORT,
 }
 
 # Facts about the host a process runs on: never carried to other hosts (mpiexec -x).

@@ -172,11 +172,12 @@ def assert_same_model(a, b, rtol=1e-5):
         assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
 
 
-def wordcount_reference(d):
-    """A synthetic text data set in ``d`` (38 shards of 128 rows) and its one-rank wordcount:
-    (data path, reference output path), for jobs that must end bit-identical to it."""
+def wordcount_reference(d, shard_rows=128):
+    """A synthetic text data set in ``d`` (38 shards of 128 rows, or of ``shard_rows``) and its one-rank
+    wordcount: (data path, reference output path), for jobs that must end bit-identical to it."""
     data = d / "text.h5"
-    run_cli("prepare", "synth-text", data, "--rows", "6000", "--features", "2048", "--shard-rows", "128").check()
+    run_cli("prepare", "synth-text", data, "--rows", "6000", "--features", "2048", "--shard-rows",
+            str(shard_rows)).check()
     run_cli("wordcount", data, "--out", d / "ref.h5").check()
     return data, d / "ref.h5"
 

@@ -8,22 +8,41 @@ and commits are create-if-absent, so nothing is done twice. Joiners are spawned
 at unit boundaries, when every worker is parked waiting for its next lease.
 """
 
-import contextlib
 import os
 import time
 
+from mpirt.cluster.farmworker import TAG_REPLY, TAG_REQ, FarmWorker, Units
 from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
-from mpirt.cluster.ledger import CommitStore, ShardLedger
+from mpirt.cluster.ledger import BATCH_S, CommitStore, ShardLedger, batch_size
 from mpirt.cluster.parts import PartsDir, check_not_link
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
-from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, RecoverableError
+from mpirt.config import LEASE_S, env_float
+from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
 from mpirt.log import get_logger
 from mpirt.outputs import os_error_line
 
 log = get_logger("mpirt.farm")
 
-TAG_REQ, TAG_REPLY, TAG_VIEW = 701, 702, 703
+
+class _Round:
+    """The coordinator's state for one view."""
+
+    def __init__(self, ledger, active):
+        self.ledger = ledger
+        self.active = active  # ranks of the workers still in the job
+        self.parked = []  # ranks holding no lease, waiting for the next lease, a resize or the end
+        self.unit_s = {}  # rank -> its last reported seconds per shard
+        self.batch = {}  # rank -> the size of the last batch it was leased
+        self.left = set()  # members that left in this view (said bye)
+        self.join = []  # join faults due: grow once every worker is parked
+        self.stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
+        self.failure = None  # a worker's one-line error: the same, then every rank stops with it
+
+    @property
+    def closing(self):
+        """Nothing more is leased in this view."""
+        return bool(self.join) or self.stopping or self.failure is not None
 
 
 class Farm:
@@ -41,6 +60,11 @@ class Farm:
         self.events = self.group.events
         self.faults = self.group.faults
         self.resume = resume
+        self.units = Units(self)
+        self._round = None  # the coordinator's state in the last view it coordinated
+        self.lease_s = env_float(LEASE_S, BATCH_S)  # every rank checks it alike, before the job starts
+        if self.lease_s <= 0:
+            raise UsageError(f"{LEASE_S}={self.lease_s:g}: give the seconds of work a lease aims at (> 0)")
 
     @property
     def ec(self):
@@ -86,7 +110,7 @@ class Farm:
                 if self.ec.rank == 0:
                     outcome = self._coordinate()
                 else:
-                    outcome = self._work()
+                    outcome = FarmWorker(self).run()
                 if outcome == "resized":
                     self.group.sync_view()
                     continue
@@ -94,6 +118,10 @@ class Farm:
             except ProcessFailure as exc:
                 self.group.error_time = time.time()
                 log.info("recovering: %s", exc)
+                # A group committing in the background reaches the disk before this rank joins the
+                # shrink, so the next coordinator counts it. Results written but not committed are
+                # nobody's lease in the next view: committed later, a shard would be done twice.
+                self.units.settle()
                 self.group.recover()
 
     def _fire(self, due, **context):
@@ -102,135 +130,131 @@ class Farm:
                 self.store.log_fault(fault.index)
         self.group.fire(due, **context)
 
-    def _work_on(self, shard, step):
-        """Compute, write and commit one shard; return whether this commit was the first."""
-        coordinator = self.ec.rank == 0
-        self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step,
-                                   actions=faultlib.SELF), step=step)
-        self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, shard=shard), shard=shard)
-        result = self.job.map(shard)
-        tmp = self.store.temp_path(shard)
-        try:
-            self.job.write_part(tmp, shard, result)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            if isinstance(exc, OSError):  # a full disk: one line, not a traceback
-                raise JobError(os_error_line(exc, self.store.path(shard))) from None
-            raise
-        self._fire(self.faults.due(member=self.member, is_coordinator=coordinator, step=step, shard=shard,
-                                   phase="commit"), shard=shard, phase="commit")
-        lifeline.check_fence()  # a rank the others may have dropped must not commit
-        return self.store.commit(shard, tmp)
+    def fire_due(self, *, step=None, shard=None, phase="take", actions=faultlib.ACTIONS, held=None):
+        """Strike this member's faults that are due at this point (see :mod:`mpirt.comm.faults`).
 
-    def _work(self):
-        comm = self.ec.comm
-        with self.ec.guard():
-            comm.send(("ready", None), dest=0, tag=TAG_REQ)
-            while True:
-                # Only the coordinator sends TAG_REPLY. ANY_SOURCE because ULFM interrupts such a receive
-                # when any member is known failed: a receive from rank 0 alone waited forever when the
-                # failures cut this rank off from the coordinator's revoke (its reliable broadcast goes
-                # through neighbours, and every neighbour was dead or frozen).
-                kind, *payload = comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REPLY)
-                if kind == "lease":
-                    shard, step = payload
-                    try:
-                        first = self._work_on(shard, step)
-                    except RecoverableError:
-                        raise
-                    except MpirtError as exc:  # a full disk, a bad shard: the coordinator stops every
-                        comm.send(("failed", str(exc)), dest=0, tag=TAG_REQ)  # rank with this one line
-                        continue
-                    comm.send(("done", (shard, first, Leaving.requested, Preempt.requested)), dest=0, tag=TAG_REQ)
-                elif kind == "bye":
-                    self.group.leave()
-                elif kind == "resize":
-                    self.group.grow(payload[0])
-                    return "resized"
-                elif kind == "stop":
-                    if payload and payload[0] == "preempted":
-                        raise Preempted("")
-                    if payload and payload[0] == "failed":
-                        raise JobError("")  # the coordinator prints why
-                    return None
+        ``held``: a function giving what this member holds uncommitted, for the fault's record.
+        """
+        due = self.faults.due(member=self.member, is_coordinator=self.ec.rank == 0, step=step, shard=shard,
+                              phase=phase, actions=actions)
+        if due:
+            context = {"step": step} if shard is None else {"shard": shard}
+            if phase != "take":
+                context["phase"] = phase
+            if held is not None:
+                context["held"] = held()
+            self._fire(due, **context)
 
     def _coordinate(self):
-        comm, store, view = self.ec.comm, self.store, self.view
+        comm = self.ec.comm
         # A coordinator taking over: the one before may still hold the lock (frozen, cut off; fenced).
         self.parts.lock.take(self.group.gone)
-        t_plan = time.perf_counter()
+        self.units.queue = ()  # a worker's queue of the view before is nobody's now
+        r = self._round = _Round(self._rebuild(), active=set(range(1, comm.Get_size())))
+        ledger = r.ledger
+        while True:
+            step = len(ledger.done)
+            if self.group.can_grow():
+                r.join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
+                                                      actions=("join",)) if f not in r.join]
+            self.fire_due(step=step, actions=faultlib.SELF, held=lambda: _by_member(ledger.leased))
+            if Leaving.requested:
+                self.group.leave()
+            r.stopping = r.stopping or Preempt.requested
+            if len(r.parked) == len(r.active):  # no worker holds a lease: the view may end here
+                if r.left:
+                    # Ending the view with a member gone, a parked worker's receive may be interrupted by
+                    # its exit before the last word arrives (it then recovered without this coordinator,
+                    # which had finished): shrink past it first, as after a failure.
+                    raise ProcessFailure(f"member(s) {sorted(r.left)} left: the view changes before it ends")
+                if r.failure:
+                    self._stop_all(r.parked, "failed")
+                    raise JobError(r.failure)
+                if r.stopping and not ledger.finished:
+                    return self._stop_preempted(ledger, r.parked)
+                if r.join:
+                    return self._resize(r.join, r.parked)
+                if ledger.finished:
+                    return self._finish(ledger, r.parked)
+            if not r.active and not r.closing:  # alone: work, one shard at a time
+                self.units.write(ledger.lease(self.member), step)
+                self._record(ledger, self.units.commit(), self.member)
+                continue
+            with self.ec.guard():
+                st = self.ec.MPI.Status()
+                kind, msg = comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REQ, status=st)
+                self._answer(r, st.Get_source(), kind, msg)
+
+    def _rebuild(self):
+        """The ledger from the committed files (a new view, a new coordinator, --resume)."""
+        t_plan, view, store = time.perf_counter(), self.view, self.store
         ledger = ShardLedger(self.job.shard_sizes, done=store.committed())
         self.faults.fired |= store.faults_fired()
         logged = {r["shard"] for r in store.logged()}
         lifeline.check_fence()
-        for shard in sorted(ledger.done - logged):
-            store.log_commit(shard=shard, member=None, view=view.id, recovered=True, time=time.time())
-        replan_s = time.perf_counter() - t_plan
+        recovered = sorted(ledger.done - logged)
+        if recovered:
+            store.log_commits([dict(shard=shard, member=None, view=view.id, recovered=True, time=time.time())
+                               for shard in recovered])
         if view.id > 0:
-            self.events.write("replan", view=view.id, done=len(ledger.done), replan_s=replan_s)
-        active = set(range(1, comm.Get_size()))
-        parked = []
-        join = []
-        stopping = False  # a stop request (SIGUSR1): lease nothing more, let the leases commit, stop
-        failure = None  # a worker's one-line error: the same, then every rank stops with it
-        while True:
-            step = len(ledger.done)
-            if self.group.can_grow():
-                join += [f for f in self.faults.due(member=self.member, is_coordinator=True, step=step,
-                                                    actions=("join",)) if f not in join]
-            self._fire(self.faults.due(member=self.member, is_coordinator=True, step=step,
-                                       actions=faultlib.SELF), step=step)
-            if Leaving.requested:
-                self.group.leave()
-            stopping = stopping or Preempt.requested
-            if failure and len(parked) == len(active):
-                self._stop_all(parked, "failed")
-                raise JobError(failure)
-            if stopping and not ledger.finished and len(parked) == len(active):
-                return self._stop_preempted(ledger, parked)
-            if join and len(parked) == len(active):
-                return self._resize(join, parked)
-            if ledger.finished and len(parked) == len(active):
-                return self._finish(ledger, parked)
-            if not active and not (stopping or failure):
-                shard = ledger.lease(self.member)
-                first = self._work_on(shard, step)
-                self._record(ledger, shard, self.member, first)
-                continue
-            with self.ec.guard():
-                st = self.ec.MPI.Status()
-                kind, payload = comm.recv(source=self.ec.MPI.ANY_SOURCE, tag=TAG_REQ, status=st)
-            src = st.Get_source()
-            member = view.members[src]
-            if kind == "failed":
-                failure = failure or payload
-                parked.append(src)
-                continue
-            if kind == "done":
-                shard, first, leaving, preempt = payload
-                stopping = stopping or preempt
-                self._record(ledger, shard, member, first)
-                if leaving:
-                    self.group.leaving.add(member)
-                    active.discard(src)
-                    with self.ec.guard():
-                        comm.send(("bye",), dest=src, tag=TAG_REPLY)
-                    continue
-            shard = None if (join or stopping or failure) else ledger.lease(member)
-            if shard is None:
-                parked.append(src)
-                continue
-            with self.ec.guard():
-                comm.send(("lease", shard, len(ledger.done)), dest=src, tag=TAG_REPLY)
+            # What members now gone held leased and uncommitted (known when this coordinator leased it):
+            # leased again from here, like every shard not committed.
+            before = self._round.ledger.leased if self._round else {}
+            released = _by_member({s: m for s, m in before.items() if m not in view.members and s not in ledger.done})
+            self.events.write("replan", view=view.id, done=len(ledger.done), replan_s=time.perf_counter() - t_plan,
+                              released=released if self._round else None)
+        return ledger
 
-    def _record(self, ledger, shard, member, first):
-        # The ledger is the record of exactly-once: a coordinator frozen between a worker's "done"
-        # and this line must not write it when it thaws, after the others went on without it.
+    def _answer(self, r, src, kind, msg):
+        """Take a worker's report; lease it a batch, park it, or let it go."""
+        member, ledger = self.view.members[src], r.ledger
+        self._record(ledger, msg["done"], member)
+        if kind == "failed":
+            r.failure = r.failure or msg["error"]
+            r.parked.append(src)
+            return
+        if msg["returned"]:
+            ledger.give_back(msg["returned"])
+            self.events.write("handback", member=member, view=self.view.id, shards=msg["returned"])
+        r.stopping = r.stopping or msg["preempt"]
+        r.unit_s[src] = msg["unit_s"]
+        if not msg["leaving"]:
+            self._lease(r, src, holding=msg["holding"])
+            return
+        self.group.leaving.add(member)
+        r.left.add(member)
+        r.active.discard(src)
+        self.ec.comm.send(("bye",), dest=src, tag=TAG_REPLY)
+        while r.parked and ledger.pending and not r.closing:  # the shards it handed back, to those waiting
+            self._lease(r, r.parked.pop(0), holding=0)
+
+    def _lease(self, r, src, holding):
+        """Send ``src`` its next batch; with nothing to give, park it once it holds nothing."""
+        ledger = r.ledger
+        # At most twice the batch before (1, 2, 4...): a view starts with small batches, so the first
+        # commits after a change are reported at once and a join or a stop waits little.
+        count = min(batch_size(ledger.pending, len(r.active), r.unit_s.get(src), self.lease_s),
+                    2 * r.batch[src] if src in r.batch else 1)
+        shards = [] if r.closing else ledger.lease_many(self.view.members[src], count)
+        r.batch[src] = max(len(shards), 1)
+        if not shards and not holding:
+            r.parked.append(src)
+            return
+        self.ec.comm.send(("lease", shards, len(ledger.done)), dest=src, tag=TAG_REPLY)
+
+    def _record(self, ledger, done, member):
+        """Record committed shards, in one write to the commit log."""
+        if not done:
+            return
+        # The ledger is the record of exactly-once: a coordinator frozen between a worker's report and
+        # this line must not write it when it thaws, after the others went on without it.
         lifeline.check_fence()
-        fresh = ledger.commit(shard)
-        self.store.log_commit(shard=shard, member=member, view=self.view.id, time=time.time(),
-                              duplicate=not (fresh and first))
+        now, view = time.time(), self.view.id
+        records = []
+        for shard, first in done:
+            fresh = ledger.commit(shard)
+            records.append(dict(shard=shard, member=member, view=view, time=now, duplicate=not (fresh and first)))
+        self.store.log_commits(records)
 
     def _resize(self, join, parked):
         count = sum(f.count for f in join)
@@ -271,6 +295,14 @@ class Farm:
     def close(self, failed=False):
         self.parts.release()
         self.group.close(failed)
+
+
+def _by_member(leased):
+    """{member: [shards]} of a ledger's leases (what the workers hold when the coordinator fails)."""
+    held = {}
+    for shard, member in sorted(leased.items()):
+        held.setdefault(member, []).append(shard)
+    return held
 
 
 def run_shard_job(job, **options):

@@ -5,13 +5,19 @@ written to a temporary name and committed with ``os.link``, which fails if the
 name exists, so a second commit of a shard is detected, never silently kept.
 The coordinator's in-memory ledger is re-derivable from that directory, which is
 how a new coordinator, or ``--resume``, picks up without redoing anything.
+
+Leases go out in batches (:func:`batch_size`) and a worker commits a batch's
+results together (:meth:`CommitStore.make_durable`, then one link each): per-unit
+leases and fsyncs were most of what the farm cost over a bare loop (bench ledger).
 """
 
+import ctypes
 import heapq
 import json
+import math
 import os
 import re
-import tempfile
+import socket
 
 from mpirt.atomic import fsync
 from mpirt.config import FSYNC, env_flag
@@ -35,14 +41,41 @@ class CommitStore:
         return os.path.join(self.dir, f"shard-{shard:06d}.h5")
 
     def temp_path(self, shard):
-        fd, tmp = tempfile.mkstemp(prefix=f"shard-{shard:06d}.", suffix=".tmp", dir=self.dir)
-        os.close(fd)
+        """Where this process writes ``shard``'s result before committing it (the job creates the file).
+
+        Named for the shard and its writer (``shard-K.PID@HOST.tmp``) rather than made unique by
+        ``mkstemp``: creating the file first cost a second journalled create per shard, 0.66 ms a
+        shard on this machine with three workers committing (bench ledger). A live process has one
+        temporary per shard; one left by a dead process with the same pid is replaced.
+        """
+        tmp = os.path.join(self.dir, f"shard-{shard:06d}.{os.getpid()}@{socket.gethostname()}.tmp")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         return tmp
 
     def commit(self, shard, tmp):
         """Atomically publish ``tmp`` as the shard's result; False if it was committed already."""
-        if self.durable:
-            fsync(tmp)
+        self.make_durable([tmp])
+        return self.link(shard, tmp)
+
+    def make_durable(self, paths):
+        """Put these files' contents on disk (a no-op without ``durable``); before any is linked.
+
+        Writeback of all of them is started first, then each is fsynced: the fsyncs then wait on
+        writes already under way and share journal commits (8 small HDF5 parts on this machine's
+        ext4: 680 us a part against 820 us for one fsync after another; 410 us with none).
+        """
+        if not self.durable:
+            return
+        for path in paths:
+            _start_writeback(path)
+        for path in paths:
+            fsync(path)
+
+    def link(self, shard, tmp):
+        """Publish durable ``tmp`` under the shard's name, create-if-absent; False if it was there."""
         try:
             os.link(tmp, self.path(shard))
             return True
@@ -56,9 +89,13 @@ class CommitStore:
         return {int(m.group(1)) for name in os.listdir(self.dir) if (m := _PART.match(name))}
 
     def log_commit(self, **record):
+        self.log_commits([record])
+
+    def log_commits(self, records):
+        """Append records to the commit log, in one write (a batch's worth at a time)."""
         if self._log_fd is None:
             self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(self._log_fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+        os.write(self._log_fd, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
     def logged(self):
         if not os.path.exists(self.log_path):
@@ -110,6 +147,11 @@ class ShardLedger:
     def finished(self):
         return len(self.done) == self.n_shards
 
+    @property
+    def pending(self):
+        """Shards neither done nor leased."""
+        return self.n_shards - len(self.done) - len(self.leased)
+
     def lease(self, member):
         while self._heap:
             _, _, shard = heapq.heappop(self._heap)
@@ -117,6 +159,13 @@ class ShardLedger:
                 self.leased[shard] = member
                 return shard
         return None
+
+    def lease_many(self, member, count):
+        """Up to ``count`` shards for ``member``, in lease order."""
+        shards = []
+        while len(shards) < count and (shard := self.lease(member)) is not None:
+            shards.append(shard)
+        return shards
 
     def commit(self, shard):
         """Mark done; False when it already was (a duplicate commit)."""
@@ -128,10 +177,59 @@ class ShardLedger:
 
     def release(self, members):
         """Give the leases of these members back, ahead of untouched shards."""
-        for shard, m in list(self.leased.items()):
-            if m in members:
-                del self.leased[shard]
+        self.give_back([shard for shard, m in self.leased.items() if m in members])
+
+    def give_back(self, shards):
+        """Return these leased shards (a worker handed them back unstarted), ahead of untouched ones."""
+        for shard in shards:
+            if self.leased.pop(shard, None) is not None:
                 heapq.heappush(self._heap, (0, -self.sizes[shard], shard))
 
     def release_all(self):
         self.release(set(self.leased.values()))
+
+
+# How long one batch of leases should keep a worker busy. Longer batches cost no more per unit once
+# the lease round trip and the group commit are amortised, but a batch is what a stop request or a
+# join waits for, and what a killed worker's successor redoes.
+BATCH_S = 0.05
+
+
+def batch_size(pending, workers, unit_s, target_s=BATCH_S):
+    """How many shards to lease at once: about ``target_s`` of work, and guided self-scheduling's
+    ``pending / (2 workers)`` so that the last batches shrink to one shard and the tail stays even.
+
+    Args:
+        pending: shards not yet leased.
+        workers: members taking leases.
+        unit_s: the worker's measured seconds per shard (None before its first: one shard).
+    """
+    if unit_s is None or pending <= 0:
+        return 1
+    by_time = int(target_s / max(unit_s, 1e-6))
+    by_tail = math.ceil(pending / (2 * max(workers, 1)))
+    return max(1, min(by_time, by_tail))
+
+
+_libc = []
+
+
+def _start_writeback(path):
+    """Ask the kernel to start writing ``path`` out now, without waiting (Linux sync_file_range)."""
+    if not _libc:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc.append(fn)
+        except (OSError, AttributeError):  # not Linux: the fsync that follows does it all
+            _libc.append(None)
+    if _libc[0] is None:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _libc[0](fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a failure here only means the fsync does it all
+    finally:
+        os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of dirty pages, do not wait
