@@ -80,7 +80,7 @@ def compute():  # this rank's share of the step alone: forward, backward, step (
         cross_entropy(m(x), y, reduction="sum").backward()
         opt.step()
     return step
-def comm():  # the step's communication alone: the same reducer, gradients already there
+def communication():  # the step's communication alone: the same reducer, gradients already there
     from mpirt.train.allreduce import GradAllreduce
     m = model()
     red = GradAllreduce(group.ec, list(m.parameters()), n_stats=4)
@@ -98,7 +98,7 @@ def ddp():
         opt.step()
     return step
 out = {}
-for name, make in (("bare", bare), ("mpirt", ours), ("ddp", ddp), ("compute", compute), ("comm", comm)) * cfg["rounds"]:
+for name, make in (("bare", bare), ("mpirt", ours), ("ddp", ddp), ("compute", compute), ("comm", communication)) * cfg["rounds"]:
     step = make()
     for s in range(5):
         step(s)
