@@ -256,8 +256,41 @@ def train(doc, out_dir):
                     ["loop", "samples/s", "mpirt / this"]), "",
               f"MLP 784-{r['config']['hidden']}-{r['config']['hidden']}-10, global batch {r['config']['batch']}, "
               f"{r['ranks']} ranks.", ""]
+    if "compute" in m and "comm" in m:
+        b = r["config"]["batch"]
+        step, comp, com = (b / m[k] for k in ("mpirt", "compute", "comm"))
+        lines += [f"Step {1e3 * step:.1f} ms against compute alone {1e3 * comp:.1f} ms and communication alone "
+                  f"{1e3 * com:.1f} ms: step / max(compute, communication) = {step / max(comp, com):.2f}.", ""]
     return lines + _bars(out_dir, "train.png", [(k, m[k]) for k in ("mpirt", "bare", "ddp")], "samples/s",
                          "elastic step (blue) against a bare mpi4py loop and DDP gloo (grey)")
+
+
+def text(doc, out_dir):
+    r = doc["results"]
+    med_ = r["median"]
+    lines = _header(doc, "text: fastText on real text (man pages as HTML), sparse against dense embedding gradients")
+    rows = []
+    for key in ("1-dense", "1-sparse", "2-dense", "2-sparse"):
+        n, grad = key.split("-")
+        k = med_[key]
+        rows.append([n, grad, f"{k['loop_s']:.2f}", f"{k['wall_s']:.1f}",
+                     f"{k['bytes_per_step'] / 1e6:.2f}" if n != "1" else "-",
+                     f"{med_['1-' + grad]['loop_s'] / k['loop_s']:.2f}x", f"{med_['1-dense']['loop_s'] / k['loop_s']:.2f}x"])
+    lines += [table(rows, ["ranks", "embedding grad", "train loop s", "command s", "MB a step on the wire",
+                           "vs 1 rank, same grad", "vs 1 rank, dense"]), "",
+              f"{r['epochs']} epochs, global batch 64, SGD lr 2.0; the train loop is the report's epoch times.", ""]
+    return lines
+
+
+def sparse(doc, out_dir):
+    r, cfg = doc["results"], doc["results"]["config"]
+    lines = _header(doc, "sparse: the sparse-row exchange against the dense allreduce of the same table")
+    rows = [[f"{x['touched']:,}", f"{1e3 * x['allgather']:.1f}", f"{1e3 * x['allreduce']:.1f}",
+             f"{x['allreduce'] / x['allgather']:.2f}x", x["picked"]] for x in r["results"]]
+    lines += [table(rows, ["rows touched per rank", "allgather ms", "allreduce ms", "allreduce / allgather",
+                           "auto picks"]), "",
+              f"Table {cfg['rows']:,} x {cfg['dim']} float32, {r['ranks']} ranks.", ""]
+    return lines
 
 
 def _bars(out_dir, name, bars, ylabel, title, pairs=False):
@@ -312,7 +345,8 @@ def hostile(doc, out_dir):
 
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
-            ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("ledger", ledger),
+            ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
+            ("sparse", sparse), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 
