@@ -51,7 +51,8 @@ def sbatch(tmp_path, body, ntasks, minutes=3, timeout=240):
 @pytest.mark.slurm
 def test_batch_job_recovers_a_killed_task_in_place(slurm, tmp_path):
     data = tmp_path / "text.h5"
-    run_cli("prepare", "synth-text", data, "--rows", "3000", "--features", "1024", "--shard-rows", "128").check()
+    # 120 shards: workers lease in batches, so a step fault needs shards left when its count is reached.
+    run_cli("prepare", "synth-text", data, "--rows", "3000", "--features", "1024", "--shard-rows", "25").check()
     run_cli("wordcount", data, "--out", tmp_path / "ref.h5").check()
     res, logs = sbatch(tmp_path, f"""
 export PATH={VENV_BIN}:$PATH

@@ -119,8 +119,10 @@ def test_hang_and_leave_on_text(tmp_path, text):
 
 
 def test_resume_after_the_whole_job_was_killed(tmp_path, digits, reference):
-    res, run_dir = train(tmp_path, digits, 2, "--checkpoint-every", "10", faults=["kill:member=0:step=17",
-                                                                                    "kill:member=1:step=17"])
+    # Blocking saves: a background save of step 10 may still be in flight when the whole job dies at
+    # step 17 (then no checkpoint exists; test_train_checkpoint covers kills during background saves).
+    res, run_dir = train(tmp_path, digits, 2, "--checkpoint-every", "10", "--checkpoint-sync",
+                         faults=["kill:member=0:step=17", "kill:member=1:step=17"])
     assert res.returncode != 0
     assert final_params(run_dir)[1]["step"] == 10
     res, run_dir = train(tmp_path, digits, 3, "--checkpoint-every", "10", "--resume")
