@@ -22,6 +22,12 @@ def MPI():  # noqa: N802 - reads like the module it returns
     mpi4py.rc.thread_level = "multiple"
     # Finalize ourselves, bounded (see _bounded_finalize), instead of mpi4py's atexit.
     mpi4py.rc.finalize = False
+    if "torch" in sys.modules and "mpi4py.MPI" not in sys.modules:
+        # Before MPI_Init starts Open MPI's heartbeat detector: a torch optimizer's first
+        # construction imports torch._dynamo, about 1 s of CPU (several with 4 ranks on 2 cores),
+        # and the progress pump that keeps heartbeats flowing lost the GIL for up to 0.7 s at a time
+        # inside it; CI saw a rank declared dead (a false positive) in exactly that window.
+        import torch._dynamo  # noqa: F401
     from mpi4py import MPI as _MPI
 
     if not _finalizer_registered:
