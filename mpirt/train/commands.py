@@ -38,6 +38,8 @@ class TrainConfig:
     overlap: bool = True  # reduce gradient buckets while backward runs (mpirt.train.overlap)
     embedding_grad: str = "sparse"  # fasttext's table: row-sparse gradients (mpirt.train.sparse) or dense
     sparse_exchange: str = "auto"  # how sparse rows travel: by bytes, or forced (mpirt.train.sparse.MODES)
+    exact: bool = False  # bit-identical on any number of ranks (mpirt.train.exact)
+    micro_batch: int = None  # --exact: rows a micro-batch (a divisor of global_batch)
     progress: object = None
     spawn_argv: list = field(default_factory=list)
     verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
@@ -78,6 +80,12 @@ def add_parser(sub):
                         "only) or dense (every row, as a dense layer) (default sparse)")
     p.add_argument("--sparse-exchange", choices=("auto", "allgather", "allreduce"), default="auto",
                    help="how sparse rows travel between ranks: chosen each step by bytes (default), or forced")
+    p.add_argument("--exact", action="store_true",
+                   help="bit-identical parameters on any number of ranks and through failures: fixed "
+                        "micro-batches, an order-independent (fixed-point) sum, one intra-op thread")
+    p.add_argument("--micro-batch", type=flags.positive, metavar="M",
+                   help="--exact: rows a micro-batch, a divisor of --global-batch (default: its largest "
+                        "divisor up to 16)")
     p.add_argument("--bucket-mb", type=flags.number(1 / 1024, 4096), default=16.0, help="gradient bucket size (MiB)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     add_elastic_options(p)
@@ -104,6 +112,7 @@ def config_from_args(args, dataset):
     if dataset.split("train").n_rows == 0:
         raise UsageError(f"{args.data}: the train split is empty")
     spec = spec_for(args.model, dataset, hidden=args.hidden, embed_dim=args.embed_dim, channels=args.channels)
+    micro = exact_micro_batch(args)
     absolute = {k: os.path.abspath(getattr(args, k)) if getattr(args, k) else None
                 for k in ("checkpoint_dir", "audit", "events", "report")}
     return TrainConfig(
@@ -113,9 +122,30 @@ def config_from_args(args, dataset):
         checkpoint_sync=args.checkpoint_sync, keep=args.keep,
         resume=args.resume or env_flag(RESUME), key=resolve_key(args.key_file), faults=FaultPlan(args.inject_fault),
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
-        overlap=not args.no_overlap, embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
+        overlap=not args.no_overlap and not args.exact, exact=args.exact, micro_batch=micro, embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
         data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
+
+
+def exact_micro_batch(args):
+    """``--exact``'s micro-batch size (None without it), or one line on what cannot go with it."""
+    from mpirt.errors import UsageError
+    from mpirt.train.exact import default_micro_batch
+
+    if not args.exact:
+        if args.micro_batch is not None:
+            raise UsageError("--micro-batch is the unit of --exact's fixed micro-batches: add --exact")
+        return None
+    if args.compress:
+        raise UsageError(f"--exact and --compress {args.compress}: compression rounds each rank's gradient "
+                         "before the sum, so the model would depend on the number of ranks; drop one")
+    if args.model == "fasttext":
+        raise UsageError("--exact is not available for fasttext yet (its sparse embedding exchange sums in "
+                         "float); use it with linear, mlp or cnn")
+    micro = args.micro_batch or default_micro_batch(args.global_batch)
+    if args.global_batch % micro:
+        raise UsageError(f"--micro-batch {micro} does not divide --global-batch {args.global_batch}")
+    return micro
 
 
 def train_argv(args):
@@ -123,12 +153,13 @@ def train_argv(args):
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
         "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb",
-        "embedding_grad", "sparse_exchange", "min_ranks")]
+        "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
     return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),
                                                    ("--no-overlap", args.no_overlap),
-                                                   ("--checkpoint-sync", args.checkpoint_sync)])
+                                                   ("--checkpoint-sync", args.checkpoint_sync),
+                                                   ("--exact", args.exact)])
 
 
 def run_train(args):

@@ -25,7 +25,7 @@ LOCK_FILE = ".lock"
 FLAGS = {"data_sha256": "--data (another data set, or the same file changed)", "global_batch": "--global-batch",
          "seed": "--seed", "spec": "--model (or its sizes: --hidden, --embed-dim, --channels)",
          "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
-         "compress": "--compress", "embedding_grad": "--embedding-grad"}
+         "compress": "--compress", "embedding_grad": "--embedding-grad", "exact": "--exact (its --micro-batch)"}
 
 
 def identity(cfg, data_sha256):
@@ -36,7 +36,9 @@ def identity(cfg, data_sha256):
             "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None,  # Adam ignores it
             "weight_decay": float(cfg.weight_decay), "compress": cfg.compress,
             # what an optimizer step does to untouched embedding rows (mpirt.train.sparse)
-            "embedding_grad": cfg.embedding_grad if cfg.spec["name"] == "fasttext" else None}
+            "embedding_grad": cfg.embedding_grad if cfg.spec["name"] == "fasttext" else None,
+            # another reduction is another sequence of models (mpirt.train.exact): the micro-batch, or None
+            "exact": int(cfg.micro_batch) if cfg.exact else None}
 
 
 def differences(recorded, ident):

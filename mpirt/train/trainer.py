@@ -32,6 +32,7 @@ from mpirt.train import models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.audit import Audit
 from mpirt.train.evaluate import evaluate
+from mpirt.train.exact import ExactReducer, micro_batches
 from mpirt.train.order import Orders, Schedule
 from mpirt.train.source import RowSource
 from mpirt.train.sparse import SparseExchange, sparse_params
@@ -91,6 +92,12 @@ class Trainer:
             rows = sparse_params(self.model)
         self.sparse = SparseExchange(self.group.ec, rows, mode=self.cfg.sparse_exchange) if rows else None
         dense = [p for p in params if not any(p is q for q in rows)]
+        if self.cfg.exact:
+            # One intra-op thread: a micro-batch's gradient must be the same bits on every rank.
+            torch.set_num_threads(1)
+            self.reducer = ExactReducer(self.group.ec, dense, n_stats=N_STATS, samples=SAMPLES, loss=LOSS,
+                                        correct=CORRECT, nonfinite=NONFINITE)
+            return
         self.reducer = GradAllreduce(self.group.ec, dense, n_stats=N_STATS, compress=self.cfg.compress,
                                      bucket_bytes=self.cfg.bucket_bytes, overlap=self.cfg.overlap)
 
@@ -236,6 +243,8 @@ class Trainer:
         return True
 
     def _compute(self, step):
+        if self.cfg.exact:
+            return self._compute_exact(step)
         epoch, _, _ = self.schedule.locate(step)
         a, b = self.schedule.slice_of(step, self.group.rank, self.group.size)
         stats = np.zeros(N_STATS)
@@ -256,6 +265,22 @@ class Trainer:
             stats[NONFINITE] = 0.0 if all(bool(torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all())
                                           for p in self.model.parameters() if p.grad is not None) else 1.0
         return stats
+
+    def _compute_exact(self, step):
+        """``--exact``: this rank's whole micro-batches, each backward on its own (mpirt.train.exact)."""
+        epoch, start, stop = self.schedule.locate(step)
+        k, mine = micro_batches(start, stop, self.cfg.micro_batch, self.group.rank, self.group.size)
+        self.reducer.begin(k)
+        self.model.train()
+        for j, a, b in mine:
+            self.opt.zero_grad(set_to_none=False)
+            batch = self.train.get(self.orders.rows(epoch, a, b))
+            logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
+            y = torch.from_numpy(batch.y).to(self.device)
+            loss = cross_entropy(logits, y, reduction="sum")
+            loss.backward()
+            self.reducer.add(j, len(batch), float(loss.detach()), float((logits.detach().argmax(1) == y).sum()))
+        return np.zeros(N_STATS)
 
     def _mark_fired(self, step, actions, phase="take"):
         # Every member marks what was due at this step, not only the one it struck: a new
