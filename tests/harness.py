@@ -164,7 +164,12 @@ def one_line_error(res, code, *words):
 
 
 def assert_same_model(a, b, rtol=1e-5):
-    """Parameters ``a`` within ``rtol`` of ``b``, relative to each tensor's largest magnitude."""
+    """Parameters ``a`` within ``rtol`` of ``b``, relative to each tensor's largest magnitude.
+
+    The default mode's promise (no ``--exact``) for short runs: its callers train at most 46 steps.
+    Long runs drift apart (test_train's statistical test); ``--exact`` is compared with
+    ``np.array_equal`` instead (test_exact).
+    """
     assert a.keys() == b.keys()
     for k in a:
         scale = max(float(np.max(np.abs(a[k]))), 1e-12)
