@@ -4,7 +4,7 @@ import importlib
 import sys
 
 SUITES = ("kernels", "io", "recovery", "ledger", "chaos", "allreduce", "train", "checkpoint", "scaling", "model",
-          "sparse", "text", "transport", "report")
+          "sparse", "text", "transport", "exact", "report")
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@
 
 Data: a fixed synthetic 10-class problem, generated from the seed (nothing is downloaded). The
 global batch of step s is the same rows whatever the number of ranks; each rank takes a slice.
-Kill ranks, add ranks: the final model is the one a single rank would train (up to float sums).
+Kill ranks, add ranks: the final model is the one a single rank would train (up to float sums);
+with --exact, bit for bit (fixed micro-batches of --micro-batch rows, summed in fixed point).
 """
 
 import argparse
@@ -31,6 +32,8 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exact", action="store_true", help="the same bits on any number of ranks")
+    p.add_argument("--micro-batch", type=int, default=16, help="--exact: rows a micro-batch")
     p.add_argument("--save", help="write the final parameters here (.npz) from the coordinator")
     args = p.parse_args()
 
@@ -39,13 +42,23 @@ def main():
     torch.manual_seed(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = elastic.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                       model.parameters(), group)
+                                       model.parameters(), group, exact=args.exact)
     state = elastic.TorchState(model, opt, step=0)
 
     @elastic.run(group)
     def train(state):
         while state.step < args.steps:
             start = (state.step * args.batch) % len(y)
+            if args.exact:
+                for j, a, b in opt.micro_batches(start, start + args.batch, args.micro_batch):
+                    opt.zero_grad()
+                    loss = cross_entropy(model(X[a:b]), y[a:b], reduction="sum")
+                    loss.backward()
+                    opt.accumulate(j, samples=b - a, loss=float(loss.detach()))
+                opt.step(step=state.step)
+                state.step += 1
+                elastic.check_joins(opt)
+                continue
             lo = start + args.batch * group.rank // group.size
             hi = start + args.batch * (group.rank + 1) // group.size
             opt.zero_grad()

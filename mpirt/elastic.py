@@ -85,22 +85,52 @@ class DistributedOptimizer:
         compress: None, "bf16" or "fp16" on the wire (error feedback kept per rank).
         overlap: reduce gradient buckets while backward runs, from :meth:`zero_grad` on (one
             backward per step; a second one before :meth:`step` raises). False: after backward.
+        exact: the same bits on any number of ranks (:mod:`mpirt.train.exact`): take the step's
+            micro-batches from :meth:`micro_batches`, call :meth:`accumulate` after each one's
+            backward, then :meth:`step`. Sets torch to one intra-op thread; no compression.
     """
 
-    def __init__(self, optimizer, params, group, compress=None, overlap=True):
-        from mpirt.train.allreduce import GradAllreduce
+    def __init__(self, optimizer, params, group, compress=None, overlap=True, exact=False):
+        self.optimizer, self.group, self.exact = optimizer, group, exact
+        if exact:
+            import torch
 
-        self.optimizer, self.group = optimizer, group
-        self.reducer = GradAllreduce(group.ec, list(params), n_stats=4, compress=compress, overlap=overlap)
+            from mpirt.train.exact import ExactReducer
+
+            if compress:
+                raise ValueError("exact=True and compress: compression rounds each rank's gradient before the "
+                                 "sum, so the model would depend on the number of ranks")
+            torch.set_num_threads(1)  # a micro-batch's gradient must be the same bits on every rank
+            self.reducer = ExactReducer(group.ec, list(params), n_stats=4, slots=(SAMPLES, LOSS))
+        else:
+            from mpirt.train.allreduce import GradAllreduce
+
+            self.reducer = GradAllreduce(group.ec, list(params), n_stats=4, compress=compress, overlap=overlap)
         self.totals = None
         self.joiners = 0
 
     def zero_grad(self, set_to_none=False):
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self.reducer.begin()  # the next backward's buckets go out as they complete
+        if not self.exact:
+            self.reducer.begin()  # the next backward's buckets go out as they complete
 
-    def step(self, samples, loss=0.0, step=None):
+    def micro_batches(self, start, stop, micro):
+        """``exact``: this rank's micro-batches ``[(j, a, b), ...]`` of the step's rows ``[start, stop)``
+        cut every ``micro`` rows (the same cut on any number of ranks); starts the step."""
+        from mpirt.train.exact import micro_batches
+
+        k, mine = micro_batches(start, stop, micro, self.group.rank, self.group.size)
+        self.reducer.begin(k)
+        return mine
+
+    def accumulate(self, j, samples, loss=0.0):
+        """``exact``: keep micro-batch ``j``'s gradient (after its backward, before the next zero_grad)."""
+        self.reducer.add(j, samples, loss)
+
+    def step(self, samples=0, loss=0.0, step=None):
         """Allreduce the gradients (sum / total samples) and apply them on every member, or raise.
+
+        ``samples`` and ``loss`` are this rank's (with ``exact``, :meth:`accumulate` gave them).
 
         Raises:
             ProcessFailure: the step was not committed by every member (nothing was applied).

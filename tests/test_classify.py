@@ -103,7 +103,7 @@ def test_incompatible_or_tampered_checkpoint(tmp_path, setup):
 def test_python_api_example_same_model_under_faults(tmp_path):
     example = str(__import__("pathlib").Path(__file__).parents[1] / "examples" / "elastic_loop.py")
     run_cli("launch", "-n", "1", "--", sys.executable, example, "--steps", "60", "--save", tmp_path / "one.npz").check()
-    res = run_cli("launch", "-n", "4", "--spare", "1", "--hang-timeout", "2", "--", sys.executable, example,
+    res = run_cli("launch", "-n", "4", "--spare", "1", "--", sys.executable, example,
                   "--steps", "60", "--save", tmp_path / "four.npz",
                   env={"MPIRT_FAULTS": "kill:member=2:step=10;join:count=1:step=20;kill:member=coordinator:step=40"},
                   timeout=180).check()

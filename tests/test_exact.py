@@ -155,3 +155,25 @@ def test_what_cannot_go_with_exact_is_refused_in_one_line(tmp_path, digits, extr
 def test_micro_batch_without_exact_is_refused(tmp_path, digits):
     res = run_cli("train", "--data", digits, "--model", "mlp", "--micro-batch", "16")
     one_line_error(res, 2, "--micro-batch", "--exact")
+
+
+# -- the Python API (mpirt.elastic) ------------------------------------------------------------
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_the_python_api_with_exact_gives_the_bits_of_one_rank_under_faults(tmp_path):
+    import sys
+    from pathlib import Path
+
+    example = str(Path(__file__).parents[1] / "examples" / "elastic_loop.py")
+    args = [sys.executable, example, "--steps", "150", "--exact"]
+    run_cli("launch", "-n", "1", "--", *args, "--save", tmp_path / "one.npz").check()
+    res = run_cli("launch", "-n", "4", "--spare", "1", "--", *args, "--save", tmp_path / "four.npz",
+                  env={"MPIRT_FAULTS": "kill:member=2:step=30;join:count=1:step=60;kill:member=coordinator:step=90"},
+                  timeout=300)
+    res.check()
+    assert "view 3" in res.stdout
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "four.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), f"{k} differs"

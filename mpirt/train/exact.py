@@ -18,7 +18,7 @@ after 184 steps on 1 and 2 ranks). ``--exact`` removes both sources of differenc
    converted back once: ``float32(total * 2^-e / samples)``.
 
 The step's statistics travel in the same int64 allreduce: a slot per micro-batch holds its sample
-count, loss sum and correct count as float64 *bit patterns*, written by the one rank that computed
+count, loss sum (and correct count) as float64 *bit patterns*, written by the one rank that computed
 it (the others add 0, and x + 0 = x in integers too); every member then sums the slots in
 micro-batch order, so reports are identical as well. The protocol's flags (leaving, joiners,
 preempt) are plain integer counts in the tail.
@@ -81,13 +81,13 @@ class ExactReducer:
     Args:
         ec: the :class:`mpirt.comm.elastic.ElasticComm`.
         params: the model's parameters (torch tensors; ``.grad`` after each micro-batch's backward).
-        n_stats: the length of the trainer's stats array. ``samples``, ``loss`` and ``correct`` index
-            the slots that come from the micro-batches (:meth:`add`); the others hold integers
-            (flags, counts) and are summed as such. ``nonfinite``: the slot set to 1 when a
-            gradient of the step is NaN or inf.
+        n_stats: the length of the caller's stats array. ``slots`` index the stats that come from
+            the micro-batches (:meth:`add`), the sample count first (the gradients are divided by
+            its sum); the others hold integers (flags, counts) and are summed as such.
+            ``nonfinite``: the stat set to 1 when a gradient of the step is NaN or inf.
     """
 
-    def __init__(self, ec, params, *, n_stats, samples=0, loss=1, correct=2, nonfinite=None):
+    def __init__(self, ec, params, *, n_stats, slots=(0, 1), nonfinite=None):
         self.ec = ec
         import torch
 
@@ -97,25 +97,27 @@ class ExactReducer:
                 p.grad = torch.zeros_like(p)
         self.sizes = [p.numel() for p in self.params]
         self.n = sum(self.sizes)
-        self.n_stats, self.slots = n_stats, (samples, loss, correct)
+        self.n_stats, self.slots = n_stats, tuple(slots)
         self.nonfinite = nonfinite
         self.begin(0)
 
     def begin(self, k):
         """A new step of ``k`` micro-batches."""
         self.k = k
-        self.local = []  # (j, float32 flat gradient, samples, loss, correct)
+        self.local = []  # (j, float32 flat gradient, (its stats, one per slot))
 
-    def add(self, j, samples, loss, correct):
-        """Keep micro-batch ``j``'s gradient (the parameters' ``.grad`` now) and its stats."""
+    def add(self, j, *values):
+        """Keep micro-batch ``j``'s gradient (the parameters' ``.grad`` now) and its stats (one per slot)."""
+        if len(values) != len(self.slots):
+            raise ValueError(f"micro-batch {j}: {len(values)} stats given, {len(self.slots)} expected")
         import torch
 
         with torch.no_grad():
             flat = torch.cat([p.grad.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
-        self.local.append((j, flat.numpy().copy(), float(samples), float(loss), float(correct)))
+        self.local.append((j, flat.numpy().copy(), tuple(float(v) for v in values)))
 
     def wire_bytes(self):
-        return 8 * (self.n + 3 * self.k + self.n_stats) + 8 * (len(self.params) + 1)
+        return 8 * (self.n + len(self.slots) * self.k + self.n_stats) + 8 * (len(self.params) + 1)
 
     def allreduce(self, stats):
         """Sum over the view; gradients become ``sum / samples``; returns the summed stats (float64).
@@ -128,7 +130,7 @@ class ExactReducer:
         # 1. The largest magnitude per tensor over every micro-batch of the step, and whether any
         #    gradient is not finite (then nothing is converted: the step is refused by the trainer).
         peak = np.zeros(len(self.sizes) + 1)
-        for _, g, *_ in self.local:
+        for _, g, _ in self.local:
             absg = np.abs(g)
             if not np.isfinite(absg).all():
                 peak[-1] = 1.0
@@ -142,14 +144,15 @@ class ExactReducer:
         e = exponents(peak[:-1], self.k) if finite else np.zeros(len(self.sizes), dtype=np.int64)
         scale = np.repeat(np.ldexp(1.0, e), self.sizes)
         # 2. One int64 buffer: the fixed-point gradient sum | the micro-batch slots | integer stats.
-        buf = np.zeros(self.n + 3 * self.k + self.n_stats, dtype=np.int64)
+        width = len(self.slots) * self.k
+        buf = np.zeros(self.n + width + self.n_stats, dtype=np.int64)
         grad = buf[:self.n]
-        slots = buf[self.n:self.n + 3 * self.k].view(np.float64).reshape(3, self.k)
-        for j, g, samples, loss, correct in self.local:
+        slots = buf[self.n:self.n + width].view(np.float64).reshape(len(self.slots), self.k)
+        for j, g, values in self.local:
             if finite:
                 grad += to_fixed(g, scale)
-            slots[:, j] = (samples, loss, correct)
-        tail = buf[self.n + 3 * self.k:]
+            slots[:, j] = values
+        tail = buf[self.n + width:]
         for i, v in enumerate(np.asarray(stats, dtype=np.float64)):
             if i not in self.slots:
                 tail[i] = int(v)

@@ -95,8 +95,8 @@ class Trainer:
         if self.cfg.exact:
             # One intra-op thread: a micro-batch's gradient must be the same bits on every rank.
             torch.set_num_threads(1)
-            self.reducer = ExactReducer(self.group.ec, dense, n_stats=N_STATS, samples=SAMPLES, loss=LOSS,
-                                        correct=CORRECT, nonfinite=NONFINITE)
+            self.reducer = ExactReducer(self.group.ec, dense, n_stats=N_STATS, slots=(SAMPLES, LOSS, CORRECT),
+                                        nonfinite=NONFINITE)
             return
         self.reducer = GradAllreduce(self.group.ec, dense, n_stats=N_STATS, compress=self.cfg.compress,
                                      bucket_bytes=self.cfg.bucket_bytes, overlap=self.cfg.overlap)

@@ -1,0 +1,84 @@
+"""The cost of ``mpirt train --exact`` beside the default mode, in the same run.
+
+    python -m bench exact [--rounds 3] [--epochs 7]
+
+Digits (``mpirt prepare digits``), global batch 64, SGD; the MLP (128 hidden) and the CNN at 1, 2
+and 4 ranks, each configuration a whole ``mpirt launch -n N -- mpirt train`` run, interleaved
+round by round. The figure is the training loop's samples/s (the report's epoch times: no start-up,
+no evaluation), median over the rounds, and ``--exact`` / default step time.
+
+Where the cost goes, at 2 ranks on the CNN, from three more configurations:
+- default with one intra-op thread (``OMP_NUM_THREADS=1``): the thread count alone;
+- ``--exact --micro-batch 32``: one micro-batch per rank, so the same forward/backward shapes as the
+  default: what the fixed-point sum and its MAX allreduce add;
+- ``--exact`` (micro-batch 16, two per rank): the rest is the smaller micro-batches.
+
+fastText is not measured: ``--exact`` refuses it until its sparse exchange sums in fixed point.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from bench.common import table, write_results
+
+MODELS = ("mlp", "cnn")
+RANKS = (1, 2, 4)
+# (label, extra flags, extra environment): the main grid, then the breakdown at 2 ranks (CNN).
+MODES = {"default": ([], {}), "exact": (["--exact"], {})}
+BREAKDOWN = {"default, 1 thread": ([], {"OMP_NUM_THREADS": "1"}),
+             "exact, micro-batch 32": (["--exact", "--micro-batch", "32"], {})}
+
+
+def data_set(workdir):
+    path = os.path.join(workdir, "digits.h5")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, "-m", "mpirt", "prepare", "digits", path], check=True, capture_output=True,
+                       timeout=600)
+    return path
+
+
+def train(data, model, n, flags, env, epochs, workdir):
+    """samples/s of the training loop of one whole run."""
+    report = tempfile.mkdtemp(dir=workdir, prefix=f"{model}{n}-")
+    cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--", sys.executable, "-m", "mpirt", "train",
+           "--data", data, "--model", model, "--epochs", str(epochs), "--global-batch", "64", "--lr", "0.05",
+           "--seed", "3", "--no-progress", "--report", report, *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
+    if res.returncode:
+        raise SystemExit(f"exact bench: {' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    with open(os.path.join(report, "report.json")) as f:
+        epochs_ = json.load(f)["epochs"]
+    return sum(e["samples"] for e in epochs_) / sum(e["seconds"] for e in epochs_)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m bench exact")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--workdir", default=os.environ.get("MPIRT_BENCH_TMP") or "/tmp/mpirt-bench-exact")
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    data = data_set(args.workdir)
+    configs = [(m, n, mode, *MODES[mode]) for m in MODELS for n in RANKS for mode in MODES]
+    configs += [("cnn", 2, label, *BREAKDOWN[label]) for label in BREAKDOWN]
+    runs = {f"{m} {n} {mode}": [] for m, n, mode, _, _ in configs}
+    for _ in range(args.rounds):
+        for m, n, mode, flags, env in configs:
+            runs[f"{m} {n} {mode}"].append(train(data, m, n, flags, env, args.epochs, args.workdir))
+    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+    rows = [[m, n, f"{med[f'{m} {n} default']:,.0f}", f"{med[f'{m} {n} exact']:,.0f}",
+             f"{med[f'{m} {n} default'] / med[f'{m} {n} exact']:.2f}x"] for m in MODELS for n in RANKS]
+    print(f"## --exact against the default, digits, global batch 64, {args.epochs} epochs "
+          f"(median of {args.rounds} rounds)\n")
+    print(table(rows, ["model", "ranks", "default samples/s", "--exact samples/s", "--exact step time / default"]))
+    base = med["cnn 2 default"]
+    rows = [[label, f"{med[f'cnn 2 {label}']:,.0f}", f"{base / med[f'cnn 2 {label}']:.2f}x"]
+            for label in ("default", "default, 1 thread", "exact, micro-batch 32", "exact")]
+    print("\n## Where the cost goes: CNN, 2 ranks\n")
+    print(table(rows, ["configuration", "samples/s", "step time / default"]))
+    print("\nwrote", write_results("exact", {"epochs": args.epochs, "runs": runs, "median": med}))
+    return 0
