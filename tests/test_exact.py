@@ -139,6 +139,32 @@ def test_a_resume_on_another_world_size_gives_the_bits_of_one_rank(tmp_path, dig
     assert_identical({**one_rank, "epochs": []}, state)
 
 
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_fasttext_sparse_rows_give_the_bits_of_one_rank_with_a_kill_and_a_join(tmp_path):
+    """The embedding's touched rows are summed in int64 too (merged by row id), and Adam's lazy
+    per-row update sees the same rows on any world size."""
+    text = tmp_path / "text.h5"
+    run_cli("prepare", "synth-text", text, "--rows", "3000", "--features", "4096", "--shard-rows", "256").check()
+    states = []
+    for n, spare, faults in ((1, 0, []), (3, 1, ["--inject-fault", "kill:member=1:step=10",
+                                                 "--inject-fault", "join:count=1:step=25"])):
+        ckpt = tmp_path / f"ckpt{n}"
+        res = run_cli("launch", "-n", str(n), "--spare", str(spare), "--", "mpirt", "train", "--data", text, "--model",
+                      "fasttext", "--epochs", "2", "--global-batch", "64", "--optimizer", "adam", "--lr", "0.01",
+                      "--seed", "3", "--no-progress", "--exact", "--checkpoint-dir", ckpt, *faults, timeout=300)
+        res.check()
+        assert f"{1 + len(faults) // 2} view(s)" in res.stdout, res.stdout
+        from mpirt.checkpoint import CheckpointDir
+
+        c = CheckpointDir(ckpt).load_latest()
+        states.append((c.params, {(i, k): np.asarray(v) for i, st in c.optimizer["state"].items() for k, v in st.items()}))
+    (p1, o1), (p3, o3) = states
+    assert p1.keys() == p3.keys() and o1.keys() == o3.keys()
+    assert all(np.array_equal(p1[k], p3[k]) for k in p1), "parameters differ"
+    assert all(np.array_equal(o1[k], o3[k]) for k in o1), "optimizer state differs"
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 @pytest.mark.cli

@@ -139,9 +139,6 @@ def exact_micro_batch(args):
     if args.compress:
         raise UsageError(f"--exact and --compress {args.compress}: compression rounds each rank's gradient "
                          "before the sum, so the model would depend on the number of ranks; drop one")
-    if args.model == "fasttext":
-        raise UsageError("--exact is not available for fasttext yet (its sparse embedding exchange sums in "
-                         "float); use it with linear, mlp or cnn")
     micro = args.micro_batch or default_micro_batch(args.global_batch)
     if args.global_batch % micro:
         raise UsageError(f"--micro-batch {micro} does not divide --global-batch {args.global_batch}")

@@ -17,6 +17,11 @@ after 184 steps on 1 and 2 ranks). ``--exact`` removes both sources of differenc
    associative, locally and in MPI's SUM, so the total does not depend on who added what. It is
    converted back once: ``float32(total * 2^-e / samples)``.
 
+Row-sparse embedding gradients (fastText) take the same road: each micro-batch's touched rows are
+converted with the table's exponent, merged by row id in int64 on the rank, allgathered, and merged
+again by id: integer sums, so the merged rows (and the set of touched rows that the lazy optimizer
+rule of :mod:`mpirt.train.sparse` updates) are the same on any world size.
+
 The step's statistics travel in the same int64 allreduce: a slot per micro-batch holds its sample
 count, loss sum (and correct count) as float64 *bit patterns*, written by the one rank that computed
 it (the others add 0, and x + 0 = x in integers too); every member then sums the slots in
@@ -80,17 +85,20 @@ class ExactReducer:
 
     Args:
         ec: the :class:`mpirt.comm.elastic.ElasticComm`.
-        params: the model's parameters (torch tensors; ``.grad`` after each micro-batch's backward).
+        params: the model's dense parameters (torch tensors; ``.grad`` after each micro-batch's backward).
         n_stats: the length of the caller's stats array. ``slots`` index the stats that come from
             the micro-batches (:meth:`add`), the sample count first (the gradients are divided by
             its sum); the others hold integers (flags, counts) and are summed as such.
-            ``nonfinite``: the stat set to 1 when a gradient of the step is NaN or inf.
+        nonfinite: the stat set to 1 when a gradient of the step is NaN or inf.
+        sparse: embedding weights with row-sparse gradients (:func:`mpirt.train.sparse.sparse_params`):
+            their touched rows are summed in fixed point too (one exponent per table), exchanged by
+            an allgather, merged by row id in integers, and applied by :meth:`apply_sparse`.
     """
 
-    def __init__(self, ec, params, *, n_stats, slots=(0, 1), nonfinite=None):
-        self.ec = ec
+    def __init__(self, ec, params, *, n_stats, slots=(0, 1), nonfinite=None, sparse=()):
         import torch
 
+        self.ec = ec
         self.params = [p for p in params if p.requires_grad]
         for p in self.params:
             if p.grad is None:
@@ -99,56 +107,69 @@ class ExactReducer:
         self.n = sum(self.sizes)
         self.n_stats, self.slots = n_stats, tuple(slots)
         self.nonfinite = nonfinite
+        self.sparse = list(sparse)
+        self.merged = [None] * len(self.sparse)  # (ids, float32 rows) of each table, after allreduce
+        self.sparse_bytes = 0
         self.begin(0)
 
     def begin(self, k):
         """A new step of ``k`` micro-batches."""
         self.k = k
-        self.local = []  # (j, float32 flat gradient, (its stats, one per slot))
+        self.local = []  # (j, float32 flat gradient, [(ids, rows) per table], (its stats, one per slot))
 
     def add(self, j, *values):
-        """Keep micro-batch ``j``'s gradient (the parameters' ``.grad`` now) and its stats (one per slot)."""
+        """Keep micro-batch ``j``'s gradient (the parameters' ``.grad`` now) and its stats (one per slot).
+        A sparse table's gradient is taken (set to None), so the next micro-batch starts empty."""
         if len(values) != len(self.slots):
             raise ValueError(f"micro-batch {j}: {len(values)} stats given, {len(self.slots)} expected")
         import torch
 
+        from mpirt.train.sparse import local_rows
+
         with torch.no_grad():
-            flat = torch.cat([p.grad.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
-        self.local.append((j, flat.numpy().copy(), tuple(float(v) for v in values)))
+            flat = torch.cat([p.grad.detach().reshape(-1).to("cpu", torch.float32) for p in self.params]) \
+                if self.params else torch.zeros(0)
+        rows = [local_rows(p) for p in self.sparse]
+        for p in self.sparse:
+            p.grad = None
+        self.local.append((j, flat.numpy().copy(), rows, tuple(float(v) for v in values)))
 
     def wire_bytes(self):
-        return 8 * (self.n + len(self.slots) * self.k + self.n_stats) + 8 * (len(self.params) + 1)
+        """Bytes a step puts through the collectives (the last step's sparse rows included)."""
+        return 8 * (self.n + len(self.slots) * self.k + self.n_stats) + 8 * (len(self.params) + 1) + self.sparse_bytes
 
     def allreduce(self, stats):
         """Sum over the view; gradients become ``sum / samples``; returns the summed stats (float64).
 
-        ``stats``: the trainer's array; its micro-batch slots are ignored (they come from
+        ``stats``: the caller's array; its micro-batch slots are ignored (they come from
         :meth:`add`), its other slots must hold integers (flags and counts).
         """
         MPI, comm = self.ec.MPI, self.ec.comm
-        bounds = np.cumsum([0, *self.sizes])
-        # 1. The largest magnitude per tensor over every micro-batch of the step, and whether any
-        #    gradient is not finite (then nothing is converted: the step is refused by the trainer).
-        peak = np.zeros(len(self.sizes) + 1)
-        for _, g, _ in self.local:
-            absg = np.abs(g)
-            if not np.isfinite(absg).all():
-                peak[-1] = 1.0
-                continue
-            for t in range(len(self.sizes)):
-                if bounds[t + 1] > bounds[t]:
-                    peak[t] = max(peak[t], float(absg[bounds[t]:bounds[t + 1]].max()))
+        # 1. The largest magnitude per tensor (and per sparse table) over every micro-batch of the
+        #    step, and whether any gradient is not finite (then nothing is converted: the trainer
+        #    refuses the step).
+        peak = np.zeros(len(self.sizes) + len(self.sparse) + 1)
+        for _, g, rows, _ in self.local:
+            parts = np.split(g, np.cumsum(self.sizes)[:-1]) + [r for _, r in rows]
+            for t, part in enumerate(parts):
+                if part.size:
+                    m = float(np.abs(part).max())
+                    if not math.isfinite(m):
+                        peak[-1] = 1.0
+                    else:
+                        peak[t] = max(peak[t], m)
         with self.ec.guard():
             comm.Allreduce(MPI.IN_PLACE, peak, op=MPI.MAX)
         finite = peak[-1] == 0.0
-        e = exponents(peak[:-1], self.k) if finite else np.zeros(len(self.sizes), dtype=np.int64)
-        scale = np.repeat(np.ldexp(1.0, e), self.sizes)
+        e = exponents(peak[:-1], self.k) if finite else np.zeros(len(peak) - 1, dtype=np.int64)
+        e_dense, e_sparse = e[:len(self.sizes)], e[len(self.sizes):]
+        scale = np.repeat(np.ldexp(1.0, e_dense), self.sizes)
         # 2. One int64 buffer: the fixed-point gradient sum | the micro-batch slots | integer stats.
         width = len(self.slots) * self.k
         buf = np.zeros(self.n + width + self.n_stats, dtype=np.int64)
         grad = buf[:self.n]
         slots = buf[self.n:self.n + width].view(np.float64).reshape(len(self.slots), self.k)
-        for j, g, values in self.local:
+        for j, g, _, values in self.local:
             if finite:
                 grad += to_fixed(g, scale)
             slots[:, j] = values
@@ -158,14 +179,53 @@ class ExactReducer:
                 tail[i] = int(v)
         with self.ec.guard():
             reduce_segments(self.ec, [buf], MPI.INT64_T, MPI.SUM, segment=SEGMENT_BYTES // 8)
+            sparse = [self._sparse_sum(t, float(np.ldexp(1.0, e_sparse[t])) if finite else 0.0)
+                      for t in range(len(self.sparse))]
         total = tail.astype(np.float64)
         if self.nonfinite is not None and not finite:
             total[self.nonfinite] = max(total[self.nonfinite], 1.0)
         for i, row in zip(self.slots, slots):
             total[i] = float(np.sum(row))  # the same array on every world size: the same sum
-        self._unpack(grad, scale, max(total[self.slots[0]], 1.0))
+        samples = max(total[self.slots[0]], 1.0)
+        self._unpack(grad, scale, samples)
+        for t, (ids, q, scale_t) in enumerate(sparse):
+            rows = (q.astype(np.float64) / scale_t / samples).astype(np.float32) if scale_t else q.astype(np.float32)
+            self.merged[t] = (ids, rows)
         self.local = []
         return total
+
+    def _sparse_sum(self, t, scale):
+        """Table ``t``'s touched rows summed over the view in int64: (unique ids, int64 rows, scale).
+
+        Each rank merges its micro-batches' rows by id (integer sums), the ranks allgather them, and
+        every rank merges the union the same way: integers, so neither the partition nor the order
+        of arrival changes a bit. ``scale`` 0: the step is not finite, nothing is converted.
+        """
+        from mpirt.train.sparse import merge_rows
+
+        MPI, comm = self.ec.MPI, self.ec.comm
+        dim = self.sparse[t].shape[1]
+        ids = np.concatenate([rows[t][0] for _, _, rows, _ in self.local] or [np.zeros(0, np.int64)])
+        q = np.concatenate([to_fixed(rows[t][1], scale) if scale else np.zeros(rows[t][1].shape, np.int64)
+                            for _, _, rows, _ in self.local] or [np.zeros((0, dim), np.int64)])
+        ids, q = merge_rows(ids, q)
+        counts = np.zeros(self.ec.size, np.int64)
+        comm.Allgather(np.array([len(ids)], np.int64), counts)
+        displs = np.r_[0, np.cumsum(counts)[:-1]]
+        all_ids = np.empty(int(counts.sum()), np.int64)
+        comm.Allgatherv([ids, MPI.INT64_T], [all_ids, (counts, displs), MPI.INT64_T])
+        all_q = np.empty((int(counts.sum()), dim), np.int64)
+        comm.Allgatherv([q.reshape(-1), MPI.INT64_T], [all_q.reshape(-1), (counts * dim, displs * dim), MPI.INT64_T])
+        self.sparse_bytes = 8 * int(counts.sum()) * (dim + 1)
+        ids, q = merge_rows(all_ids, all_q)
+        return ids, q, scale
+
+    def apply_sparse(self, opt):
+        """After a commit: update the touched rows of every sparse table (:func:`mpirt.train.sparse.apply_rows`)."""
+        from mpirt.train.sparse import apply_rows
+
+        for p, (ids, rows) in zip(self.sparse, self.merged):
+            apply_rows(opt, p, ids, rows)
 
     def close(self):
         pass

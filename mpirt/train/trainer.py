@@ -90,13 +90,14 @@ class Trainer:
                 if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
                     m.sparse = True  # a module flag, not state: checkpoints and classify are unchanged
             rows = sparse_params(self.model)
-        self.sparse = SparseExchange(self.group.ec, rows, mode=self.cfg.sparse_exchange) if rows else None
+        exact = self.cfg.exact
+        self.sparse = SparseExchange(self.group.ec, rows, mode=self.cfg.sparse_exchange) if rows and not exact else None
         dense = [p for p in params if not any(p is q for q in rows)]
-        if self.cfg.exact:
+        if exact:
             # One intra-op thread: a micro-batch's gradient must be the same bits on every rank.
             torch.set_num_threads(1)
             self.reducer = ExactReducer(self.group.ec, dense, n_stats=N_STATS, slots=(SAMPLES, LOSS, CORRECT),
-                                        nonfinite=NONFINITE)
+                                        nonfinite=NONFINITE, sparse=rows)
             return
         self.reducer = GradAllreduce(self.group.ec, dense, n_stats=N_STATS, compress=self.cfg.compress,
                                      bucket_bytes=self.cfg.bucket_bytes, overlap=self.cfg.overlap)
@@ -272,6 +273,8 @@ class Trainer:
         k, mine = micro_batches(start, stop, self.cfg.micro_batch, self.group.rank, self.group.size)
         self.reducer.begin(k)
         self.model.train()
+        for p in self.reducer.sparse:
+            p.grad = None  # a sparse gradient is replaced, not accumulated into (add() takes it)
         for j, a, b in mine:
             self.opt.zero_grad(set_to_none=False)
             batch = self.train.get(self.orders.rows(epoch, a, b))
@@ -296,6 +299,8 @@ class Trainer:
         self.opt.step()  # gradients already hold sum / total samples
         if self.sparse:
             self.sparse.apply(self.opt)  # the embedding rows this step touched (mpirt.train.sparse)
+        elif self.cfg.exact:
+            self.reducer.apply_sparse(self.opt)
         self.step += 1
         self._mark_fired(step, ("join",))
         # Every member keeps the epoch's figures (the sums are the same everywhere), so whoever
