@@ -141,16 +141,17 @@ def test_a_resume_on_another_world_size_gives_the_bits_of_one_rank(tmp_path, dig
 
 @pytest.mark.mpi
 @pytest.mark.cli
-def test_fasttext_sparse_rows_give_the_bits_of_one_rank_with_a_kill_and_a_join(tmp_path):
+def test_fasttext_sparse_rows_give_the_bits_of_one_rank_with_a_kill_a_hang_and_a_join(tmp_path):
     """The embedding's touched rows are summed in int64 too (merged by row id), and Adam's lazy
     per-row update sees the same rows on any world size."""
     text = tmp_path / "text.h5"
     run_cli("prepare", "synth-text", text, "--rows", "3000", "--features", "4096", "--shard-rows", "256").check()
     states = []
     for n, spare, faults in ((1, 0, []), (3, 1, ["--inject-fault", "kill:member=1:step=10",
+                                                 "--inject-fault", "hang:member=2:step=18",
                                                  "--inject-fault", "join:count=1:step=25"])):
         ckpt = tmp_path / f"ckpt{n}"
-        res = run_cli("launch", "-n", str(n), "--spare", str(spare), "--", "mpirt", "train", "--data", text, "--model",
+        res = run_cli("launch", "-n", str(n), "--spare", str(spare), "--hang-timeout", "2", "--", "mpirt", "train", "--data", text, "--model",
                       "fasttext", "--epochs", "2", "--global-batch", "64", "--optimizer", "adam", "--lr", "0.01",
                       "--seed", "3", "--no-progress", "--exact", "--checkpoint-dir", ckpt, *faults, timeout=300)
         res.check()
