@@ -293,6 +293,13 @@ def sparse(doc, out_dir):
     return lines
 
 
+def exact(doc, out_dir):
+    from bench.exact import tables
+
+    return _header(doc, "exact: the cost of --exact (bit-identical on any world size) beside the default") + \
+        tables(doc["results"])
+
+
 def _bars(out_dir, name, bars, ylabel, title, pairs=False):
     """A bar plot: mpirt's bars blue, baselines grey; the first bar is mpirt's, or with ``pairs``
     every other one (mpirt, its baseline, mpirt, its baseline...)."""
@@ -346,7 +353,7 @@ def hostile(doc, out_dir):
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
-            ("sparse", sparse), ("ledger", ledger),
+            ("sparse", sparse), ("exact", exact), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 
