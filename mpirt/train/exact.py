@@ -150,7 +150,7 @@ class ExactReducer:
         #    refuses the step).
         peak = np.zeros(len(self.sizes) + len(self.sparse) + 1)
         for _, g, rows, _ in self.local:
-            parts = np.split(g, np.cumsum(self.sizes)[:-1]) + [r for _, r in rows]
+            parts = (np.split(g, np.cumsum(self.sizes)[:-1]) if self.sizes else []) + [r for _, r in rows]
             for t, part in enumerate(parts):
                 if part.size:
                     m = float(np.abs(part).max())
