@@ -27,8 +27,10 @@ fastText's own per-row updates). Only rows some rank touched in the global batch
 
 The choice of exchange moves bytes, never the result's meaning: both give the same touched set.
 For 2 ranks both sum each row as ``r0 + r1`` (bitwise equal); for more, the two exchanges may add
-a row's parts in different orders (a difference in the last bit). One rank or N ranks run the same rule, so "N ranks train the same model as
-1 rank" holds as for dense gradients (float32 rounding of a different partition of the sums).
+a row's parts in different orders (a difference in the last bit). One rank or N ranks run the same
+rule, so what the default mode promises for dense gradients holds here too: the same samples, equal
+parameters to 1e-5 on short runs, an equivalent model on long ones (README). With ``--exact`` the
+rows are summed in fixed point instead (:mod:`mpirt.train.exact`): the same bits on any world size.
 """
 
 import numpy as np
