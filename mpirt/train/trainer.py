@@ -10,6 +10,10 @@ Each global step ``s``:
 5. all apply ``grad_sum / samples_sum`` and step ``s`` is committed, or none does and the view is
    recovered (Revoke, Shrink) and ``s`` is redone on the survivors, with the same samples.
 
+With ``--exact``, step 2 computes this rank's fixed micro-batches one by one and step 3 sums them in
+int64 fixed point (:mod:`mpirt.train.exact`): the same bits on any number of ranks. Without it, a
+different partition rounds the float sums differently (README: what each mode guarantees).
+
 Parameters and optimizer state are replicated, so losing any rank (the coordinator too) loses
 only the step in flight: no disk checkpoint is needed to recover. Joiners are merged in after a
 committed step and get the coordinator's parameters, optimizer state and step with the view.
