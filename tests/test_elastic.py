@@ -128,9 +128,12 @@ def test_graceful_leave(tmp_path, transport):
 
 @TRANSPORTS
 def test_join(tmp_path, transport):
-    res, out = launch(tmp_path, 2, "join:count=2:step=3", spare=2, transport=transport)
+    # 240 shards: leases come in batches of about 50 ms of work (mpirt.cluster.farmworker), and with
+    # 24 shards of ~1 ms the two first members could hold all the work before the joiners arrive
+    # (CI saw "joiners did no work" on sm, twice).
+    res, out = launch(tmp_path, 2, "join:count=2:step=3", spare=2, transport=transport, extra=["--shards", 240])
     res.check()
-    check_exactly_once(out)
+    check_exactly_once(out, shards=240)
     last = views(out)[-1]
     assert last["joined"] == [2, 3] and last["members"] == [0, 1, 2, 3]
     assert {r["member"] for r in ledger(out)} >= {2, 3}, "joiners did no work"
