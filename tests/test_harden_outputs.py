@@ -260,10 +260,17 @@ def test_shard_jobs_on_a_full_disk_are_one_line(small_disk, text, digits):
 
 
 # -- 11. prepare killed --------------------------------------------------------------------------
+def _foreground_signals():
+    # As a shell starts a foreground job: SIGINT at its default. A test run started in the background
+    # of a non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_prepare(tmp_path, tag):
     proc = subprocess.Popen([MPIRT, "prepare", "synth-text", tmp_path / "big.h5", "--rows", "400000",
                              "--features", "4096", "--workers", "2"], env=base_env(tag), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_foreground_signals)
     deadline = time.time() + 60
     while not (temporaries(tmp_path) and len(tagged_processes(tag)) >= 3):  # the parent and 2 workers
         assert time.time() < deadline and proc.poll() is None, "prepare never got going"
