@@ -177,6 +177,26 @@ def assert_same_model(a, b, rtol=1e-5):
         assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
 
 
+def checkpoint_bits(ckpt_dir):
+    """The newest checkpoint in ``ckpt_dir``: (params, optimizer state by (param, name), position)."""
+    from mpirt.checkpoint import CheckpointDir
+
+    ckpt = CheckpointDir(ckpt_dir).load_latest()
+    opt = {(i, k): np.asarray(v) for i, s in ckpt.optimizer["state"].items() for k, v in s.items()}
+    return ckpt.params, opt, ckpt.position
+
+
+def assert_same_bits(a, b):
+    """``--exact``'s promise: byte-equal (np.array_equal) parameters and optimizer state, given as
+    :func:`checkpoint_bits` gives them."""
+    (pa, oa, _), (pb, ob, _) = a, b
+    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
+    for k in pa:
+        assert np.array_equal(pa[k], pb[k]), f"parameter {k} differs"
+    for k in oa:
+        assert np.array_equal(oa[k], ob[k]), f"optimizer state {k} differs"
+
+
 def wordcount_reference(d, shard_rows=128):
     """A synthetic text data set in ``d`` (38 shards of 128 rows, or of ``shard_rows``) and its one-rank
     wordcount: (data path, reference output path), for jobs that must end bit-identical to it."""

@@ -122,7 +122,8 @@ def config_from_args(args, dataset):
         checkpoint_sync=args.checkpoint_sync, keep=args.keep,
         resume=args.resume or env_flag(RESUME), key=resolve_key(args.key_file), faults=FaultPlan(args.inject_fault),
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
-        overlap=not args.no_overlap and not args.exact, exact=args.exact, micro_batch=micro, embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
+        overlap=not args.no_overlap and not args.exact, exact=args.exact, micro_batch=micro,
+        embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
         data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
 

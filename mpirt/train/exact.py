@@ -201,23 +201,17 @@ class ExactReducer:
         every rank merges the union the same way: integers, so neither the partition nor the order
         of arrival changes a bit. ``scale`` 0: the step is not finite, nothing is converted.
         """
-        from mpirt.train.sparse import merge_rows
+        from mpirt.train.sparse import gather_rows, merge_rows
 
-        MPI, comm = self.ec.MPI, self.ec.comm
         dim = self.sparse[t].shape[1]
         ids = np.concatenate([rows[t][0] for _, _, rows, _ in self.local] or [np.zeros(0, np.int64)])
         q = np.concatenate([to_fixed(rows[t][1], scale) if scale else np.zeros(rows[t][1].shape, np.int64)
                             for _, _, rows, _ in self.local] or [np.zeros((0, dim), np.int64)])
         ids, q = merge_rows(ids, q)
         counts = np.zeros(self.ec.size, np.int64)
-        comm.Allgather(np.array([len(ids)], np.int64), counts)
-        displs = np.r_[0, np.cumsum(counts)[:-1]]
-        all_ids = np.empty(int(counts.sum()), np.int64)
-        comm.Allgatherv([ids, MPI.INT64_T], [all_ids, (counts, displs), MPI.INT64_T])
-        all_q = np.empty((int(counts.sum()), dim), np.int64)
-        comm.Allgatherv([q.reshape(-1), MPI.INT64_T], [all_q.reshape(-1), (counts * dim, displs * dim), MPI.INT64_T])
+        self.ec.comm.Allgather(np.array([len(ids)], np.int64), counts)
         self.sparse_bytes = 8 * int(counts.sum()) * (dim + 1)
-        ids, q = merge_rows(all_ids, all_q)
+        ids, q = merge_rows(*gather_rows(self.ec, ids, q, counts))
         return ids, q, scale
 
     def apply_sparse(self, opt):

@@ -76,6 +76,29 @@ def merge_rows(ids, rows):
     return sid[starts], np.add.reduceat(rows[order], starts, axis=0)
 
 
+def gather_rows(ec, ids, rows, counts):
+    """Every rank's (ids, rows) in rank order: one Allgatherv of bytes (ids then rows per rank).
+
+    ``counts``: each rank's row count (the same array on every rank); rows of any dtype, [n, dim].
+    """
+    MPI = ec.MPI
+    dim, dtype = rows.shape[1], rows.dtype
+    width = 8 + dtype.itemsize * dim
+    mine = np.empty(len(ids) * width, np.uint8)
+    mine[:8 * len(ids)] = ids.view(np.uint8)
+    mine[8 * len(ids):] = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+    sizes = counts * width
+    displs = np.r_[0, np.cumsum(sizes)[:-1]]
+    out = np.empty(int(sizes.sum()), np.uint8)
+    ec.comm.Allgatherv([mine, MPI.BYTE], [out, (sizes, displs), MPI.BYTE])
+    all_ids, all_rows = [], []
+    for n, at in zip(counts, displs):
+        n, at = int(n), int(at)
+        all_ids.append(out[at:at + 8 * n].view(np.int64))
+        all_rows.append(out[at + 8 * n:at + n * width].view(dtype).reshape(n, dim))
+    return np.concatenate(all_ids), np.concatenate(all_rows)
+
+
 class SparseExchange:
     """Sum the row-sparse gradients of ``params`` over ``ec``'s view; see the module docstring.
 
@@ -131,28 +154,9 @@ class SparseExchange:
         dim = p.shape[1]
         if how == "allgather":
             self.counters["bytes"] += int(counts.sum()) * (8 + 4 * dim)
-            ids, rows = self._gather(ids, rows, counts, dim)
-            return merge_rows(ids, rows)
+            return merge_rows(*gather_rows(self.ec, ids, rows, counts))
         self.counters["bytes"] += 4 * p.numel() + 8 * int(counts.sum())
         return self._reduce_dense(p, ids, rows, counts)
-
-    def _gather(self, ids, rows, counts, dim):
-        """Every rank's (ids, rows) in rank order: one Allgatherv of bytes (ids then rows per rank)."""
-        MPI = self.ec.MPI
-        width = 8 + 4 * dim
-        mine = np.empty(len(ids) * width, np.uint8)
-        mine[:8 * len(ids)] = ids.view(np.uint8)
-        mine[8 * len(ids):] = rows.reshape(-1).view(np.uint8)
-        sizes = counts * width
-        displs = np.r_[0, np.cumsum(sizes)[:-1]]
-        out = np.empty(int(sizes.sum()), np.uint8)
-        self.ec.comm.Allgatherv([mine, MPI.BYTE], [out, (sizes, displs), MPI.BYTE])
-        all_ids, all_rows = [], []
-        for n, at in zip(counts, displs):
-            n, at = int(n), int(at)
-            all_ids.append(out[at:at + 8 * n].view(np.int64))
-            all_rows.append(out[at + 8 * n:at + n * width].view(np.float32).reshape(n, dim))
-        return np.concatenate(all_ids), np.concatenate(all_rows)
 
     def _reduce_dense(self, p, ids, rows, counts):
         """Scatter into a dense table, allreduce it, keep the touched rows (the gathered ids)."""

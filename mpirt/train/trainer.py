@@ -258,15 +258,8 @@ class Trainer:
             p.grad = None  # a sparse gradient is replaced, not accumulated into
         self.reducer.begin()  # buckets go out as backward completes them (mpirt.train.overlap)
         if b > a:
-            batch = self.train.get(self.orders.rows(epoch, a, b))
             self.model.train()
-            logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
-            y = torch.from_numpy(batch.y).to(self.device)
-            loss = cross_entropy(logits, y, reduction="sum")
-            loss.backward()
-            stats[SAMPLES] = len(batch)
-            stats[LOSS] = float(loss.detach())
-            stats[CORRECT] = float((logits.detach().argmax(1) == y).sum())
+            stats[SAMPLES], stats[LOSS], stats[CORRECT] = self._backward(epoch, a, b)
             stats[NONFINITE] = 0.0 if all(bool(torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all())
                                           for p in self.model.parameters() if p.grad is not None) else 1.0
         return stats
@@ -281,13 +274,18 @@ class Trainer:
             p.grad = None  # a sparse gradient is replaced, not accumulated into (add() takes it)
         for j, a, b in mine:
             self.opt.zero_grad(set_to_none=False)
-            batch = self.train.get(self.orders.rows(epoch, a, b))
-            logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
-            y = torch.from_numpy(batch.y).to(self.device)
-            loss = cross_entropy(logits, y, reduction="sum")
-            loss.backward()
-            self.reducer.add(j, len(batch), float(loss.detach()), float((logits.detach().argmax(1) == y).sum()))
+            self.reducer.add(j, *self._backward(epoch, a, b))
         return np.zeros(N_STATS)
+
+    def _backward(self, epoch, a, b):
+        """Forward and backward of positions ``[a, b)`` of ``epoch``'s order, the loss summed (not
+        averaged); returns (rows, loss, correct)."""
+        batch = self.train.get(self.orders.rows(epoch, a, b))
+        logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
+        y = torch.from_numpy(batch.y).to(self.device)
+        loss = cross_entropy(logits, y, reduction="sum")
+        loss.backward()
+        return len(batch), float(loss.detach()), float((logits.detach().argmax(1) == y).sum())
 
     def _mark_fired(self, step, actions, phase="take"):
         # Every member marks what was due at this step, not only the one it struck: a new
