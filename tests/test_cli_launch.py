@@ -39,12 +39,42 @@ def test_launch_dry_run_prints_the_mpiexec_line():
 
 
 @pytest.mark.cli
+def test_launch_takes_horovodrun_style_np_and_hosts():
+    """``horovodrun -np 4 -H node1:2,node2 python train.py`` needs one word changed."""
+    res = run_cli("launch", "-np", "3", "-H", "node1:2,node2", "--dry-run", "python", "train.py", timeout=60).check()
+    line = res.stdout.strip()
+    assert " -n 3 " in line and "--host node1:2,node2:1" in line, line
+    # Two hosts: the host-fault-tolerant path, as with a hostfile.
+    assert "-m mpirt.comm.shim python train.py" in line and "--mca btl tcp,self" in line, line
+
+
+def test_launch_clears_session_dirs_of_runtimes_that_are_gone(tmp_path):
+    """A killed mpiexec leaves ``ompi.<pid>``; a runtime started later under that pid would fail to start."""
+    import subprocess
+
+    from mpirt.comm import sessiondirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    for name in (f"ompi.{gone.pid}", f"prted.{gone.pid}", f"ompi.{os.getpid()}", "ompi.notapid", "other.1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pmix.head.tool").write_text("")
+    removed = sessiondirs.sweep(str(tmp_path))
+    assert sorted(removed) == sorted(str(tmp_path / n) for n in (f"ompi.{gone.pid}", f"prted.{gone.pid}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"ompi.{os.getpid()}", "ompi.notapid", "other.1"])
+
+
+@pytest.mark.cli
 @pytest.mark.parametrize("args, words", [
     (["launch", "--bogus", "--", "true"], "unrecognized arguments: --bogus"),
     (["launch", "-n", "0", "--", "true"], "need -n >= 1"),
     (["launch", "--hostfile", "/nonexistent/hosts", "--", "true"], "hostfile not found"),
     (["launch", "-n", "two", "--", "true"], "invalid int value"),
     (["launch"], "required: COMMAND"),
+    (["launch", "-H", "node1:two", "--", "true"], "slots of node1 must be a positive integer"),
+    (["launch", "-H", "node1,,node2", "--", "true"], "an empty host name"),
+    (["launch", "-H", "node1,node1:2", "--", "true"], "host node1 is listed twice"),
+    (["launch", "-H", "node1", "--hostfile", "/etc/hosts", "--", "true"], "-H and --hostfile both name the hosts"),
 ])
 def test_launch_usage_errors_are_one_line_exit_2(args, words):
     res = run_cli(*args, timeout=60)

