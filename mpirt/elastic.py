@@ -19,35 +19,39 @@
 
     train(state)
 
-``opt.step`` commits a step on every member or on none: when a member dies or hangs it raises
+``opt.step`` commits a step on every member or on none (the protocol of :mod:`mpirt.cluster.commit`,
+the one ``mpirt train`` uses): when a member dies or hangs it raises
 :class:`mpirt.errors.ProcessFailure` before anything is applied; ``run`` then rebuilds the
-communicator in place (Revoke, Shrink), re-syncs the state from the new coordinator and calls
-``train`` again, which redoes the same step on the survivors. Joins from ``MPIRT_FAULTS``
-(``join:count=C:step=S``) or a joiner you spawn yourself are merged in after a committed step and
-get the state. Unlike Horovod's elastic mode this needs no driver process and no restart.
+communicator in place (Revoke, Shrink), checks that the survivors are at the same committed step
+and calls ``train`` again, which redoes that step on the survivors. Joins from ``MPIRT_FAULTS``
+(``join:count=C:step=S``) are merged in after a committed step and get the state; a member sent
+SIGTERM leaves after a committed step. Unlike Horovod's elastic mode this needs no driver process
+and no restart. (For Horovod's own API on the same runtime, see :mod:`mpirt.horovod.torch`.)
 """
 
 import functools
 
-import numpy as np
+from mpirt.cluster.commit import Slots, StepCommitter
+from mpirt.cluster.group import ElasticGroup
+from mpirt.errors import Preempted, ProcessFailure
 
-from mpirt.cluster.group import ElasticGroup, Leaving
-from mpirt.comm import faults as faultlib
-from mpirt.errors import ProcessFailure
-
-SAMPLES, LOSS, LEAVING, JOINERS = range(4)
+SLOTS = Slots("samples", "loss")
+SAMPLES, LOSS = SLOTS.SAMPLES, SLOTS.LOSS
 
 
-def init(events=None, min_ranks=1, spawn_argv=None):
+def init(events=None, min_ranks=1, spawn_argv=None, stoppable=False):
     """Join the MPI job (initialises MPI) and return the started :class:`ElasticGroup`.
 
-    ``spawn_argv`` is what a joiner runs (default: this script again, ``sys.argv``)."""
+    ``spawn_argv`` is what a joiner runs (default: this script again, ``sys.argv``).
+    ``stoppable``: SIGUSR1 to any member (Slurm's ``--signal``) makes ``opt.step`` raise
+    :class:`mpirt.errors.Preempted` on every member after the same committed step."""
     import sys
 
     from mpirt.comm.faults import FaultPlan
 
     argv = spawn_argv or [sys.executable, *sys.argv]
-    group = ElasticGroup(events_path=events, faults=FaultPlan(), min_ranks=min_ranks, spawn_argv=argv).start()
+    group = ElasticGroup(events_path=events, faults=FaultPlan(), min_ranks=min_ranks,
+                         spawn_argv=argv).start(stoppable=stoppable)
     if not group.joined:
         group.sync_view()
     return group
@@ -65,7 +69,8 @@ class TorchState:
     def snapshot(self):
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         return {"model": self.model.state_dict(), "optimizer": inner.state_dict(),
-                "counters": {k: getattr(self, k) for k in self._counters}}
+                "counters": {k: getattr(self, k) for k in self._counters},
+                "committed": getattr(self.optimizer, "committed", 0)}
 
     def load(self, snap):
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -73,6 +78,8 @@ class TorchState:
         inner.load_state_dict(snap["optimizer"])
         for k, v in snap["counters"].items():
             setattr(self, k, v)
+        if hasattr(self.optimizer, "committed"):
+            self.optimizer.committed = snap.get("committed", 0)
 
 
 class DistributedOptimizer:
@@ -101,13 +108,17 @@ class DistributedOptimizer:
                 raise ValueError("exact=True and compress: compression rounds each rank's gradient before the "
                                  "sum, so the model would depend on the number of ranks")
             torch.set_num_threads(1)  # a micro-batch's gradient must be the same bits on every rank
-            self.reducer = ExactReducer(group.ec, list(params), n_stats=4, slots=(SAMPLES, LOSS))
+            self.reducer = ExactReducer(group.ec, list(params), n_stats=len(SLOTS), slots=SLOTS.job_indices(),
+                                        nonfinite=SLOTS.NONFINITE)
         else:
             from mpirt.train.allreduce import GradAllreduce
 
-            self.reducer = GradAllreduce(group.ec, list(params), n_stats=4, compress=compress, overlap=overlap)
+            self.reducer = GradAllreduce(group.ec, list(params), n_stats=len(SLOTS), compress=compress,
+                                         overlap=overlap)
+        self.committer = StepCommitter(group, self.reducer, SLOTS)
         self.totals = None
-        self.joiners = 0
+        self.committed = 0  # steps committed: the protocol's step number when step() is given none
+        self._joins = None  # (step, totals) of a committed step that announced joiners
 
     def zero_grad(self, set_to_none=False):
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -131,77 +142,64 @@ class DistributedOptimizer:
         """Allreduce the gradients (sum / total samples) and apply them on every member, or raise.
 
         ``samples`` and ``loss`` are this rank's (with ``exact``, :meth:`accumulate` gave them).
+        ``step``: your step counter, which ``MPIRT_FAULTS``' ``step=`` refers to (default: the
+        number of steps committed so far). A member sent SIGTERM leaves here, after the commit.
 
         Raises:
             ProcessFailure: the step was not committed by every member (nothing was applied).
+            Preempted: (``init(stoppable=True)``) a stop was requested; the step is applied, and
+                every member raises it after the same step: save your state and stop.
         """
-        g = self.group
-        if step is not None:  # injected faults (MPIRT_FAULTS), as in `mpirt train`
-            g.fire(g.faults.due(member=g.member, is_coordinator=g.is_coordinator, step=step,
-                                actions=faultlib.SELF), step=step)
-            for f in g.faults.faults:
-                if f.action != "join" and f.step is not None and f.step <= step:
-                    g.faults.fired.add(f.index)
-        stats = np.zeros(4)
+        step = self.committed if step is None else step
+        stats = self.committer.begin(step)
         stats[SAMPLES], stats[LOSS] = samples, loss
-        stats[LEAVING] = 1.0 if Leaving.requested else 0.0
-        join = []
-        if g.is_coordinator and step is not None:
-            join = g.faults.due(member=g.member, is_coordinator=True, step=step, actions=("join",))
-            stats[JOINERS] = sum(f.count for f in join)
-        failed = False
-        try:
-            self.totals = self.reducer.allreduce(stats)
-        except ProcessFailure:
-            failed = True
-        try:
-            ok = g.ec.agree(not failed)
-        except ProcessFailure:
-            ok = False
-        if not ok:
-            raise ProcessFailure("step not committed by every member")
+        totals = self.totals = self.committer.commit(step, stats)
         self.optimizer.step()
-        g.fire(join, step=step)
-        self.joiners = int(self.totals[JOINERS])
-        if self.totals[LEAVING]:
-            g.announce_leaving(Leaving.requested)  # the view records them as left, not failed
-            if Leaving.requested:
-                g.leave()
-        return self.totals
+        if self.exact:
+            self.reducer.apply_sparse(self.optimizer)
+        self.committed = step + 1
+        self.committer.release_leavers(totals)
+        if totals[SLOTS.JOINERS]:
+            self._joins = (step, totals)  # merged by check_joins, once your counters moved on
+        else:
+            self.committer.mark_fired(step, ("join",))
+        why = self.committer.stop_reason(totals)
+        if why:
+            raise Preempted(f"stopped {why} after step {step}")
+        return totals
 
 
 def run(group):
     """Decorator: call ``fn(state)``; on a failure recover in place and call it again.
 
     After each return of ``opt.step`` with joiners pending, the joiners are merged at the next
-    call of ``state`` checks; a spawned joiner's ``fn`` starts with the coordinator's state.
+    call of :func:`check_joins`; a spawned joiner's ``fn`` starts with the coordinator's state.
     """
     def wrap(fn):
         @functools.wraps(fn)
         def runner(state, *args, **kwargs):
+            opt = state.optimizer
             if group.joined:
                 state.load(group.sync_view(joiner=True))
             while True:
                 try:
                     return fn(state, *args, **kwargs)
                 except ProcessFailure:
-                    snap = group.recover(payload=state.snapshot())
-                    state.load(snap)  # the new coordinator's, identical unless a step half-applied
-                except _Grow as grow:
-                    group.grow(grow.count)
-                    group.sync_view(payload=state.snapshot() if group.is_coordinator else None)
+                    # Agree is uniform: the survivors hold the same committed state; redo from it.
+                    opt.committer.recover(opt.committed)
+                except _Grow:
+                    step, totals = opt._joins
+                    opt._joins = None
+                    opt.committer.merge_joiners(step, totals, state.snapshot)
         return runner
     return wrap
 
 
 class _Grow(Exception):
-    def __init__(self, count):
-        super().__init__(count)
-        self.count = count
+    pass
 
 
 def check_joins(optimizer):
     """Call after ``state.step += 1``: merge the joiners ``optimizer.step`` announced (collective)."""
-    if optimizer.joiners:
-        count, optimizer.joiners = optimizer.joiners, 0
-        raise _Grow(count)
+    if optimizer._joins:
+        raise _Grow()

@@ -49,15 +49,18 @@ class GradAllreduce:
         bucket_bytes, segment_bytes, inflight: see the module docstring.
         compress: None, "bf16" or "fp16".
         overlap: reduce buckets on a thread while backward runs (call :meth:`begin` before backward).
+        scale: what the summed gradients are multiplied by, from the summed stats (default
+            ``1 / stats[0]``, the total sample count): Horovod's ``op=Sum`` passes ``lambda t: 1.0``.
     """
 
     def __init__(self, ec, params, *, n_stats=4, bucket_bytes=BUCKET_BYTES, segment_bytes=SEGMENT_BYTES,
-                 inflight=INFLIGHT, compress=None, overlap=False):
+                 inflight=INFLIGHT, compress=None, overlap=False, scale=None):
         import torch
 
         if compress not in (None, *COMPRESSIONS):
             raise ValueError(f"compress must be one of {COMPRESSIONS} or None")
         self.ec, self.compress, self.n_stats = ec, compress, n_stats
+        self.scale = scale or (lambda total: 1.0 / max(total[0], 1.0))
         self.segment = max(1, segment_bytes // 4)
         self.inflight = max(1, inflight)
         self.params = [p for p in params if p.requires_grad]
@@ -145,7 +148,7 @@ class GradAllreduce:
                 self.ec.comm.Allreduce(self.ec.MPI.IN_PLACE, total, op=self.ec.MPI.SUM)
             else:
                 total = self.host[-1][-self.n_stats:].astype(np.float64)
-        self.unpack(1.0 / max(total[0], 1.0))
+        self.unpack(self.scale(total))
         return total
 
     def wire_bytes(self):

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
+from mpirt.cluster.commit import Slots, StepCommitter
+from mpirt.cluster.group import ElasticGroup
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
@@ -43,10 +44,12 @@ from mpirt.train.sparse import SparseExchange, sparse_params
 
 log = get_logger("mpirt.train")
 
-# The stats reduced with the gradients: one slot each. NONFINITE counts ranks whose gradient has a
-# NaN or inf: every member sees the same sums, so every member stops at the same step.
-SAMPLES, LOSS, CORRECT, LEAVING, JOINERS, PREEMPT, NONFINITE = range(7)
-N_STATS = 7
+# The stats reduced with the gradients, after which the protocol's own (mpirt.cluster.commit).
+# NONFINITE counts ranks whose gradient has a NaN or inf: every member sees the same sums, so every
+# member stops at the same step.
+SLOTS = Slots("samples", "loss", "correct")
+SAMPLES, LOSS, CORRECT, NONFINITE = SLOTS.SAMPLES, SLOTS.LOSS, SLOTS.CORRECT, SLOTS.NONFINITE
+N_STATS = len(SLOTS)
 
 
 class Trainer:
@@ -100,11 +103,12 @@ class Trainer:
         if exact:
             # One intra-op thread: a micro-batch's gradient must be the same bits on every rank.
             torch.set_num_threads(1)
-            self.reducer = ExactReducer(self.group.ec, dense, n_stats=N_STATS, slots=(SAMPLES, LOSS, CORRECT),
+            self.reducer = ExactReducer(self.group.ec, dense, n_stats=N_STATS, slots=SLOTS.job_indices(),
                                         nonfinite=NONFINITE, sparse=rows)
-            return
-        self.reducer = GradAllreduce(self.group.ec, dense, n_stats=N_STATS, compress=self.cfg.compress,
-                                     bucket_bytes=self.cfg.bucket_bytes, overlap=self.cfg.overlap)
+        else:
+            self.reducer = GradAllreduce(self.group.ec, dense, n_stats=N_STATS, compress=self.cfg.compress,
+                                         bucket_bytes=self.cfg.bucket_bytes, overlap=self.cfg.overlap)
+        self.committer = StepCommitter(self.group, self.reducer, SLOTS, sparse=self.sparse)
 
     def state(self):
         """What a joiner needs (and what a checkpoint holds): the replicated training state."""
@@ -216,35 +220,10 @@ class Trainer:
         return "test" if self.tested is None else None
 
     def _attempt(self):
-        """Try step ``self.step``; True when every member agreed to commit it."""
-        group, step = self.group, self.step
-        coord = group.is_coordinator
-        due = group.faults.due(member=group.member, is_coordinator=coord, step=step,
-                               actions=faultlib.SELF)
-        group.fire(due, step=step)
-        self._mark_fired(step, faultlib.SELF, "take")
-        self.joining = [f for f in group.faults.due(member=group.member, is_coordinator=coord, step=step,
-                                                    actions=("join",))] if coord and group.can_grow() else []
-        stats = self._compute(step)
-        stats[LEAVING] = 1.0 if Leaving.requested else 0.0
-        stats[JOINERS] = sum(f.count for f in self.joining)
-        stats[PREEMPT] = 1.0 if Preempt.requested else 0.0
-        failed = False
-        try:
-            self.totals = self.reducer.allreduce(stats)
-            if self.sparse:
-                self.sparse.exchange(1.0 / max(self.totals[SAMPLES], 1.0))
-        except ProcessFailure:
-            failed = True
-        group.fire(group.faults.due(member=group.member, is_coordinator=coord, step=step, phase="commit"),
-                   step=step, phase="commit")
-        self._mark_fired(step, faultlib.SELF, "commit")
-        try:
-            ok = group.ec.agree(not failed)
-        except ProcessFailure:
-            ok = False
-        if not ok:
-            raise ProcessFailure(f"step {step} not committed by every member")
+        """Try step ``self.step``; True when every member agreed to commit it (mpirt.cluster.commit)."""
+        stats = self.committer.begin(self.step)
+        stats += self._compute(self.step)
+        self.totals = self.committer.commit(self.step, stats)
         return True
 
     def _compute(self, step):
@@ -287,13 +266,6 @@ class Trainer:
         loss.backward()
         return len(batch), float(loss.detach()), float((logits.detach().argmax(1) == y).sum())
 
-    def _mark_fired(self, step, actions, phase="take"):
-        # Every member marks what was due at this step, not only the one it struck: a new
-        # coordinator must not strike a "member=coordinator" fault again after its victim died.
-        for f in self.group.faults.faults:
-            if f.action in actions and f.phase == phase and f.step is not None and f.step <= step:
-                self.group.faults.fired.add(f.index)
-
     def _after_commit(self):
         totals, step, group = self.totals, self.step, self.group
         if totals[NONFINITE] or not np.isfinite(totals[LOSS]):
@@ -304,7 +276,6 @@ class Trainer:
         elif self.cfg.exact:
             self.reducer.apply_sparse(self.opt)
         self.step += 1
-        self._mark_fired(step, ("join",))
         # Every member keeps the epoch's figures (the sums are the same everywhere), so whoever
         # coordinates when the epoch's evaluation ends can report it.
         self.epoch_stats["loss"] += totals[LOSS]
@@ -320,22 +291,13 @@ class Trainer:
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
             # A save fault strikes in the coordinator's writer (save_checkpoint); every member marks
             # it, so that a coordinator taking over does not strike it again at its next save.
-            self._mark_fired(self.step, faultlib.SELF, "save")
+            self.committer.mark_fired(self.step, faultlib.SELF, "save")
         if self.step < self.schedule.total_steps:  # at the end: just finish
-            if totals[PREEMPT]:
-                self._stop_preempted("on request (SIGUSR1)")
-            if totals[LEAVING] >= group.size:  # Slurm's preemption and scancel: SIGTERM to all
-                self._stop_preempted("as every member was asked to leave (SIGTERM)")
-        if totals[LEAVING]:
-            group.announce_leaving(Leaving.requested)  # the view records them as left, not failed
-            if Leaving.requested:
-                if self.ckpt:
-                    self.ckpt.wait()  # a coordinator hands over with its save in flight on disk
-                group.leave()  # after the commit: the others redo nothing
-        if totals[JOINERS]:
-            group.fire(self.joining, step=step)
-            group.grow(int(totals[JOINERS]))
-            group.sync_view(payload=self.state() if group.is_coordinator else None)
+            why = self.committer.stop_reason(totals)
+            if why:
+                self._stop_preempted(why)
+        if self.committer.change_members(step, totals, state=self.state,
+                                         before_leave=self.ckpt.wait if self.ckpt else None):
             self._open_outputs()
 
     def _stop_non_finite(self, step, totals):
@@ -380,11 +342,7 @@ class Trainer:
 
     def _recover(self):
         group = self.group
-        state = group.recover(payload={"step": self.step})  # used from whoever is rank 0 after the shrink
-        if state["step"] != self.step:
-            # Agree is uniform, so this cannot happen; if it ever does, stop rather than diverge.
-            raise JobError(f"members disagree on the committed step ({self.step} here, "
-                           f"{state['step']} on the coordinator) after a failure")
+        self.committer.recover(self.step)  # the committed step, from whoever is rank 0 after the shrink
         self._open_outputs()
         if group.size < self.cfg.min_ranks:
             # Too few to go on, but every survivor holds the committed step's whole model: stop as on
@@ -399,25 +357,11 @@ class Trainer:
     # -- epochs, checkpoints, the end ----------------------------------------
     def _evaluate_phase(self, name):
         """Evaluate split ``name`` on every member; agreed like a step, redone after a failure."""
-        out, failed = None, False
-        group = self.group
-        group.fire(group.faults.due(member=group.member, is_coordinator=group.is_coordinator, step=self.step,
-                                    phase="eval", actions=faultlib.SELF), step=self.step, phase="eval")
-        self._mark_fired(self.step, faultlib.SELF, "eval")
         source = self.eval_sources.get(name)
         if source is None:
             source = self.eval_sources[name] = RowSource(self.dataset.split(name))
-        try:
-            out = evaluate(self.model, self.spec["name"], source, self.group.ec, self.device,
-                           with_predictions=name == "test")
-        except ProcessFailure:
-            failed = True
-        try:
-            ok = self.group.ec.agree(not failed)
-        except ProcessFailure:
-            ok = False
-        if not ok:
-            raise ProcessFailure(f"{name} evaluation not completed by every member")
+        out = self.committer.agree_phase(self.step, "eval", lambda: evaluate(
+            self.model, self.spec["name"], source, self.group.ec, self.device, with_predictions=name == "test"))
         if name == "test":
             self.tested = out or {}
             return
