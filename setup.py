@@ -16,6 +16,8 @@ setup(
         "mpirt.data",
         "mpirt.train",
         "mpirt.jobs",
+        "mpirt.horovod",
+        "mpirt.horovod.torch",
         "mpirt.kernels",
     ],
     package_dir={"mpirt": "mpirt", "mpirt.kernels": "kernels"},

@@ -28,11 +28,12 @@ RUN = "MPIRT_RUN"  # set by `mpirt launch`: 1, then 2, 3... when the job is run 
 MAX_PARAMS = "MPIRT_MAX_PARAMS"  # the most parameters a model may have (default 2^30)
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 TRANSPORT = "MPIRT_TRANSPORT"  # sm | tcp: how ranks talk under ULFM (mpirt.comm.transport); set for the ranks
+EVENTS = "MPIRT_EVENTS"  # the JSON-lines events log of a job run through mpirt.horovod (views, faults)
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
     HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME,
-    FSYNC, LEASE_S, MAX_PARAMS, TRANSPORT,
+    FSYNC, LEASE_S, MAX_PARAMS, TRANSPORT, EVENTS,
 }
 
 # Facts about the host a process runs on: never carried to other hosts (mpiexec -x).
