@@ -42,15 +42,18 @@ SAMPLES, LOSS = SLOTS.SAMPLES, SLOTS.LOSS
 def init(events=None, min_ranks=1, spawn_argv=None, stoppable=False):
     """Join the MPI job (initialises MPI) and return the started :class:`ElasticGroup`.
 
+    ``events``: the JSON-lines events log (default ``$MPIRT_EVENTS``, else none).
     ``spawn_argv`` is what a joiner runs (default: this script again, ``sys.argv``).
     ``stoppable``: SIGUSR1 to any member (Slurm's ``--signal``) makes ``opt.step`` raise
     :class:`mpirt.errors.Preempted` on every member after the same committed step."""
+    import os
     import sys
 
     from mpirt.comm.faults import FaultPlan
+    from mpirt.config import EVENTS
 
     argv = spawn_argv or [sys.executable, *sys.argv]
-    group = ElasticGroup(events_path=events, faults=FaultPlan(), min_ranks=min_ranks,
+    group = ElasticGroup(events_path=events or os.environ.get(EVENTS) or None, faults=FaultPlan(), min_ranks=min_ranks,
                          spawn_argv=argv).start(stoppable=stoppable)
     if not group.joined:
         group.sync_view()

@@ -70,14 +70,15 @@ class Farm:
     """One process's part in a shard job. Use :func:`run_shard_job`."""
 
     def __init__(self, job, *, parts_dir, events_path=None, faults=None, min_ranks=1, resume=False,
-                 remove_parts=False):
+                 remove_parts=False, group=None):
         self.job = job
         self.remove_parts = remove_parts
         check_not_link(parts_dir)  # before anything (the default events log) is created in it
         self.parts = PartsDir(parts_dir)
         self.store = CommitStore(parts_dir)
-        self.group = ElasticGroup(events_path=events_path or os.path.join(parts_dir, "events.jsonl"),
-                                  faults=faults, min_ranks=min_ranks, spawn_argv=job.spawn_argv)
+        # ``group``: one already started (a fake world's member, in unit tests).
+        self.group = group or ElasticGroup(events_path=events_path or os.path.join(parts_dir, "events.jsonl"),
+                                           faults=faults, min_ranks=min_ranks, spawn_argv=job.spawn_argv)
         self.events = self.group.events
         self.faults = self.group.faults
         self.resume = resume
@@ -100,7 +101,7 @@ class Farm:
         return self.group.member
 
     def start(self):
-        group = self.group.start(stoppable=True)
+        group = self.group.start(stoppable=True) if self.group.ec is None else self.group
         if group.joined:
             group.sync_view(joiner=True)
             return

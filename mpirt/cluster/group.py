@@ -9,6 +9,7 @@ is gone, kill what hung, agree); ``grow(count)`` spawns joiners and merges them 
 import os
 import signal
 import sys
+import threading
 import time
 
 from mpirt.cluster.membership import EventsLog, View, has_quorum, hosts_lost
@@ -77,6 +78,7 @@ class ElasticGroup:
         # replace a directory lock one of them still holds (mpirt.dirlock), never anyone else's.
         self.gone = set()
         self._said_no_growth = False
+        self.strike = faultlib.strike  # how a due fault strikes (a fake world strikes in its threads)
 
     @property
     def rank(self):
@@ -251,7 +253,7 @@ class ElasticGroup:
             self.events.write("fault", index=fault.index, fault=str(fault), member=self.member,
                               view=self.view.id, **context)
             if fault.action != "join":
-                faultlib.strike(fault)
+                self.strike(fault)
 
     def leave(self):
         """Exit now as a graceful leave (the others shrink past it; the log says 'left')."""
@@ -269,9 +271,11 @@ class ElasticGroup:
 
             mpi.skip_finalize()
         # The job is over: SIGTERM is the launcher's again (prte terminates stragglers with it
-        # when a rank exits non-zero; trapped, it would leave them in MPI_Finalize).
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if self.stoppable:
+        # when a rank exits non-zero; trapped, it would leave them in MPI_Finalize). A member of a
+        # fake world (a thread, mpirt.comm.fake) installed no handlers.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.stoppable and threading.current_thread() is threading.main_thread():
             # A stop request after the end has nothing left to stop (its default would kill us).
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if self.ec is not None:
