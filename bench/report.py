@@ -300,6 +300,13 @@ def exact(doc, out_dir):
         tables(doc["results"])
 
 
+def horovod(doc, out_dir):
+    from bench.horovod import tables
+
+    return _header(doc, "horovod: Horovod's synthetic benchmark step through mpirt.horovod, beside mpirt's loop "
+                        "and DDP") + tables(doc["results"])
+
+
 def _bars(out_dir, name, bars, ylabel, title, pairs=False):
     """A bar plot: mpirt's bars blue, baselines grey; the first bar is mpirt's, or with ``pairs``
     every other one (mpirt, its baseline, mpirt, its baseline...)."""
@@ -353,7 +360,7 @@ def hostile(doc, out_dir):
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
-            ("sparse", sparse), ("exact", exact), ("ledger", ledger),
+            ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 

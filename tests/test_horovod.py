@@ -100,3 +100,42 @@ def test_horovods_elastic_synthetic_benchmark_survives_a_kill_a_join_and_a_leave
     v = views(events)
     assert [x["members"] for x in v] == [[0, 1, 2], [0, 2], [0, 2, 3], [0, 3]]
     assert v[1]["failed"] == [1] and v[2]["joined"] == [3] and v[3]["left"] == [2]
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_elastic_run_under_plain_mpirun_with_ulfm(tmp_path):
+    """No mpirt launch, no driver: Open MPI's own mpirun with ULFM on, as a Horovod user would type it."""
+    import os as _os
+
+    from harness import MPIEXEC, run
+
+    events = tmp_path / "events.jsonl"
+    cmd = [MPIEXEC, "-n", "3", "--host", "localhost:3", "--oversubscribe", "--with-ft", "ulfm",
+           "--mca", "btl", "tcp,self", "--mca", "coll", "^han"]
+    if _os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    res = run(cmd + [sys.executable, os.path.join(JOBS, "hvd_train.py"), "--elastic"],
+              env={"MPIRT_FAULTS": "kill:member=2:step=15;kill:member=coordinator:step=40", "MPIRT_EVENTS": events},
+              timeout=300)
+    res.check()
+    assert "hvd_train: 3 epochs, 1 ranks at the end" in res.stdout, res.output[-3000:]
+    assert [x["members"] for x in views(events)] == [[0, 1, 2], [0, 1], [1]]
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_elastic_run_in_a_slurm_batch_job(slurm, tmp_path):
+    """A Horovod-style elastic script in an sbatch script, launched with mpirt launch on the allocation."""
+    from harness import VENV_BIN
+    from test_slurm import sbatch
+
+    events = tmp_path / "events.jsonl"
+    res, logs = sbatch(tmp_path, f"""
+export PATH={VENV_BIN}:$PATH
+export MPIRT_EVENTS={events} MPIRT_FAULTS="kill:member=1:step=12"
+mpirt launch -- {sys.executable} {os.path.join(JOBS, "hvd_train.py")} --elastic
+""", ntasks=3)
+    assert res.returncode == 0, logs + res.output
+    assert "hvd_train: 3 epochs, 2 ranks at the end" in logs, logs
+    assert [x["members"] for x in views(events)] == [[0, 1, 2], [0, 2]]

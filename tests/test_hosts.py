@@ -309,3 +309,25 @@ def test_host_faults_are_refused_outside_a_simulated_host(tmp_path, digits):
                   "--inject-fault", "host-crash:member=1:step=3", timeout=120)
     assert res.returncode != 0
     assert "not on a simulated host" in res.stderr and "Traceback" not in res.output
+
+
+# -- a Horovod script, launched as horovodrun would be --------------------------------------------
+
+def test_a_horovod_elastic_script_with_horovodrun_style_hosts_outlives_a_host_crash(tmp_path, cluster):
+    """``mpirt launch -np 6 -H node1:2,node2:2,node3:2`` (horovodrun's flags) of a Horovod-style
+    elastic script (tests/jobs/hvd_train.py, mpirt.horovod.torch); node2 crashes mid-run."""
+    del cluster  # the hosts are named on the command line, as horovodrun takes them
+    tag = uuid.uuid4().hex
+    events = tmp_path / "events.jsonl"
+    job = os.path.join(ROOT, "tests", "jobs", "hvd_train.py")
+    line = " ".join(f"'{a}'" for a in map(str, [
+        "env", f"MPIRT_EVENTS={events}", "MPIRT_FAULTS=host-crash:member=2:step=15", MPIRT, "launch", "-np", "6",
+        "-H", "node1:2,node2:2,node3:2", "--launch-agent", AGENT, "--hang-timeout", "3", "--",
+        __import__("sys").executable, job, "--elastic"]))
+    res = run([AGENT, "head", line], timeout=240, tag=tag, check_leftovers=False)
+    res.check()
+    assert "hvd_train: 3 epochs, 4 ranks at the end" in res.stdout, res.output[-3000:]
+    settle_fault_host("host-crash", tag)
+    assert_no_leftovers(tag)
+    views = [e for e in events_of(events) if e["event"] == "view"]
+    assert [sorted(v["failed"]) for v in views] == [[], [2, 3]] and views[-1]["hosts_lost"] == [FAULT_HOST]
