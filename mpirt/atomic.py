@@ -60,14 +60,15 @@ def remove_stale(path, suffix=".tmp"):
         return removed
     for name in names:
         m = pattern.match(name)
-        if m and m.group(2) == host and not _alive(int(m.group(1))):
+        if m and m.group(2) == host and not pid_alive(int(m.group(1))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))  # unlink removes a link, never what it points to
                 removed.append(name)
     return removed
 
 
-def _alive(pid):
+def pid_alive(pid):
+    """Whether process ``pid`` exists on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -122,12 +122,7 @@ class StepCommitter:
         except ProcessFailure:
             failed, totals = True, None
         self.strike(step, "commit")
-        try:
-            ok = self.group.ec.agree(not failed)
-        except ProcessFailure:
-            ok = False
-        if not ok:
-            raise ProcessFailure(f"step {step} not committed by every member")
+        self._agree(failed, f"step {step} not committed by every member")
         self.totals = totals
         return totals
 
@@ -140,13 +135,18 @@ class StepCommitter:
             out = work()
         except ProcessFailure:
             failed = True
+        self._agree(failed, f"{phase} at step {step} not completed by every member")
+        return out
+
+    def _agree(self, failed, why):
+        """``Agree(not failed)``: return when every member succeeded, else raise ``ProcessFailure(why)``
+        on every survivor (a failure inside Agree itself counts as a no)."""
         try:
             ok = self.group.ec.agree(not failed)
         except ProcessFailure:
             ok = False
         if not ok:
-            raise ProcessFailure(f"{phase} at step {step} not completed by every member")
-        return out
+            raise ProcessFailure(why)
 
     # -- after a committed step -----------------------------------------------------------
     def stop_reason(self, totals):

@@ -13,17 +13,9 @@ import re
 import shutil
 import tempfile
 
+from mpirt.atomic import pid_alive
+
 _SESSION = re.compile(r"^(ompi|prted|prterun|prte)\.(\d+)$")
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def sweep(tmpdir=None):
@@ -48,7 +40,7 @@ def sweep(tmpdir=None):
             st = os.lstat(path)
         except OSError:
             continue
-        if st.st_uid != uid or not os.path.isdir(path) or os.path.islink(path) or _alive(int(m.group(2))):
+        if st.st_uid != uid or not os.path.isdir(path) or os.path.islink(path) or pid_alive(int(m.group(2))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
