@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mpirt import flags
 from mpirt.jobs.commands import add_elastic_options, spawn_argv
+from mpirt.train.schedule import SCHEDULES
 
 
 @dataclass
@@ -40,6 +41,9 @@ class TrainConfig:
     sparse_exchange: str = "auto"  # how sparse rows travel: by bytes, or forced (mpirt.train.sparse.MODES)
     exact: bool = False  # bit-identical on any number of ranks (mpirt.train.exact)
     micro_batch: int = None  # --exact: rows a micro-batch (a divisor of global_batch)
+    lr_schedule: str = "constant"  # the learning rate over steps (mpirt.train.schedule)
+    warmup: float = 0.0  # steps of linear warmup (>= 1), or a fraction of the run (< 1)
+    clip_norm: float = None  # clip the reduced gradient to this global L2 norm
     progress: object = None
     spawn_argv: list = field(default_factory=list)
     verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
@@ -54,6 +58,14 @@ def add_parser(sub):
     p.add_argument("--epochs", type=flags.positive, default=1)
     p.add_argument("--global-batch", type=flags.positive, default=64, metavar="B", help="samples a step, over all ranks")
     p.add_argument("--lr", type=flags.number(0, lo_open=True), default=0.1)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="the learning rate over the run, after warmup: constant, linear (to zero at the end, as "
+                        "fastText), cosine (to zero), or step (x0.1 at 1/2, x0.01 at 3/4) (default constant)")
+    p.add_argument("--warmup", type=flags.number(0), default=0.0, metavar="STEPS",
+                   help="steps over which the learning rate rises linearly to --lr; below 1, a fraction of the "
+                        "run's steps (default 0)")
+    p.add_argument("--clip-norm", type=flags.number(0, lo_open=True), metavar="N",
+                   help="clip the reduced gradient to this global L2 norm (every rank clips alike)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--momentum", type=flags.number(0, 1, hi_open=True), default=0.9, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=flags.number(0), default=0.0)
@@ -124,6 +136,7 @@ def config_from_args(args, dataset):
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
         overlap=not args.no_overlap and not args.exact, exact=args.exact, micro_batch=micro,
         embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
+        lr_schedule=args.lr_schedule, warmup=args.warmup, clip_norm=args.clip_norm,
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
         data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
 
@@ -151,7 +164,7 @@ def train_argv(args):
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
         "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb",
-        "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch")]
+        "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
     return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),

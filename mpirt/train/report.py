@@ -153,6 +153,12 @@ def _plots(directory, report, class_names):
     ax.set(xlabel="epoch", ylabel="samples/s", title="throughput (ranks annotated)")
     save(fig, "throughput.png")
 
+    if report.get("lr"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(range(len(report["lr"])), report["lr"])
+        ax.set(xlabel="step", ylabel="learning rate", title="learning rate (--lr-schedule, --warmup)")
+        save(fig, "lr.png")
+
     n = len(class_names)
     cm = np.array(report["test"]["confusion"]) if "test" in report else np.zeros((n, n), dtype=int)
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * n, 1.2 + 0.45 * n))

@@ -25,12 +25,22 @@ LOCK_FILE = ".lock"
 FLAGS = {"data_sha256": "--data (another data set, or the same file changed)", "global_batch": "--global-batch",
          "seed": "--seed", "spec": "--model (or its sizes: --hidden, --embed-dim, --channels)",
          "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
-         "compress": "--compress", "embedding_grad": "--embedding-grad", "exact": "--exact (its --micro-batch)"}
+         "compress": "--compress", "embedding_grad": "--embedding-grad", "exact": "--exact (its --micro-batch)",
+         "lr_schedule": "--lr-schedule or --warmup (or --epochs, which sets the schedule's length)",
+         "clip_norm": "--clip-norm"}
 
 
-def identity(cfg, data_sha256):
+def identity(cfg, data_sha256, total_steps=None):
     """What makes two runs the same run: every input of a step's result (not --epochs: more epochs
-    continue the same sequence of steps; not where or how often checkpoints are written)."""
+    continue the same sequence of steps, unless a schedule's length depends on them; not where or
+    how often checkpoints are written)."""
+    from mpirt.train.schedule import warmup_steps
+
+    warmup = warmup_steps(cfg.warmup, total_steps or 0)
+    schedule = None  # constant, no warmup: as runs made before schedules existed
+    if cfg.lr_schedule != "constant" or warmup:
+        schedule = {"name": cfg.lr_schedule, "warmup": warmup,
+                    "total_steps": None if cfg.lr_schedule == "constant" else total_steps}
     return {"data_sha256": data_sha256, "global_batch": int(cfg.global_batch), "seed": int(cfg.seed),
             "spec": cfg.spec, "optimizer": cfg.optimizer, "lr": float(cfg.lr),
             "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None,  # Adam ignores it
@@ -38,7 +48,8 @@ def identity(cfg, data_sha256):
             # what an optimizer step does to untouched embedding rows (mpirt.train.sparse)
             "embedding_grad": cfg.embedding_grad if cfg.spec["name"] == "fasttext" else None,
             # another reduction is another sequence of models (mpirt.train.exact): the micro-batch, or None
-            "exact": int(cfg.micro_batch) if cfg.exact else None}
+            "exact": int(cfg.micro_batch) if cfg.exact else None,
+            "lr_schedule": schedule, "clip_norm": float(cfg.clip_norm) if cfg.clip_norm else None}
 
 
 def differences(recorded, ident):

@@ -39,6 +39,7 @@ from mpirt.train.audit import Audit
 from mpirt.train.evaluate import evaluate
 from mpirt.train.exact import ExactReducer, micro_batches
 from mpirt.train.order import Orders, Schedule
+from mpirt.train.schedule import clip_global_norm, lr_at, set_lr, warmup_steps
 from mpirt.train.source import RowSource
 from mpirt.train.sparse import SparseExchange, sparse_params
 
@@ -70,7 +71,8 @@ class Trainer:
         self.ckpt = None
         self.audit = None
         self.saved = None  # (step, path) of the last checkpoint this process wrote
-        self.ident = rundir.identity(cfg, cfg.data_sha256)
+        self.ident = rundir.identity(cfg, cfg.data_sha256, self.schedule.total_steps)
+        self.warmup = warmup_steps(cfg.warmup, self.schedule.total_steps)
         self.epoch_stats = {"loss": 0.0, "samples": 0, "t0": time.perf_counter()}
         # Evaluations due before the next step, done by every member (see _phase): "val" after each
         # epoch; then "test" once, after the last step.
@@ -270,6 +272,10 @@ class Trainer:
         totals, step, group = self.totals, self.step, self.group
         if totals[NONFINITE] or not np.isfinite(totals[LOSS]):
             self._stop_non_finite(step, totals)
+        if self.cfg.clip_norm:  # the reduced gradient: the same on every member, so clipped alike
+            rows = self.sparse.merged if self.sparse else self.reducer.merged if self.cfg.exact else []
+            clip_global_norm(self.reducer.params, rows, self.cfg.clip_norm)
+        set_lr(self.opt, self.lr_at(step))
         self.opt.step()  # gradients already hold sum / total samples
         if self.sparse:
             self.sparse.apply(self.opt)  # the embedding rows this step touched (mpirt.train.sparse)
@@ -299,6 +305,12 @@ class Trainer:
         if self.committer.change_members(step, totals, state=self.state,
                                          before_leave=self.ckpt.wait if self.ckpt else None):
             self._open_outputs()
+
+    def lr_at(self, step):
+        """The learning rate of ``step`` (mpirt.train.schedule): a function of the step alone."""
+        cfg = self.cfg
+        return lr_at(step, base=cfg.lr, schedule=cfg.lr_schedule, warmup=self.warmup,
+                     total_steps=self.schedule.total_steps)
 
     def _stop_non_finite(self, step, totals):
         """Every member saw the same sums: all stop before applying step ``step``, and the last
@@ -421,6 +433,7 @@ class Trainer:
         if test:
             test["y_true"] = self.eval_sources["test"].all().y
         extra = {"events": group.events.read(), "views": group.view.id + 1, "steps": self.step,
+                 "lr": [self.lr_at(s) for s in range(self.schedule.total_steps)],
                  "ranks_at_end": group.size, "spec": self.spec, "wire": self._wire(),
                  "checkpoints": self.ckpt.stats() if self.ckpt else None}
         report = self.reporter.final(y_true=test and test["y_true"], y_pred=test and test["y_pred"],
