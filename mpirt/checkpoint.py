@@ -40,7 +40,8 @@ from mpirt.config import CHECKPOINT_KEY
 from mpirt.errors import CheckpointError, TamperedCheckpointError
 ATTRS = ("spec", "position", "meta", "world_size")
 NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
-TEMPORARY = re.compile(r"^(ckpt-\d{8}\.h5)\..+\.tmp$")
+TEMPORARY = re.compile(r"^((?:ckpt-\d{8}|best)\.h5)\..+\.tmp$")
+BEST = "best.h5"  # the best checkpoint by validation (--keep-best), beside the newest --keep
 
 
 @dataclass
@@ -100,6 +101,28 @@ def _manifest(arrays, attrs, groups):
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return manifest(zip(arrays, pool.map(digest, arrays.values())), attrs, groups)
+
+
+def resolve(path):
+    """A checkpoint named on a command line: a file; a run's directory (its newest checkpoint); or
+    ``DIR/best`` (the best by validation, written with ``--keep-best``).
+
+    Raises:
+        CheckpointError: a directory that holds no checkpoint, or ``DIR/best`` that was never written.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        latest = CheckpointDir(path).latest()
+        if latest is None:
+            raise CheckpointError(f"{path}: no checkpoint in this directory")
+        return latest
+    if not os.path.exists(path) and os.path.basename(path) == "best":
+        best = os.path.join(os.path.dirname(path) or ".", BEST)
+        if not os.path.exists(best):
+            raise CheckpointError(f"{path}: no best checkpoint in {os.path.dirname(path) or '.'} (train with "
+                                  f"--keep-best to write one)")
+        return best
+    return path
 
 
 def load(path, key=None, verify=True):
@@ -253,8 +276,10 @@ class CheckpointDir:
         self.saves, self.blocking_s = 0, 0.0  # saves, and what they cost the caller's thread
         self._buffers = {}  # the snapshot of the save before: the next one copies into them
 
-    def save(self, step, before_rename=None, **fields):
+    def save(self, step, before_rename=None, name=None, **fields):
         """Save the checkpoint of ``step`` (``fields``: as for :func:`save`); return its path.
+
+        ``name``: a file name in place of ``ckpt-{step}.h5`` (:data:`BEST`), never pruned by ``keep``.
 
         Blocking, it is written, fsynced, renamed and the old ones pruned on return. In the
         background, this waits for the save before (at most one in flight: see
@@ -267,7 +292,7 @@ class CheckpointDir:
         """
         t0 = time.perf_counter()
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"ckpt-{int(step):08d}.h5")
+        path = os.path.join(self.directory, name or f"ckpt-{int(step):08d}.h5")
         if self.saver is None:
             self._write(path, snapshot(**fields), before_rename)
         else:
@@ -322,6 +347,10 @@ class CheckpointDir:
     def latest(self):
         paths = self.paths()
         return paths[-1] if paths else None
+
+    def best(self):
+        path = os.path.join(self.directory, BEST)
+        return path if os.path.exists(path) else None
 
     def load_latest(self):
         path = self.latest()

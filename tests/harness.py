@@ -178,10 +178,11 @@ def assert_same_model(a, b, rtol=1e-5):
 
 
 def checkpoint_bits(ckpt_dir):
-    """The newest checkpoint in ``ckpt_dir``: (params, optimizer state by (param, name), position)."""
-    from mpirt.checkpoint import CheckpointDir
+    """The newest checkpoint in ``ckpt_dir`` (or the checkpoint file it names): (params, optimizer
+    state by (param, name), position)."""
+    from mpirt.checkpoint import CheckpointDir, load
 
-    ckpt = CheckpointDir(ckpt_dir).load_latest()
+    ckpt = load(ckpt_dir) if os.path.isfile(ckpt_dir) else CheckpointDir(ckpt_dir).load_latest()
     opt = {(i, k): np.asarray(v) for i, s in ckpt.optimizer["state"].items() for k, v in s.items()}
     return ckpt.params, opt, ckpt.position
 

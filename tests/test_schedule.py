@@ -111,3 +111,76 @@ def test_a_stopped_run_resumes_on_the_same_curve_and_refuses_another(tmp_path, d
     res, run = _train(tmp_path, digits, 3, "run", *TUNED, "--resume")
     res.check()
     assert_same_model(_params(one), _params(run))
+
+
+# -- early stopping and the best checkpoint -------------------------------------------------------
+# lr 0.2 on digits: the val loss stops improving after a few epochs. With --exact every world size
+# makes the same decisions from the same bits.
+EARLY = ["--exact", "--lr", "0.2", "--epochs", "30", "--early-stop", "2", "--keep-best"]
+
+
+def _early(tmp_path, digits, n, name, *extra, faults=()):
+    res, run = _train(tmp_path, digits, n, name, *EARLY, "--report", tmp_path / name / "report", *extra,
+                      faults=faults)
+    return res, run
+
+
+def _early_state(run):
+    import json
+
+    return json.load(open(run / "report" / "report.json"))["early_stop"]
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_early_stopping_and_the_best_checkpoint_are_the_same_on_three_ranks_with_a_kill(tmp_path, digits):
+    res, one = _early(tmp_path, digits, 1, "one")
+    res.check()
+    early = _early_state(one)
+    assert early["stopped"] is not None and early["stopped"] < 29 and early["since"] == 2, early
+    assert f"early stop after epoch {early['stopped'] + 1}" in res.stdout
+    res, three = _early(tmp_path, digits, 3, "three", faults=["kill:member=1:step=40"])
+    res.check()
+    assert "2 view(s)" in res.stdout
+    assert _early_state(three) == early
+    assert_same_bits(checkpoint_bits(one / "ckpt" / "best.h5"), checkpoint_bits(three / "ckpt" / "best.h5"))
+    assert_same_bits(checkpoint_bits(one / "ckpt"), checkpoint_bits(three / "ckpt"))
+    # The best checkpoint is the best epoch's step, and classify takes it by name.
+    assert checkpoint_bits(one / "ckpt" / "best.h5")[2]["step"] == early["best_step"]
+    out = run_cli("classify", "--data", digits, "--checkpoint", one / "ckpt" / "best", "--out", tmp_path / "p.h5",
+                  timeout=120)
+    out.check()
+    missing = run_cli("classify", "--data", digits, "--checkpoint", tmp_path / "nowhere" / "best", "--out",
+                      tmp_path / "q.h5", timeout=120)
+    assert missing.returncode != 0 and "Traceback" not in missing.output
+    assert len(missing.stderr.strip().splitlines()) == 1 and "best" in missing.stderr, missing.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.cli
+def test_early_stopping_resumes_to_the_same_decision_after_a_stop(tmp_path, digits):
+    """Stopped (SIGUSR1) at the end of an epoch, before its validation, and resumed on another
+    world size: the resumed run validates that epoch and stops where the uninterrupted one did."""
+    res, ref = _early(tmp_path, digits, 2, "ref")
+    res.check()
+    early = _early_state(ref)
+    per = 23  # steps an epoch (1,437 training rows / 64)
+    stop_at = per * (early["stopped"]) - 1  # the last step of the epoch before the one it stopped after
+    res, run = _early(tmp_path, digits, 2, "run", faults=[f"stop:member=1:step={stop_at}"])
+    assert res.returncode == 75, res.output[-2000:]
+    res, run = _early(tmp_path, digits, 3, "run", "--resume")
+    res.check()
+    assert _early_state(run) == early
+    assert_same_bits(checkpoint_bits(ref / "ckpt" / "best.h5"), checkpoint_bits(run / "ckpt" / "best.h5"))
+    assert_same_bits(checkpoint_bits(ref / "ckpt"), checkpoint_bits(run / "ckpt"))
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("args, words", [
+    (["--keep-best"], "--keep-best needs --checkpoint-dir"),
+    (["--early-stop", "-1"], "--early-stop"),
+    (["--monitor", "val_f1"], "invalid choice"),
+])
+def test_early_stop_flags_are_checked(tmp_path, digits, args, words):
+    res = run_cli("train", "--data", digits, "--model", "mlp", *args, timeout=60)
+    assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.output, res.output

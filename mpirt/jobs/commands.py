@@ -35,8 +35,9 @@ def add_parser(sub):
     p = sub.add_parser("classify", help="predict a split with one checkpoint or an ensemble (shard job)")
     p.add_argument("--data", required=True, metavar="DATA.h5")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--checkpoint", required=True, action="append", metavar="CKPT.h5",
-                   help="a checkpoint of 'mpirt train'; repeat for an ensemble (mean of probabilities)")
+    p.add_argument("--checkpoint", required=True, action="append", metavar="CKPT",
+                   help="a checkpoint of 'mpirt train' (a file; a --checkpoint-dir: its newest; DIR/best: the "
+                        "best by validation, from --keep-best); repeat for an ensemble (mean of probabilities)")
     p.add_argument("--out", required=True, metavar="PRED.h5")
     p.add_argument("--top-k", type=flags.integer(1, TOP_K_MAX), default=1, metavar="K",
                    help=f"classes kept per row, most likely first (1..{TOP_K_MAX})")
@@ -115,8 +116,11 @@ def run_classify(args):
     from mpirt.errors import UsageError
     from mpirt.jobs.classify import Classify
 
+    from mpirt.checkpoint import resolve
+
     if args.min_ranks < 1 or args.top_k < 1:
         raise UsageError("--min-ranks and --top-k must be >= 1")
+    args.checkpoint = [resolve(c) for c in args.checkpoint]  # a run's directory, DIR/best: the file
     check_paths(args, "predictions", args.data, [("--checkpoint", c) for c in args.checkpoint]
                 + ([("--key-file", args.key_file)] if args.key_file else []))
     faults = FaultPlan(args.inject_fault)

@@ -44,6 +44,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # the learning rate over steps (mpirt.train.schedule)
     warmup: float = 0.0  # steps of linear warmup (>= 1), or a fraction of the run (< 1)
     clip_norm: float = None  # clip the reduced gradient to this global L2 norm
+    early_stop: int = 0  # epochs without a better --monitor value before training stops (0: never)
+    monitor: str = "val_loss"  # val_loss (lower is better) or val_accuracy (higher)
+    keep_best: bool = False  # keep DIR/best.h5: the checkpoint of the best epoch by --monitor
     progress: object = None
     spawn_argv: list = field(default_factory=list)
     verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
@@ -66,6 +69,13 @@ def add_parser(sub):
                         "run's steps (default 0)")
     p.add_argument("--clip-norm", type=flags.number(0, lo_open=True), metavar="N",
                    help="clip the reduced gradient to this global L2 norm (every rank clips alike)")
+    p.add_argument("--early-stop", type=flags.non_negative, default=0, metavar="PATIENCE",
+                   help="stop when --monitor has not improved for this many epochs (0: never)")
+    p.add_argument("--monitor", choices=("val_loss", "val_accuracy"), default="val_loss",
+                   help="what --early-stop and --keep-best judge an epoch by (default val_loss)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="keep the checkpoint of the best epoch by --monitor as DIR/best.h5 (beside the newest "
+                        "--keep; 'mpirt classify --checkpoint DIR/best')")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--momentum", type=flags.number(0, 1, hi_open=True), default=0.9, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=flags.number(0), default=0.0)
@@ -116,6 +126,11 @@ def config_from_args(args, dataset):
 
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (the checkpoints to go on from)")
+    if args.keep_best and not args.checkpoint_dir:
+        raise UsageError("--keep-best needs --checkpoint-dir (where best.h5 is kept)")
+    if (args.early_stop or args.keep_best) and dataset.split("val").n_rows == 0:
+        raise UsageError(f"--{'early-stop' if args.early_stop else 'keep-best'} judges epochs on the val split, "
+                         f"and {args.data} has none (prepare it with a val split)")
     if args.device == "cuda":
         import torch
 
@@ -137,6 +152,7 @@ def config_from_args(args, dataset):
         overlap=not args.no_overlap and not args.exact, exact=args.exact, micro_batch=micro,
         embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
         lr_schedule=args.lr_schedule, warmup=args.warmup, clip_norm=args.clip_norm,
+        early_stop=args.early_stop, monitor=args.monitor, keep_best=args.keep_best,
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
         data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
 
@@ -164,13 +180,14 @@ def train_argv(args):
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
         "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb",
-        "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm")]
+        "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm",
+        "early_stop", "monitor")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
     return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),
                                                    ("--no-overlap", args.no_overlap),
                                                    ("--checkpoint-sync", args.checkpoint_sync),
-                                                   ("--exact", args.exact)])
+                                                   ("--exact", args.exact), ("--keep-best", args.keep_best)])
 
 
 def run_train(args):

@@ -33,6 +33,7 @@ from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
+from mpirt.checkpoint import BEST
 from mpirt.train import models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.audit import Audit
@@ -81,6 +82,10 @@ class Trainer:
         self.epoch_done = None  # the train figures of the epoch whose "val" is pending
         self.epochs = []  # the epochs reported so far
         self.eval_sources = {}
+        # --early-stop / --keep-best: the best epoch by --monitor so far, and epochs since; kept by
+        # every member (the val figures are the same on all), carried to joiners and checkpoints.
+        self.early = {"best": None, "best_epoch": None, "best_step": None, "since": 0, "stopped": None,
+                      "judged": None}
 
     # -- state ---------------------------------------------------------------
     def _build(self):
@@ -116,6 +121,7 @@ class Trainer:
         """What a joiner needs (and what a checkpoint holds): the replicated training state."""
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "pending": list(self.pending), "epoch_done": self.epoch_done, "epochs": self.epochs,
+                "early": dict(self.early),
                 "epoch_stats": {k: v for k, v in self.epoch_stats.items() if k != "t0"}}
 
     def load_state(self, state):
@@ -125,6 +131,7 @@ class Trainer:
         self.epoch_done = state.get("epoch_done")
         self.epochs = list(state.get("epochs", ()))
         self.epoch_stats.update(state.get("epoch_stats", {}))
+        self.early.update(state.get("early") or {})
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
@@ -153,8 +160,19 @@ class Trainer:
                 raise state["error"] if group.is_coordinator else type(state["error"])("")
             if state is not None:
                 self.load_state(state)
+                self._judge_resumed_epoch()
         self._open_outputs()
         self.epoch_stats["t0"] = time.perf_counter()
+
+    def _judge_resumed_epoch(self):
+        """A checkpoint saved at the end of an epoch comes before that epoch's validation: with
+        --early-stop or --keep-best, validate it now, as the run that saved it went on to."""
+        cfg, per = self.cfg, self.schedule.steps_per_epoch
+        epoch = self.step // max(per, 1) - 1
+        if (cfg.early_stop or cfg.keep_best) and self.step and self.step % per == 0 and not self.pending \
+                and self.early["judged"] != epoch and self.early["stopped"] is None:
+            self.pending.append("val")
+            self.epoch_done = {"epoch": epoch, "resumed": True}
 
     def _resume_state(self):
         """The newest checkpoint's state when resuming (read by the coordinator only), else None."""
@@ -175,7 +193,8 @@ class Trainer:
         log.info("resuming from %s (step %d, saved by %d ranks)", ckpt.path, ckpt.position["step"],
                  ckpt.world_size)
         model = {k: torch.from_numpy(np.asarray(v)) for k, v in ckpt.params.items()}
-        return {"step": int(ckpt.position["step"]), "model": model, "optimizer": ckpt.optimizer_state_dict()}
+        return {"step": int(ckpt.position["step"]), "model": model, "optimizer": ckpt.optimizer_state_dict(),
+                "early": ckpt.position.get("early")}
 
     def _open_outputs(self):
         """Coordinator-only outputs; opened again by whoever coordinates after a failure."""
@@ -217,7 +236,7 @@ class Trainer:
         """What every member does next: "step", "val" or "test" (an evaluation), or None (done)."""
         if self.pending:
             return self.pending[0]
-        if self.step < self.schedule.total_steps:
+        if self.step < self.schedule.total_steps and self.early["stopped"] is None:
             return "step"
         return "test" if self.tested is None else None
 
@@ -381,6 +400,10 @@ class Trainer:
         done, self.epoch_done = self.epoch_done, None
         if done is None:
             return
+        if done.get("resumed"):  # its figures were reported by the run that saved it: judge it only
+            if out:
+                self._judge_epoch(done["epoch"], out)
+            return
         # Kept by every member: a coordinator taking over reports the epochs before it too.
         self.epochs.append(dict(epoch=done["epoch"], train_loss=done["train_loss"],
                                 samples_per_s=done["samples"] / max(done["seconds"], 1e-9),
@@ -388,30 +411,54 @@ class Trainer:
                                 ranks=self.group.size, seconds=done["seconds"]))
         if self.group.is_coordinator:
             self.reporter.epoch(**self.epochs[-1])
+        if out and (self.cfg.early_stop or self.cfg.keep_best):
+            self._judge_epoch(done["epoch"], out)
+
+    def _judge_epoch(self, epoch, out):
+        """--keep-best and --early-stop after epoch ``epoch``'s validation (the same on every member)."""
+        cfg, e = self.cfg, self.early
+        e["judged"] = epoch
+        value = float(out["loss"] if cfg.monitor == "val_loss" else out["accuracy"])
+        better = e["best"] is None or (value < e["best"] if cfg.monitor == "val_loss" else value > e["best"])
+        if better:
+            e.update(best=value, best_epoch=epoch, best_step=self.step, since=0)
+            if cfg.keep_best and self.group.is_coordinator and self.ckpt:
+                self.save_checkpoint(best=True)
+            return
+        e["since"] += 1
+        if cfg.early_stop and e["since"] >= cfg.early_stop and self.step < self.schedule.total_steps:
+            e["stopped"] = epoch
+            if self.group.is_coordinator:
+                self.reporter.event(f"early stop after epoch {epoch + 1}: {cfg.monitor} has not improved for "
+                                    f"{e['since']} epoch(s); the best was epoch {e['best_epoch'] + 1} "
+                                    f"({cfg.monitor} {e['best']:.4f})")
 
     def _run_dir(self):
         cfg = self.cfg
         return rundir.RunDir(cfg.checkpoint_dir, keep=cfg.keep, key=cfg.key, ident=self.ident, verify=cfg.verify,
                              background=not cfg.checkpoint_sync)
 
-    def save_checkpoint(self):
+    def save_checkpoint(self, best=False):
         """Save the replicated state (coordinator only; it loads on any number of ranks). In the
         background unless --checkpoint-sync: this returns once the state is copied to host memory,
-        and ``self.ckpt.wait()`` waits until it is on disk."""
+        and ``self.ckpt.wait()`` waits until it is on disk. ``best``: as ``best.h5`` (--keep-best)."""
         cfg, group = self.cfg, self.group
         lifeline.check_fence()  # a coordinator the others may have dropped must not write one
         due = group.faults.due(member=group.member, is_coordinator=True, step=self.step, phase="save")
         epoch = self.step // max(self.schedule.steps_per_epoch, 1)
         path = self.ckpt.save(
-            self.step, before_rename=functools.partial(self._before_rename, due, self.step),
+            self.step, before_rename=functools.partial(self._before_rename, [] if best else due, self.step),
+            name=BEST if best else None,
             spec=self.spec, params=self.model.state_dict(), optimizer=self.opt.state_dict(),
-            position={"step": self.step, "epoch": epoch, "seed": cfg.seed, "global_batch": cfg.global_batch},
+            position={"step": self.step, "epoch": epoch, "seed": cfg.seed, "global_batch": cfg.global_batch,
+                      "early": dict(self.early)},
             rng={"torch": torch.get_rng_state().numpy()}, world_size=self.group.size,
             meta={"data": os.path.abspath(self.dataset.path), "class_names": self.dataset.class_names,
                   "data_sha256": cfg.data_sha256, "features": cfg.features,
                   "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs, "time": time.time()})
         log.info("checkpoint %s", path)
-        self.saved = (self.step, path)
+        if not best:
+            self.saved = (self.step, path)
         return path
 
     def _before_rename(self, due, step):
@@ -433,6 +480,8 @@ class Trainer:
         if test:
             test["y_true"] = self.eval_sources["test"].all().y
         extra = {"events": group.events.read(), "views": group.view.id + 1, "steps": self.step,
+                 "early_stop": {**self.early, "monitor": self.cfg.monitor} if self.cfg.early_stop or self.cfg.keep_best
+                 else None,
                  "lr": [self.lr_at(s) for s in range(self.schedule.total_steps)],
                  "ranks_at_end": group.size, "spec": self.spec, "wire": self._wire(),
                  "checkpoints": self.ckpt.stats() if self.ckpt else None}
