@@ -47,6 +47,7 @@ class TrainConfig:
     early_stop: int = 0  # epochs without a better --monitor value before training stops (0: never)
     monitor: str = "val_loss"  # val_loss (lower is better) or val_accuracy (higher)
     keep_best: bool = False  # keep DIR/best.h5: the checkpoint of the best epoch by --monitor
+    sweep: dict = None  # mpirt lr-find: {"min", "max", "steps", "out"}: an lr sweep, not a training run
     progress: object = None
     spawn_argv: list = field(default_factory=list)
     verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
@@ -56,6 +57,22 @@ class TrainConfig:
 
 def add_parser(sub):
     p = sub.add_parser("train", help="elastic data-parallel training (run under mpirt launch / mpiexec)")
+    add_train_options(p)
+    p.set_defaults(handler="mpirt.train.commands:run_train")
+    f = sub.add_parser("lr-find", help="sweep the learning rate over a short run; plot the loss, suggest --lr",
+                       description="A short elastic run whose learning rate grows from --min-lr to --max-lr "
+                                   "(geometrically, over --steps steps, stopping when the loss diverges). Writes "
+                                   "OUT/lr_find.json and OUT/lr_find.png and prints the suggested --lr. Takes "
+                                   "'mpirt train''s flags (the model, batch and optimizer to tune for).")
+    add_train_options(f)
+    f.add_argument("--min-lr", type=flags.number(0, lo_open=True), default=1e-5)
+    f.add_argument("--max-lr", type=flags.number(0, lo_open=True), default=10.0)
+    f.add_argument("--steps", type=flags.positive, default=200, help="steps of the sweep at most (default 200)")
+    f.add_argument("--out", required=True, metavar="DIR", help="where lr_find.json and lr_find.png go")
+    f.set_defaults(handler="mpirt.train.commands:run_lr_find")
+
+
+def add_train_options(p):
     p.add_argument("--data", required=True, metavar="DATA.h5", help="a data set from 'mpirt prepare'")
     p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn"))
     p.add_argument("--epochs", type=flags.positive, default=1)
@@ -111,7 +128,6 @@ def add_parser(sub):
     p.add_argument("--bucket-mb", type=flags.number(1 / 1024, 4096), default=16.0, help="gradient bucket size (MiB)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     add_elastic_options(p)
-    p.set_defaults(handler="mpirt.train.commands:run_train")
 
 
 def config_from_args(args, dataset):
@@ -153,6 +169,7 @@ def config_from_args(args, dataset):
         embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
         lr_schedule=args.lr_schedule, warmup=args.warmup, clip_norm=args.clip_norm,
         early_stop=args.early_stop, monitor=args.monitor, keep_best=args.keep_best,
+        sweep=getattr(args, "sweep", None),
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
         data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
 
@@ -176,7 +193,7 @@ def exact_micro_batch(args):
 
 
 def train_argv(args):
-    """What a joiner runs: this command again, with absolute paths, never --resume."""
+    """What a joiner runs: this command again, with absolute paths, never --resume (lr-find too)."""
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
         "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb",
@@ -184,6 +201,9 @@ def train_argv(args):
         "early_stop", "monitor")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
              for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
+    if getattr(args, "out", None):  # lr-find
+        options += [("--min-lr", args.min_lr), ("--max-lr", args.max_lr), ("--steps", args.steps)]
+        paths += [("--out", os.path.abspath(args.out))]
     return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),
                                                    ("--no-overlap", args.no_overlap),
                                                    ("--checkpoint-sync", args.checkpoint_sync),
@@ -207,10 +227,36 @@ def run_train(args):
     except BaseException:
         group.close(failed=True)
         raise
-    if summary is not None:
+    if summary is not None and "lr_find" in summary:
+        f = summary["lr_find"]
+        why = "the loss diverged" if f["stopped_on_divergence"] else "the last step"
+        print(f"lr-find: {summary['steps']} steps from {f['min_lr']:g} to {f['max_lr']:g} (to {why}), "
+              f"{summary['views']} view(s); lowest smoothed loss at lr {f['lr_at_min_loss']:.3g}; suggested "
+              f"--lr {f['suggested_lr']:.3g}; plot in {os.path.join(cfg.sweep['out'], 'lr_find.png')}", flush=True)
+    elif summary is not None:
         acc = summary["test_accuracy"]
         where = f", report in {cfg.report}" if cfg.report else ""
         print(f"train: {summary['steps']} steps, {summary['views']} view(s), {summary['ranks']} rank(s) at the end"
               + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + where, flush=True)
     sys.stdout.flush()
     return 0
+
+
+def run_lr_find(args):
+    """``mpirt lr-find``: the train command's flags, an lr sweep in place of the schedule."""
+    import math
+
+    from mpirt.errors import UsageError
+
+    if args.checkpoint_dir or args.resume or args.early_stop or args.keep_best:
+        raise UsageError("lr-find trains no model to keep: drop --checkpoint-dir, --resume, --early-stop and "
+                         "--keep-best")
+    if args.min_lr >= args.max_lr:
+        raise UsageError(f"--min-lr {args.min_lr:g} must be below --max-lr {args.max_lr:g}")
+    from mpirt.data.reader import open_dataset
+
+    with open_dataset(args.data) as dataset:  # enough epochs for --steps (the sweep stops there)
+        per_epoch = max(dataset.split("train").n_rows // args.global_batch, 1)
+    args.epochs = max(args.epochs, math.ceil(args.steps / per_epoch))
+    args.sweep = {"min": args.min_lr, "max": args.max_lr, "steps": args.steps, "out": os.path.abspath(args.out)}
+    return run_train(args)

@@ -34,7 +34,7 @@ from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageE
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
 from mpirt.checkpoint import BEST
-from mpirt.train import models, rundir
+from mpirt.train import lrfind, models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.audit import Audit
 from mpirt.train.evaluate import evaluate
@@ -84,6 +84,7 @@ class Trainer:
         self.eval_sources = {}
         # --early-stop / --keep-best: the best epoch by --monitor so far, and epochs since; kept by
         # every member (the val figures are the same on all), carried to joiners and checkpoints.
+        self.curve = []  # mpirt lr-find: (step, lr, mean loss) of every committed step, on every member
         self.early = {"best": None, "best_epoch": None, "best_step": None, "since": 0, "stopped": None,
                       "judged": None}
 
@@ -121,7 +122,7 @@ class Trainer:
         """What a joiner needs (and what a checkpoint holds): the replicated training state."""
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "pending": list(self.pending), "epoch_done": self.epoch_done, "epochs": self.epochs,
-                "early": dict(self.early),
+                "early": dict(self.early), "curve": list(self.curve),
                 "epoch_stats": {k: v for k, v in self.epoch_stats.items() if k != "t0"}}
 
     def load_state(self, state):
@@ -132,6 +133,7 @@ class Trainer:
         self.epochs = list(state.get("epochs", ()))
         self.epoch_stats.update(state.get("epoch_stats", {}))
         self.early.update(state.get("early") or {})
+        self.curve = [tuple(c) for c in state.get("curve", ())]
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
@@ -234,6 +236,9 @@ class Trainer:
 
     def _phase(self):
         """What every member does next: "step", "val" or "test" (an evaluation), or None (done)."""
+        sweep = self.cfg.sweep
+        if sweep:  # lr-find: steps only, up to --steps or the loss's divergence (the same everywhere)
+            return "step" if self.step < sweep["steps"] and not lrfind.diverged(self.curve) else None
         if self.pending:
             return self.pending[0]
         if self.step < self.schedule.total_steps and self.early["stopped"] is None:
@@ -305,6 +310,8 @@ class Trainer:
         # coordinates when the epoch's evaluation ends can report it.
         self.epoch_stats["loss"] += totals[LOSS]
         self.epoch_stats["samples"] += int(totals[SAMPLES])
+        if self.cfg.sweep:
+            self.curve.append((step, self.lr_at(step), float(totals[LOSS] / max(totals[SAMPLES], 1.0))))
         if self.step % self.schedule.steps_per_epoch == 0:
             s = self.epoch_stats
             self.epoch_done = {"epoch": self.schedule.locate(step)[0], "seconds": time.perf_counter() - s["t0"],
@@ -328,6 +335,8 @@ class Trainer:
     def lr_at(self, step):
         """The learning rate of ``step`` (mpirt.train.schedule): a function of the step alone."""
         cfg = self.cfg
+        if cfg.sweep:
+            return lrfind.sweep_lr(step, cfg.sweep["min"], cfg.sweep["max"], cfg.sweep["steps"])
         return lr_at(step, base=cfg.lr, schedule=cfg.lr_schedule, warmup=self.warmup,
                      total_steps=self.schedule.total_steps)
 
@@ -471,6 +480,12 @@ class Trainer:
         group = self.group
         if not group.is_coordinator:
             return None
+        if self.cfg.sweep:
+            sw = self.cfg.sweep
+            out = lrfind.write(sw["out"], self.curve, lo=sw["min"], hi=sw["max"])
+            group.events.write("finish", view=group.view.id, members=group.view.members, step=self.step)
+            return {"lr_find": {k: v for k, v in out.items() if k != "curve"}, "steps": self.step,
+                    "views": group.view.id + 1, "ranks": group.size, "curve": out["curve"]}
         if self.ckpt and not (self.saved and self.saved[0] == self.step):  # unless just saved
             self.save_checkpoint()
         if self.ckpt:
