@@ -236,8 +236,10 @@ def run_train(args):
     elif summary is not None:
         acc = summary["test_accuracy"]
         where = f", report in {cfg.report}" if cfg.report else ""
+        best = summary.get("best")
+        best = f", best epoch {best['best_epoch'] + 1} ({best['monitor']} {best['best']:.4f})" if best else ""
         print(f"train: {summary['steps']} steps, {summary['views']} view(s), {summary['ranks']} rank(s) at the end"
-              + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + where, flush=True)
+              + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + best + where, flush=True)
     sys.stdout.flush()
     return 0
 

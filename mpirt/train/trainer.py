@@ -505,7 +505,8 @@ class Trainer:
         group.events.write("finish", view=group.view.id, members=group.view.members, step=self.step)
         return {"steps": self.step, "views": group.view.id + 1, "ranks": group.size,
                 "test_accuracy": test and test["accuracy"], "report": report,
-                "params": {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}}
+                "params": {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()},
+                "best": dict(self.early, monitor=self.cfg.monitor) if self.early["best_epoch"] is not None else None}
 
     def _wire(self):
         """Bytes each step puts through the collectives (this process's steps), for the report."""
