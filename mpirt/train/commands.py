@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mpirt import flags
 from mpirt.jobs.commands import add_elastic_options, spawn_argv
+from mpirt.train.defaults import describe, fill
 from mpirt.train.schedule import SCHEDULES
 
 
@@ -75,15 +76,18 @@ def add_parser(sub):
 def add_train_options(p):
     p.add_argument("--data", required=True, metavar="DATA.h5", help="a data set from 'mpirt prepare'")
     p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn"))
-    p.add_argument("--epochs", type=flags.positive, default=1)
+    p.add_argument("--epochs", type=flags.positive, help=f"default per model: {describe('epochs')}")
     p.add_argument("--global-batch", type=flags.positive, default=64, metavar="B", help="samples a step, over all ranks")
-    p.add_argument("--lr", type=flags.number(0, lo_open=True), default=0.1)
-    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+    p.add_argument("--lr", type=flags.number(0, lo_open=True),
+                   help=f"the learning rate of a whole global batch (the loss is its mean); default per model: "
+                        f"{describe('lr')}")
+    p.add_argument("--lr-schedule", choices=SCHEDULES,
                    help="the learning rate over the run, after warmup: constant, linear (to zero at the end, as "
-                        "fastText), cosine (to zero), or step (x0.1 at 1/2, x0.01 at 3/4) (default constant)")
-    p.add_argument("--warmup", type=flags.number(0), default=0.0, metavar="STEPS",
+                        f"fastText), cosine (to zero), or step (x0.1 at 1/2, x0.01 at 3/4); default per model: "
+                        f"{describe('lr_schedule')}")
+    p.add_argument("--warmup", type=flags.number(0), metavar="STEPS",
                    help="steps over which the learning rate rises linearly to --lr; below 1, a fraction of the "
-                        "run's steps (default 0)")
+                        f"run's steps; default per model: {describe('warmup')}")
     p.add_argument("--clip-norm", type=flags.number(0, lo_open=True), metavar="N",
                    help="clip the reduced gradient to this global L2 norm (every rank clips alike)")
     p.add_argument("--early-stop", type=flags.non_negative, default=0, metavar="PATIENCE",
@@ -93,7 +97,7 @@ def add_train_options(p):
     p.add_argument("--keep-best", action="store_true",
                    help="keep the checkpoint of the best epoch by --monitor as DIR/best.h5 (beside the newest "
                         "--keep; 'mpirt classify --checkpoint DIR/best')")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default per model: {describe('optimizer')}")
     p.add_argument("--momentum", type=flags.number(0, 1, hi_open=True), default=0.9, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=flags.number(0), default=0.0)
     p.add_argument("--seed", type=flags.seed, default=0, help="initial parameters and sample order")
@@ -140,6 +144,7 @@ def config_from_args(args, dataset):
 
     from mpirt.data.integrity import dataset_digest, hashing_params
 
+    fill(args)  # the model's defaults for the tuning flags left out (mpirt.train.defaults)
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (the checkpoints to go on from)")
     if args.keep_best and not args.checkpoint_dir:
@@ -250,6 +255,7 @@ def run_lr_find(args):
 
     from mpirt.errors import UsageError
 
+    fill(args)
     if args.checkpoint_dir or args.resume or args.early_stop or args.keep_best:
         raise UsageError("lr-find trains no model to keep: drop --checkpoint-dir, --resume, --early-stop and "
                          "--keep-best")
