@@ -140,7 +140,7 @@ def test_sparse_resume_keeps_the_rows_momentum(tmp_path, text):
     from test_train import final_params, train
 
     # Blocking saves: step 10's must be on disk when the whole job dies at step 17.
-    sgd = ["--lr", "0.2", "--momentum", "0.9", "--checkpoint-every", "10", "--checkpoint-sync"]
+    sgd = ["--optimizer", "sgd", "--lr", "0.2", "--momentum", "0.9", "--checkpoint-every", "10", "--checkpoint-sync"]
     res, whole = train(tmp_path, text, 2, *sgd, model="fasttext", name="whole")
     res.check()
     res, cut = train(tmp_path, text, 2, *sgd, model="fasttext", name="cut",
