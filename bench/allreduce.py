@@ -18,14 +18,10 @@ algbw = bytes / time, busbw = algbw * 2 (n - 1) / n, as nccl-tests define them.
 """
 
 import argparse
-import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 
-from bench.common import fmt_bytes, table, write_results
+from bench.common import fmt_bytes, free_port, mpirt_launch, run_worker, table, write_results
 
 WORKER = r'''
 import json, os, sys, time
@@ -112,26 +108,8 @@ ec.close()
 PATHS = ("ft_sm", "raw_sm", "ft_tcp")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _job(launcher, n, cfg, worker=WORKER):
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        script = os.path.join(tmp, "worker.py")
-        with open(script, "w") as f:
-            f.write(worker)
-        res = subprocess.run(launcher + [sys.executable, script, json.dumps(cfg)], capture_output=True, text=True,
-                             timeout=1800, env=env)
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    if not line:
-        raise SystemExit(f"allreduce worker failed: {res.stderr[-2000:]}")
-    return json.loads(line[0][7:])
+    return run_worker(launcher, worker, cfg, what="allreduce")
 
 
 def _med(xs):
@@ -163,8 +141,8 @@ def main(argv):
         # The fused 160-tensor figure at the largest rank count only (it is the slow part).
         fused = n == max(args.ranks)
         cfg = {"sizes": resnet_like_sizes(total=total) if fused else [1000], "repeat": args.repeat,
-               "segment": args.segment_kib << 10, "sweep": sizes, "gloo": f"tcp://127.0.0.1:{_free_port()}"}
-        ft = _job([sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--transport", "tcp", "--"], n, cfg)
+               "segment": args.segment_kib << 10, "sweep": sizes, "gloo": f"tcp://127.0.0.1:{free_port()}"}
+        ft = _job(mpirt_launch(n, "--transport", "tcp"), n, cfg)
         # As mpirt launch does when ranks outnumber cores: idle ranks yield the core.
         yield_idle = ["--mca", "mpi_yield_when_idle", "1"] if n > (os.cpu_count() or 1) else []
         sm = _job([mpiexec, "-n", str(n), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "sm,self",

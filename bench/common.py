@@ -53,6 +53,38 @@ def machine():
     return info
 
 
+def free_port():
+    """A free TCP port on the loopback (a gloo rendezvous beside the MPI job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mpirt_launch(n, *flags):
+    """The command that starts a worker on ``n`` ranks under ``mpirt launch`` (this interpreter)."""
+    return [sys.executable, "-m", "mpirt", "launch", "-n", str(n), *flags, "--"]
+
+
+def run_worker(launcher, worker, cfg, *, what, env=None, timeout=1800):
+    """Run ``worker`` (a script's text) under ``launcher`` with ``cfg`` (JSON) as its argument; return
+    the JSON its rank 0 printed after ``RESULT``. ``env``: variables added to this environment."""
+    import tempfile
+
+    env = dict(os.environ, **(env or {}))
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "worker.py")
+        with open(script, "w") as f:
+            f.write(worker)
+        res = subprocess.run(launcher + [sys.executable, script, json.dumps(cfg)], capture_output=True, text=True,
+                             timeout=timeout, env=env)
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"{what} worker failed: {res.stdout[-1000:]}{res.stderr[-2000:]}")
+    return json.loads(line[0][7:])
+
+
 def write_results(suite, results, command=None, out_dir=None):
     """Write ``{machine, command, results}`` to ``<out_dir>/<suite>.json``; return the path."""
     out_dir = out_dir or os.environ.get("MPIRT_BENCH_OUT", OUT_DIR)

@@ -16,14 +16,9 @@ Figures: milliseconds per step (median of the rounds), each against the others.
 """
 
 import argparse
-import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 
-from bench.common import table, write_results
+from bench.common import free_port, mpirt_launch, run_worker, table, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,23 +142,9 @@ def main(argv):
            "threads": args.threads, "examples": os.path.join(ROOT, "examples", "horovod")}
     results = {}
     for mode, flag in MODES.items():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            cfg["gloo"] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-        env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle=flag)
-        if os.geteuid() == 0:
-            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        with tempfile.TemporaryDirectory() as tmp:
-            script = os.path.join(tmp, "worker.py")
-            with open(script, "w") as f:
-                f.write(WORKER)
-            cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(args.ranks), "--", sys.executable, script,
-                   json.dumps(cfg)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, env=env)
-        line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            raise SystemExit(f"horovod bench failed: {res.stdout[-1000:]}{res.stderr[-2000:]}")
-        results[mode] = json.loads(line[0][7:])
+        cfg["gloo"] = f"tcp://127.0.0.1:{free_port()}"
+        results[mode] = run_worker(mpirt_launch(args.ranks), WORKER, cfg, what="horovod", timeout=3000,
+                                   env={"OMPI_MCA_mpi_yield_when_idle": flag})
     doc = {"config": cfg, "ranks": args.ranks, "seconds_per_step": results}
     print("## Horovod's synthetic benchmark step through mpirt.horovod, mpirt.elastic and DDP\n")
     print("\n".join(tables(doc)))

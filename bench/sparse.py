@@ -10,13 +10,8 @@ one. ``DENSE_WEIGHT`` in mpirt/train/sparse.py is set from where the measured ti
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 
-from bench.common import table, write_results
+from bench.common import mpirt_launch, run_worker, table, write_results
 
 WORKER = r'''
 import json, sys, time
@@ -64,20 +59,7 @@ def main(argv):
     args = p.parse_args(argv)
     touched = [args.rows >> s for s in (10, 8, 6, 4, 3, 2, 1, 0)]
     cfg = {"rows": args.rows, "dim": args.dim, "repeat": args.repeat, "touched": touched}
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        script = os.path.join(tmp, "worker.py")
-        with open(script, "w") as f:
-            f.write(WORKER)
-        cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(args.ranks), "--", sys.executable, script,
-               json.dumps(cfg)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    if not line:
-        raise SystemExit(f"sparse bench failed: {res.stderr[-2000:]}")
-    out = json.loads(line[0][7:])
+    out = run_worker(mpirt_launch(args.ranks), WORKER, cfg, what="sparse")
     rows = []
     for r in out:
         best = "allgather" if r["allgather"] < r["allreduce"] else "allreduce"

@@ -15,14 +15,8 @@ Figures: samples/s over the timed steps (after warm-up), and mpirt against each.
 """
 
 import argparse
-import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 
-from bench.common import table, write_results
+from bench.common import free_port, mpirt_launch, run_worker, table, write_results
 
 WORKER = r'''
 import json, sys, time
@@ -123,25 +117,9 @@ def main(argv):
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=512)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = {"steps": args.steps, "rounds": args.rounds, "hidden": args.hidden, "batch": args.batch,
-           "gloo": f"tcp://127.0.0.1:{port}"}
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        script = os.path.join(tmp, "worker.py")
-        with open(script, "w") as f:
-            f.write(WORKER)
-        cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(args.ranks), "--", sys.executable, script,
-               json.dumps(cfg)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    if not line:
-        raise SystemExit(f"train bench failed: {res.stderr[-2000:]}")
-    out = json.loads(line[0][7:])
+           "gloo": f"tcp://127.0.0.1:{free_port()}"}
+    out = run_worker(mpirt_launch(args.ranks), WORKER, cfg, what="train")
     med = {k: sorted(v)[len(v) // 2] for k, v in out.items()}
     rows = [[k, f"{med[k]:,.0f}", f"{med['mpirt'] / med[k]:.2f}x"] for k in ("mpirt", "bare", "ddp")]
     print(f"## Training throughput, MLP 784-{args.hidden}-{args.hidden}-10, global batch {args.batch}, "
