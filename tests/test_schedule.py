@@ -54,10 +54,9 @@ def _train(tmp_path, data, n, name, *extra, faults=(), model="mlp"):
 
 
 def _params(run_dir):
-    from mpirt.checkpoint import CheckpointDir
+    from test_train import final_params
 
-    ckpt = CheckpointDir(run_dir / "ckpt").load_latest()
-    return ckpt.params
+    return final_params(run_dir)[0]
 
 
 @pytest.fixture(scope="module")

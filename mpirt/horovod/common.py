@@ -4,6 +4,7 @@ Shared by every framework module (only :mod:`mpirt.horovod.torch` exists). Nothi
 MPI before :func:`init`.
 """
 
+import contextlib
 import os
 import sys
 
@@ -22,6 +23,17 @@ class HostsUpdatedInterrupt(RuntimeError):
     def __init__(self, skip_sync=False):
         super().__init__("the job's members changed")
         self.skip_sync = skip_sync
+
+
+@contextlib.contextmanager
+def horovod_errors():
+    """A failed member (mpirt's ProcessFailure) surfaces as Horovod's HorovodInternalError."""
+    try:
+        yield
+    except HorovodInternalError:
+        raise
+    except ProcessFailure as exc:
+        raise HorovodInternalError(str(exc)) from exc
 
 
 NOT_INITIALIZED = "Horovod has not been initialized; use hvd.init()."
@@ -177,7 +189,8 @@ def cross_size():
 def mpi_threads_supported():
     from mpirt.comm import mpi
 
-    MPI = require_group() and mpi.MPI()
+    require_group()
+    MPI = mpi.MPI()
     return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 

@@ -161,6 +161,11 @@ def config_from_args(args, dataset):
         raise UsageError(f"{args.data}: the train split is empty")
     spec = spec_for(args.model, dataset, hidden=args.hidden, embed_dim=args.embed_dim, channels=args.channels)
     micro = exact_micro_batch(args)
+    if getattr(args, "sweep", None):  # lr-find: enough epochs for --steps (the sweep stops there)
+        from mpirt.train.order import Schedule
+
+        per_epoch = Schedule(dataset.split("train").n_rows, args.global_batch, 1, args.seed).steps_per_epoch
+        args.epochs = max(args.epochs, -(-args.steps // per_epoch))
     absolute = {k: os.path.abspath(getattr(args, k)) if getattr(args, k) else None
                 for k in ("checkpoint_dir", "audit", "events", "report")}
     return TrainConfig(
@@ -251,8 +256,6 @@ def run_train(args):
 
 def run_lr_find(args):
     """``mpirt lr-find``: the train command's flags, an lr sweep in place of the schedule."""
-    import math
-
     from mpirt.errors import UsageError
 
     fill(args)
@@ -261,10 +264,5 @@ def run_lr_find(args):
                          "--keep-best")
     if args.min_lr >= args.max_lr:
         raise UsageError(f"--min-lr {args.min_lr:g} must be below --max-lr {args.max_lr:g}")
-    from mpirt.data.reader import open_dataset
-
-    with open_dataset(args.data) as dataset:  # enough epochs for --steps (the sweep stops there)
-        per_epoch = max(dataset.split("train").n_rows // args.global_batch, 1)
-    args.epochs = max(args.epochs, math.ceil(args.steps / per_epoch))
     args.sweep = {"min": args.min_lr, "max": args.max_lr, "steps": args.steps, "out": os.path.abspath(args.out)}
     return run_train(args)

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from mpirt.checkpoint import BEST
 from mpirt.cluster.commit import Slots, StepCommitter
 from mpirt.cluster.group import ElasticGroup
 from mpirt.comm import faults as faultlib
@@ -33,7 +34,6 @@ from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
-from mpirt.checkpoint import BEST
 from mpirt.train import lrfind, models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.audit import Audit
@@ -82,9 +82,9 @@ class Trainer:
         self.epoch_done = None  # the train figures of the epoch whose "val" is pending
         self.epochs = []  # the epochs reported so far
         self.eval_sources = {}
+        self.curve = []  # mpirt lr-find: (step, lr, mean loss) of every committed step, on every member
         # --early-stop / --keep-best: the best epoch by --monitor so far, and epochs since; kept by
         # every member (the val figures are the same on all), carried to joiners and checkpoints.
-        self.curve = []  # mpirt lr-find: (step, lr, mean loss) of every committed step, on every member
         self.early = {"best": None, "best_epoch": None, "best_step": None, "since": 0, "stopped": None,
                       "judged": None}
 
@@ -225,8 +225,8 @@ class Trainer:
         while (phase := self._phase()) is not None:
             try:
                 if phase == "step":
-                    if self._attempt():
-                        self._after_commit()
+                    self._attempt()
+                    self._after_commit()
                 else:
                     self._evaluate_phase(phase)
             except ProcessFailure as exc:
@@ -246,11 +246,11 @@ class Trainer:
         return "test" if self.tested is None else None
 
     def _attempt(self):
-        """Try step ``self.step``; True when every member agreed to commit it (mpirt.cluster.commit)."""
+        """Try step ``self.step``: returns once every member agreed to commit it, else raises
+        ProcessFailure (mpirt.cluster.commit)."""
         stats = self.committer.begin(self.step)
         stats += self._compute(self.step)
         self.totals = self.committer.commit(self.step, stats)
-        return True
 
     def _compute(self, step):
         if self.cfg.exact:

@@ -8,5 +8,5 @@ from mpirt.horovod.torch.compression import Compression
 from mpirt.horovod.torch.functions import (allgather_object, broadcast_object, broadcast_optimizer_state,
                                            broadcast_parameters)
 from mpirt.horovod.torch.mpi_ops import *  # noqa: F401,F403 - Horovod's flat namespace
-from mpirt.horovod.torch.mpi_ops import HostsUpdatedInterrupt  # noqa: F401
+from mpirt.horovod.common import HostsUpdatedInterrupt  # noqa: F401
 from mpirt.horovod.torch.optimizer import DistributedOptimizer

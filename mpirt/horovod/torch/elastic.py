@@ -141,16 +141,17 @@ class ElasticSampler(torch.utils.data.Sampler):
 
 
 class _Handler:
-    def __init__(self, value):
-        self.value = value
+    """Keeps an object with ``state_dict``/``load_state_dict`` across resets; ``sync(value)`` is how
+    rank 0's copy reaches every rank (Horovod's model, optimizer and sampler handlers)."""
+
+    def __init__(self, value, sync):
+        self.value, self._sync = value, sync
         self.save()
 
     def set_value(self, value):
         self.value = value
         self.save()
 
-
-class _ModelHandler(_Handler):
     def save(self):
         self.saved = copy.deepcopy(self.value.state_dict())
 
@@ -158,33 +159,14 @@ class _ModelHandler(_Handler):
         self.value.load_state_dict(self.saved)
 
     def sync(self):
-        broadcast_parameters(self.value.state_dict(), root_rank=0)
+        self._sync(self.value)
 
 
-class _OptimizerHandler(_Handler):
-    def save(self):
-        self.saved = copy.deepcopy(self.value.state_dict())
-
-    def restore(self):
-        self.value.load_state_dict(self.saved)
-
-    def sync(self):
-        broadcast_optimizer_state(self.value, root_rank=0)
-
-
-class _SamplerHandler(_Handler):
-    def save(self):
-        self.saved = copy.deepcopy(self.value.state_dict())
-
-    def restore(self):
-        self.value.load_state_dict(self.saved)
-
-    def sync(self):
-        self.value.load_state_dict(broadcast_object(self.value.state_dict()))
-
-
-_HANDLERS = [(torch.nn.Module, _ModelHandler), (torch.optim.Optimizer, _OptimizerHandler),
-             (ElasticSampler, _SamplerHandler)]
+_HANDLERS = [
+    (torch.nn.Module, lambda model: broadcast_parameters(model.state_dict(), root_rank=0)),
+    (torch.optim.Optimizer, lambda opt: broadcast_optimizer_state(opt, root_rank=0)),
+    (ElasticSampler, lambda sampler: sampler.load_state_dict(broadcast_object(sampler.state_dict()))),
+]
 
 
 class TorchState(ObjectState):
@@ -194,9 +176,9 @@ class TorchState(ObjectState):
         kwargs.update(dict(model=model, optimizer=optimizer))
         handlers, rest = {}, {}
         for k, v in kwargs.items():
-            cls = next((h for t, h in _HANDLERS if isinstance(v, t)), None)
-            if cls:
-                handlers[k] = cls(v)
+            sync = next((h for t, h in _HANDLERS if isinstance(v, t)), None)
+            if sync:
+                handlers[k] = _Handler(v, sync)
             else:
                 rest[k] = v
         self._handlers = handlers

@@ -17,12 +17,12 @@ import itertools
 import numpy as np
 import torch
 
-from mpirt.errors import ProcessFailure
-from mpirt.horovod.common import (Adasum, Average, HorovodInternalError, HostsUpdatedInterrupt, Max, Min, ProcessSet, Product, Sum,
+from mpirt.horovod.common import (Adasum, Average, HorovodInternalError, Max, Min, ProcessSet, Product, Sum,
                                   add_process_set, ccl_built, cross_rank, cross_size, cuda_built, ddl_built,
-                                  global_process_set, gloo_built, gloo_enabled, init, is_initialized, local_rank,
-                                  local_size, mpi_built, mpi_enabled, mpi_threads_supported, nccl_built, rank,
-                                  remove_process_set, require_group, rocm_built, shutdown, size)
+                                  global_process_set, gloo_built, gloo_enabled, horovod_errors, init,
+                                  is_initialized, local_rank, local_size, mpi_built, mpi_enabled,
+                                  mpi_threads_supported, nccl_built, rank, remove_process_set, require_group,
+                                  rocm_built, shutdown, size)
 from mpirt.horovod.torch.compression import Compression
 
 __all__ = [
@@ -52,22 +52,16 @@ def _comm(process_set):
 
 def _run(fn):
     """Run a collective: a failed member becomes HorovodInternalError, as in Horovod."""
-    ec = require_group().ec
-    try:
-        with ec.guard():
-            return fn()
-    except HorovodInternalError:
-        raise
-    except ProcessFailure as exc:
-        raise HorovodInternalError(str(exc)) from exc
+    with horovod_errors(), require_group().ec.guard():
+        return fn()
 
 
-def _agree_on(comm, what, meta, same=True):
-    """Every rank's ``meta``; RuntimeError on every rank when ``same`` and they differ."""
+def _agree_on(comm, what, meta):
+    """RuntimeError on every rank unless every rank passed the same ``meta`` (shape, type, op)."""
     metas = comm.allgather(meta)
-    if same and any(m != metas[0] for m in metas):
-        raise RuntimeError(f"{what}: ranks disagree on the operation ({', '.join(map(str, sorted(set(map(str, metas)))))})")
-    return metas
+    if any(m != metas[0] for m in metas):
+        seen = ", ".join(sorted(set(map(str, metas))))
+        raise RuntimeError(f"{what}: ranks disagree on the operation ({seen})")
 
 
 def _wire(t):
@@ -248,9 +242,8 @@ def _gather(tensor, process_set):
     x = _host(tensor)
     if x.dim() == 0:
         raise ValueError("allgather: a tensor of at least one dimension is needed (the first is concatenated)")
-    metas = _agree_on(comm, "allgather", (tuple(x.shape[1:]), str(x.dtype)))
+    _agree_on(comm, "allgather", (tuple(x.shape[1:]), str(x.dtype)))
     firsts = [int(n) for n in comm.allgather(int(x.shape[0]))]
-    del metas
     out = torch.empty((sum(firsts), *x.shape[1:]), dtype=x.dtype)
     row = int(np.prod(x.shape[1:], dtype=np.int64))
     counts = [n * row for n in firsts]

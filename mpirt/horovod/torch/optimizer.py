@@ -15,9 +15,7 @@ import warnings
 import torch
 
 from mpirt.cluster.commit import Slots, StepCommitter
-from mpirt.errors import ProcessFailure
-from mpirt.horovod.common import (Adasum, Average, HorovodInternalError, Sum, _rt, global_process_set,
-                                  require_group)
+from mpirt.horovod.common import Adasum, Average, Sum, _rt, global_process_set, horovod_errors, require_group
 from mpirt.horovod.torch.compression import Compression, FP16Compressor
 
 # Each rank counts one: the sum is the number of ranks, which Average divides by.
@@ -94,14 +92,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 p.grad = p.grad.to_dense()  # reduced dense: mpirt.horovod has no sparse allreduce
         step = self._mpirt_committed
-        try:
+        with horovod_errors():
             stats = self._committer.begin(step)
             stats[SLOTS.RANKS] = 1.0
             self._totals = self._committer.commit(step, stats)
-        except HorovodInternalError:
-            raise
-        except ProcessFailure as exc:
-            raise HorovodInternalError(str(exc)) from exc
         self._synchronized = True
 
     @contextlib.contextmanager
@@ -127,10 +121,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         out = super(self.__class__, self).step(closure)
         step, totals = self._mpirt_committed, self._totals
         self._mpirt_committed += 1
-        try:
+        with horovod_errors():
             self._committer.release_leavers(totals)  # a member sent SIGTERM leaves here
-        except ProcessFailure as exc:
-            raise HorovodInternalError(str(exc)) from exc
         if totals[SLOTS.JOINERS]:
             _rt.pending_join = (self._committer, step, totals)  # state.commit() raises HostsUpdatedInterrupt
         else:
