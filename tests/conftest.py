@@ -8,6 +8,7 @@ import pytest
 
 REQUIRE_SLURM = os.environ.get("MPIRT_REQUIRE_SLURM", "") not in ("", "0")
 REQUIRE_HOSTS = os.environ.get("MPIRT_REQUIRE_HOSTS", "") not in ("", "0")
+REQUIRE_GROFF = os.environ.get("MPIRT_REQUIRE_GROFF", "") not in ("", "0")
 HOSTS_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "hosts",
                             "local-hosts.sh")
 
@@ -43,6 +44,22 @@ def slurm():
     if why:
         if REQUIRE_SLURM:
             pytest.fail(f"MPIRT_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+    return True
+
+
+@pytest.fixture(scope="session")
+def groff():
+    """groff with its HTML device (Debian's ``groff``; ``groff-base`` lacks it), which renders the man
+    pages of the real-text corpus (bench/mancorpus.py); skipped without it unless MPIRT_REQUIRE_GROFF=1."""
+    why = None
+    if not shutil.which("groff"):
+        why = "groff not found (apt-get install groff)"
+    elif subprocess.run(["groff", "-Thtml"], input=b"", capture_output=True, timeout=30).returncode:
+        why = "groff has no HTML device (apt-get install groff, not only groff-base)"
+    if why:
+        if REQUIRE_GROFF:
+            pytest.fail(f"MPIRT_REQUIRE_GROFF=1 but {why}")
         pytest.skip(why)
     return True
 

@@ -1,10 +1,15 @@
 """Per-model defaults (mpirt.train.defaults): a run with no tuning flag trains well."""
 
+import os
 import re
+import sys
 
 import pytest
 
-from harness import run_cli
+from harness import run, run_cli
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.mancorpus import linear_baseline  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.cli]
 
@@ -29,6 +34,29 @@ def test_the_digits_cnn_with_no_tuning_flag_reaches_97_percent(digits, n, faults
     if faults:
         assert "2 view(s)" in res.stdout
     assert accuracy(res) >= 97.0, res.stdout
+
+
+@pytest.fixture(scope="module")
+def man_pages(tmp_path_factory, groff):
+    """The real-text corpus of the benchmarks (this machine's man pages as HTML, 6 sections, ~2,240
+    pages; bench/mancorpus.py), prepared with the defaults of ``mpirt prepare text``, and the test
+    accuracy of scikit-learn's LogisticRegression on the same hashed features."""
+    d = tmp_path_factory.mktemp("man")
+    run([sys.executable, "-m", "bench.mancorpus", d / "man.jsonl"], timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).check()
+    run_cli("prepare", "text", d / "man.jsonl", d / "man.h5", timeout=600).check()
+    return d / "man.h5", 100 * linear_baseline(d / "man.h5")
+
+
+@pytest.mark.parametrize("n, faults", [(1, []), (3, ["--inject-fault", "kill:member=1:step=100"])])
+def test_fasttext_with_no_tuning_flag_is_within_2_points_of_scikit_learn_on_man_pages(man_pages, n, faults):
+    data, baseline = man_pages
+    res = run_cli("launch", "-n", str(n), "--", "mpirt", "train", "--data", data, "--model", "fasttext",
+                  "--no-progress", *faults, timeout=600)
+    res.check()
+    if faults:
+        assert "2 view(s)" in res.stdout
+    assert accuracy(res) >= baseline - 2.0, (baseline, res.stdout)
 
 
 def test_help_lists_each_models_defaults_and_a_flag_wins(digits):
