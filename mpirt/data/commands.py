@@ -77,7 +77,7 @@ def _text_options(p):
 
 
 def add_parser(sub):
-    prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, synth-text)",
+    prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, images, cifar, synth-text)",
                           description="Make a sharded, checksummed HDF5 data set (docs/dataset-format.md). "
                                       "The output is written under a temporary name and renamed into place: "
                                       "an existing OUT.h5 (an mpirt data set, or any file with --force) is "
@@ -96,6 +96,24 @@ def add_parser(sub):
     p.add_argument("output", metavar="OUT.h5")
     _common(p)
     p = kinds.add_parser("digits", help="scikit-learn's bundled 8x8 digits (1,797 images, features (8, 8) in [0, 1])")
+    p.add_argument("output", metavar="OUT.h5")
+    _common(p)
+    p = kinds.add_parser("images", help="a folder with one sub-folder of PNG/JPEG images per class",
+                         description="Images as uint8 RGB pixels (H, W, 3), streamed. --size HxW scales each "
+                                     "image, keeping its aspect ratio, until it covers HxW, then cuts out the "
+                                     "centre HxW (resize then centre crop; nothing is stretched).")
+    p.add_argument("input_dir", metavar="DIR")
+    p.add_argument("output", metavar="OUT.h5")
+    p.add_argument("--size", metavar="HxW", help="e.g. 32x32 (default: the first image's size)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable or truncated images (and count them) instead of failing")
+    _common(p)
+    p = kinds.add_parser("cifar", help="CIFAR-10 or CIFAR-100 as downloaded (python or binary version)",
+                         description="The unpacked cifar-10-batches-py, cifar-100-python or the binary "
+                                     "version's folder. The test batch is the test split; --val-fraction of "
+                                     "the training batches (stratified) is the validation split; "
+                                     "--test-fraction is not used.")
+    p.add_argument("input_dir", metavar="DIR")
     p.add_argument("output", metavar="OUT.h5")
     _common(p)
     p = kinds.add_parser("synth-text", help="generated noisy HTML documents, any number of rows")
@@ -121,6 +139,8 @@ def _check_paths(args):
     if getattr(args, "input", None) is not None:
         check_input(args.input)
         inputs.append(("the input", args.input))
+    if getattr(args, "input_dir", None) is not None:
+        inputs.append(("the input", args.input_dir))
     if getattr(args, "jsonl", None):
         check_output(args.jsonl, "jsonl", inputs, force=args.force, flag="--jsonl")
         inputs.append(("--jsonl", args.jsonl))
@@ -136,7 +156,7 @@ def _terminated(signum, frame):
 
 
 def run_prepare(args):
-    from mpirt.data import dense, prepare
+    from mpirt.data import dense, images, prepare
     from mpirt.errors import DataError
     from mpirt.outputs import os_error_line
 
@@ -155,6 +175,11 @@ def run_prepare(args):
         elif args.kind == "synth-text":
             result = prepare.prepare_text("synth-text", args.output, opts, synth=(args.rows, args.classes, args.seed),
                                           jsonl_out=args.jsonl, **text)
+        elif args.kind == "images":
+            result = images.prepare_images(args.input_dir, args.output, opts, skip_bad=args.skip_bad,
+                                           size=images.parse_size(args.size) if args.size else None)
+        elif args.kind == "cifar":
+            result = images.prepare_cifar(args.input_dir, args.output, opts)
         elif args.kind == "npz":
             result = dense.prepare_npz(args.input, args.output, opts)
         else:
@@ -164,7 +189,8 @@ def run_prepare(args):
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rows = result["rows"]
-    skipped = f", {result['skipped']} bad lines skipped" if result["skipped"] else ""
+    unit = "images" if args.kind == "images" else "lines"
+    skipped = f", {result['skipped']} bad {unit} skipped" if result["skipped"] else ""
     print(f"{args.output}: {rows['train']} train, {rows['val']} val, {rows['test']} test rows, "
           f"{len(result['classes'])} classes{skipped}")
     return 0

@@ -55,7 +55,7 @@ class ShardHasher:
 
     The digest is ``sha256(sha256(y) || sha256(row_index) || sha256(features) [|| sha256(lengths)])``
     over the shard's rows: y and row_index as little-endian int64, features the X rows as
-    little-endian float32 (dense) or the shard's token ids as little-endian uint32 (text), and
+    little-endian float32 (dense; bytes for pixels stored as uint8) or the shard's token ids as little-endian uint32 (text), and
     for text the row lengths (``diff(offsets)``) as little-endian int64. Hashing each part on its
     own lets y be re-hashed alone when the writer renumbers classes at the end.
     """
@@ -82,5 +82,6 @@ class ShardHasher:
 def shard_digest(y, row_index, features, lengths=None):
     """The checksum of one shard held in memory (see :class:`ShardHasher`)."""
     h = ShardHasher(lengths is not None)
-    h.update(y, row_index, features, lengths, feature_dtype="<u4" if lengths is not None else "<f4")
+    dense = "|u1" if features.dtype == np.uint8 else "<f4"
+    h.update(y, row_index, features, lengths, feature_dtype="<u4" if lengths is not None else dense)
     return h.hexdigest()

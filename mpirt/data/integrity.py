@@ -75,15 +75,16 @@ def check_root(path, ds):
 
 
 # The format's dtypes (docs/dataset-format.md): a crafted file must not change what a row costs.
-SCHEMA_DTYPES = {"y": "<i8", "row_index": "<i8", "shards": "<i8", "X": "<f4", "ids": "<u4", "offsets": "<i8",
-                 "shard_sha256": "|S64"}
+# X is float32, or uint8 for pixels (``prepare images`` / ``cifar``).
+SCHEMA_DTYPES = {"y": ("<i8",), "row_index": ("<i8",), "shards": ("<i8",), "X": ("<f4", "|u1"), "ids": ("<u4",),
+                 "offsets": ("<i8",), "shard_sha256": ("|S64",)}
 
 
 def check_schema(where, group):
     """Each dataset of a split has the format's dtype and rank (before any of it is read)."""
-    for name, dt in SCHEMA_DTYPES.items():
-        if name in group and group[name].dtype.str != dt:
-            raise DataError(f"{where}: '{name}' is {group[name].dtype.str}, the format says {dt}")
+    for name, dts in SCHEMA_DTYPES.items():
+        if name in group and group[name].dtype.str not in dts:
+            raise DataError(f"{where}: '{name}' is {group[name].dtype.str}, the format says {' or '.join(dts)}")
     for name in ("y", "row_index", "ids", "offsets", "shard_sha256"):
         if name in group and group[name].ndim != 1:
             raise DataError(f"{where}: '{name}' has shape {group[name].shape}, the format says one dimension")

@@ -278,7 +278,7 @@ def _concat(parts, rows):
 def hash_batch(hasher, batch):
     """Feed a batch's rows to a :class:`~mpirt.data.format.ShardHasher` (in the checksum's byte layout)."""
     if batch.X is not None:
-        hasher.update(batch.y, batch.row_index, batch.X)
+        hasher.update(batch.y, batch.row_index, batch.X, feature_dtype=batch.X.dtype.str)
     else:
         hasher.update(batch.y, batch.row_index, batch.ids, np.diff(batch.offsets), feature_dtype="<u4")
 
@@ -310,6 +310,24 @@ class Dataset:
     @property
     def splits(self):
         return SPLITS
+
+    def pixel_stats(self):
+        """([mean], [std]) per channel of the training pixels in [0, 1] (``prepare images``/``cifar``),
+        or None for other data sets."""
+        a = self.file.attrs
+        if "pixel_mean" not in a or "pixel_std" not in a:
+            return None
+        mean, std = (np.atleast_1d(np.asarray(a[k], np.float64)) for k in ("pixel_mean", "pixel_std"))
+        if mean.shape != std.shape or mean.size not in (1, 3) or not (np.isfinite(mean).all() and (std > 0).all()):
+            raise DataError(f"{self.path}: damaged pixel statistics (pixel_mean {mean}, pixel_std {std})")
+        return [float(v) for v in mean], [float(v) for v in std]
+
+    def row_sources(self, row_index):
+        """The source file of each row number (``prepare images``), or None."""
+        if "row_source" not in self.file:
+            return None
+        d = self.file["row_source"]
+        return [_text(d[int(i)]) if 0 <= int(i) < len(d) else "?" for i in row_index]
 
     def split(self, name):
         """The :class:`Split` called ``name``."""

@@ -23,12 +23,14 @@ class SplitWriter:
         feature_shape: shape of one dense row (ignored for tokens).
         shard_rows: rows per shard asked for (rounded up to a multiple of the chunk if need be).
         max_shards: if given, rows beyond ``max_shards`` shards join the last shard.
+        x_dtype: dense rows' stored type: ``"<f4"``, or ``"|u1"`` for pixels (images stay bytes on disk).
     """
 
-    def __init__(self, group, kind, feature_shape, shard_rows, max_shards=None):
+    def __init__(self, group, kind, feature_shape, shard_rows, max_shards=None, x_dtype="<f4"):
         self.group, self.kind = group, kind
         self.dense = kind == DENSE
-        row_bytes = 4 * int(np.prod(feature_shape)) if self.dense else 8
+        self.x_dtype = x_dtype
+        row_bytes = np.dtype(x_dtype).itemsize * int(np.prod(feature_shape)) if self.dense else 8
         self.shard_rows, self.chunk = plan_chunks(max(int(shard_rows), 1), max(row_bytes, 8))
         self.max_shards = max_shards
         self.n = 0  # rows on disk
@@ -40,7 +42,7 @@ class SplitWriter:
         group.create_dataset("y", shape=(0,), dtype="<i8", **opts)
         group.create_dataset("row_index", shape=(0,), dtype="<i8", **opts)
         if self.dense:
-            group.create_dataset("X", shape=(0, *feature_shape), dtype="<f4", maxshape=(None, *feature_shape),
+            group.create_dataset("X", shape=(0, *feature_shape), dtype=x_dtype, maxshape=(None, *feature_shape),
                                  chunks=(self.chunk, *feature_shape), track_times=False)
         else:
             group.create_dataset("ids", shape=(0,), dtype="<u4", maxshape=(None,), chunks=(IDS_CHUNK,),
@@ -51,7 +53,7 @@ class SplitWriter:
         """Append rows: labels, input row numbers, and X rows or (flat ids, per-row lengths)."""
         if len(y) == 0:
             return
-        feats = (le(X, "<f4"),) if self.dense else (le(ids, "<u4"), le(lengths, "<i8"))
+        feats = (le(X, self.x_dtype),) if self.dense else (le(ids, "<u4"), le(lengths, "<i8"))
         self._pending.append((le(y, "<i8"), le(row_index, "<i8")) + feats)
         self._pending_rows += len(y)
         self.peak_pending_rows = max(self.peak_pending_rows, self._pending_rows)
@@ -95,7 +97,7 @@ class SplitWriter:
                 self._hashers.append(ShardHasher(ragged=not self.dense))
             j = min(m, (s + 1) * self.shard_rows - a)
             if self.dense:
-                self._hashers[s].update(row_index=ri[i:j], features=features[i:j])
+                self._hashers[s].update(row_index=ri[i:j], features=features[i:j], feature_dtype=self.x_dtype)
             else:
                 lo = int(ends[i - 1]) if i else 0
                 self._hashers[s].update(row_index=ri[i:j], features=features[lo:int(ends[j - 1])],
@@ -144,7 +146,7 @@ class SplitWriter:
         for c in range(a, b, self.chunk):
             d = min(b, c + self.chunk)
             if self.dense:
-                h.update(row_index=g["row_index"][c:d], features=g["X"][c:d])
+                h.update(row_index=g["row_index"][c:d], features=g["X"][c:d], feature_dtype=self.x_dtype)
             else:
                 off = g["offsets"][c:d + 1]
                 h.update(row_index=g["row_index"][c:d], features=g["ids"][off[0]:off[-1]],
@@ -163,9 +165,11 @@ class DatasetWriter:
         feature_shape: shape of one dense row.
         attrs: extra root attributes (hash seed, bigrams, source...).
         max_shards: dict split -> most shards (for ``--shards N``), or None.
+        x_dtype: dense rows' stored type (``"<f4"``, or ``"|u1"`` for pixels).
     """
 
-    def __init__(self, path, kind, n_features, shard_rows, feature_shape=None, attrs=None, max_shards=None):
+    def __init__(self, path, kind, n_features, shard_rows, feature_shape=None, attrs=None, max_shards=None,
+                 x_dtype="<f4"):
         if kind not in (DENSE, TOKENS):
             raise ValueError(f"unknown feature kind {kind!r}")
         # No chunk cache: every chunk is written whole, once, so the cache saves nothing, and
@@ -183,7 +187,7 @@ class DatasetWriter:
         for key, value in (attrs or {}).items():
             root[key] = value
         self.splits = {s: SplitWriter(self.file.create_group(s), kind, shape, shard_rows[s],
-                                      (max_shards or {}).get(s)) for s in SPLITS}
+                                      (max_shards or {}).get(s), x_dtype) for s in SPLITS}
 
     def append(self, split, *args, **kwargs):
         self.splits[split].append(*args, **kwargs)

@@ -1,5 +1,6 @@
 """``mpirt train``: the command line of elastic data-parallel training."""
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # the learning rate over steps (mpirt.train.schedule)
     warmup: float = 0.0  # steps of linear warmup (>= 1), or a fraction of the run (< 1)
     clip_norm: float = None  # clip the reduced gradient to this global L2 norm
+    augment: bool = False  # crop and flip images, drawn from (seed, epoch, row) (mpirt.train.augment)
     early_stop: int = 0  # epochs without a better --monitor value before training stops (0: never)
     monitor: str = "val_loss"  # val_loss (lower is better) or val_accuracy (higher)
     keep_best: bool = False  # keep DIR/best.h5: the checkpoint of the best epoch by --monitor
@@ -75,7 +77,8 @@ def add_parser(sub):
 
 def add_train_options(p):
     p.add_argument("--data", required=True, metavar="DATA.h5", help="a data set from 'mpirt prepare'")
-    p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn"))
+    p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn", "resnet", "vgg"),
+                   help="resnet and vgg: image models for 'prepare images'/'cifar' data sets (and digits)")
     p.add_argument("--epochs", type=flags.positive, help=f"default per model: {describe('epochs')}")
     p.add_argument("--global-batch", type=flags.positive, default=64, metavar="B", help="samples a step, over all ranks")
     p.add_argument("--lr", type=flags.number(0, lo_open=True),
@@ -105,6 +108,16 @@ def add_train_options(p):
     p.add_argument("--hidden", type=flags.size, help="mlp: hidden units (default 128)")
     p.add_argument("--embed-dim", type=flags.size, help="fasttext: embedding size (default 64)")
     p.add_argument("--channels", type=flags.size, help="cnn: channels of the first convolution (default 16)")
+    p.add_argument("--depth", type=flags.size,
+                   help="resnet: 10, 18 or 34 (default 18); vgg: 11, 13, 16 or 19 (default 11)")
+    p.add_argument("--width", type=flags.size,
+                   help="resnet, vgg: channels of the first layer, doubling per stage (default 64)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="images: a random crop of the image padded by 4 pixels and a left-right flip, drawn "
+                        f"from (seed, epoch, row); default per model: {describe('augment')}")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                   help="resnet, vgg: standardise each channel by the training pixels' mean and standard "
+                        f"deviation (stored by prepare images/cifar); default per model: {describe('normalize')}")
     p.add_argument("--checkpoint-dir", metavar="DIR")
     p.add_argument("--checkpoint-every", type=flags.non_negative, default=0, metavar="STEPS", help="0: only at the end")
     p.add_argument("--checkpoint-sync", action="store_true",
@@ -159,7 +172,11 @@ def config_from_args(args, dataset):
             raise UsageError("--device cuda: torch sees no CUDA device here")
     if dataset.split("train").n_rows == 0:
         raise UsageError(f"{args.data}: the train split is empty")
-    spec = spec_for(args.model, dataset, hidden=args.hidden, embed_dim=args.embed_dim, channels=args.channels)
+    if args.augment and not (dataset.feature_kind == "dense" and len(dataset.feature_shape or ()) >= 2):
+        raise UsageError(f"--augment crops and flips images; {args.data} rows are not images")
+    spec = spec_for(args.model, dataset, normalize=args.normalize and dataset.pixel_stats() is not None,
+                    hidden=args.hidden, embed_dim=args.embed_dim, channels=args.channels, depth=args.depth,
+                    width=args.width)
     micro = exact_micro_batch(args)
     if getattr(args, "sweep", None):  # lr-find: enough epochs for --steps (the sweep stops there)
         from mpirt.train.order import Schedule
@@ -177,7 +194,7 @@ def config_from_args(args, dataset):
         min_ranks=args.min_ranks, compress=args.compress, bucket_bytes=int(args.bucket_mb * (1 << 20)),
         overlap=not args.no_overlap and not args.exact, exact=args.exact, micro_batch=micro,
         embedding_grad=args.embedding_grad, sparse_exchange=args.sparse_exchange,
-        lr_schedule=args.lr_schedule, warmup=args.warmup, clip_norm=args.clip_norm,
+        lr_schedule=args.lr_schedule, warmup=args.warmup, clip_norm=args.clip_norm, augment=bool(args.augment),
         early_stop=args.early_stop, monitor=args.monitor, keep_best=args.keep_best,
         sweep=getattr(args, "sweep", None),
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
@@ -206,7 +223,7 @@ def train_argv(args):
     """What a joiner runs: this command again, with absolute paths, never --resume (lr-find too)."""
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
-        "hidden", "embed_dim", "channels", "checkpoint_every", "keep", "compress", "bucket_mb",
+        "hidden", "embed_dim", "channels", "depth", "width", "checkpoint_every", "keep", "compress", "bucket_mb",
         "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm",
         "early_stop", "monitor")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
@@ -217,7 +234,11 @@ def train_argv(args):
     return spawn_argv(args, [], paths + options + [("--no-progress", True), ("--no-verify", args.no_verify),
                                                    ("--no-overlap", args.no_overlap),
                                                    ("--checkpoint-sync", args.checkpoint_sync),
-                                                   ("--exact", args.exact), ("--keep-best", args.keep_best)])
+                                                   ("--exact", args.exact), ("--keep-best", args.keep_best),
+                                                   ("--augment", args.augment is True),
+                                                   ("--no-augment", args.augment is False),
+                                                   ("--normalize", args.normalize is True),
+                                                   ("--no-normalize", args.normalize is False)])
 
 
 def run_train(args):

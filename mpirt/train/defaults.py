@@ -15,19 +15,25 @@ could not be resumed for more epochs (``--resume --epochs N``) on the same curve
 gained little here (fasttext, Adam lr 0.05: 93.3/92.0/92.0%; cnn with cosine: 98.9/98.3/99.4%).
 """
 
+_PLAIN = {"augment": False, "normalize": False}
+_IMAGES = {"augment": True, "normalize": True}
 DEFAULTS = {
-    "linear": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0},
-    "mlp": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0},
-    "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0},
-    "fasttext": {"optimizer": "adam", "lr": 0.02, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0},
+    "linear": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
+    "mlp": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
+    "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
+    "fasttext": {"optimizer": "adam", "lr": 0.02, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
+    "resnet": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
+    "vgg": {"optimizer": "sgd", "lr": 0.05, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
 }
-TUNED = ("optimizer", "lr", "epochs", "lr_schedule", "warmup")
+TUNED = ("optimizer", "lr", "epochs", "lr_schedule", "warmup", "augment", "normalize")
 
 
 def describe(key):
     """``--help``'s line: each model's default for ``key``."""
-    return ", ".join(f"{m} {DEFAULTS[m][key]:g}" if isinstance(DEFAULTS[m][key], (int, float))
-                     else f"{m} {DEFAULTS[m][key]}" for m in DEFAULTS)
+    def show(v):
+        return ("on" if v else "off") if isinstance(v, bool) else f"{v:g}" if isinstance(v, (int, float)) else v
+
+    return ", ".join(f"{m} {show(DEFAULTS[m][key])}" for m in DEFAULTS)
 
 
 def fill(args):

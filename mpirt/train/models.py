@@ -15,15 +15,20 @@ from torch import nn
 
 from mpirt.config import MAX_PARAMS as MAX_PARAMS_ENV
 
-MODELS = ("linear", "mlp", "fasttext", "cnn")
-DENSE_MODELS = ("linear", "mlp", "cnn")
+MODELS = ("linear", "mlp", "fasttext", "cnn", "resnet", "vgg")
+DENSE_MODELS = ("linear", "mlp", "cnn", "resnet", "vgg")
+IMAGE_MODELS = ("resnet", "vgg")  # mpirt.train.vision
 
-# Defaults a user may override with --hidden / --embed-dim.
-DEFAULTS = {"linear": {}, "mlp": {"hidden": 128}, "fasttext": {"embed_dim": 64}, "cnn": {"channels": 16}}
+# Defaults a user may override with --hidden / --embed-dim / --channels / --depth / --width.
+DEFAULTS = {"linear": {}, "mlp": {"hidden": 128}, "fasttext": {"embed_dim": 64}, "cnn": {"channels": 16},
+            "resnet": {"depth": 18, "width": 64}, "vgg": {"depth": 11, "width": 64}}
 
 
-def spec_for(name, dataset, **sizes):
+def spec_for(name, dataset, normalize=False, **sizes):
     """The spec of model ``name`` for an open :class:`mpirt.data.reader.Dataset`.
+
+    ``normalize``: image models standardise each channel by the training split's pixel mean and
+    standard deviation (stored by ``prepare images``/``cifar``), which the spec then carries.
 
     Raises:
         UsageError: an unknown model, or one that does not fit the data set's features.
@@ -40,9 +45,25 @@ def spec_for(name, dataset, **sizes):
     shape = list(dataset.feature_shape or ())
     if name == "cnn" and len(shape) != 2:
         raise UsageError(f"model 'cnn' needs 2-d images; {dataset.path} rows have shape {tuple(shape)}")
+    if name in IMAGE_MODELS and not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))):
+        raise UsageError(f"model '{name}' needs images (H, W) or (H, W, 3); {dataset.path} rows have shape "
+                         f"{tuple(shape)}")
     spec = {"name": name, "n_features": dataset.n_features, "n_classes": dataset.n_classes,
             "feature_shape": shape, **DEFAULTS[name]}
     spec.update({k: int(v) for k, v in sizes.items() if v is not None and k in DEFAULTS[name]})
+    if name in IMAGE_MODELS:
+        from mpirt.train.vision import DEPTHS
+
+        if spec["depth"] not in DEPTHS[name]:
+            raise UsageError(f"--depth {spec['depth']}: {name} comes in depths {', '.join(map(str, DEPTHS[name]))}")
+        if normalize:
+            stats = dataset.pixel_stats()
+            if stats is None:
+                raise UsageError(f"--normalize: {dataset.path} has no pixel statistics (made by 'mpirt prepare "
+                                 f"images' or 'cifar')")
+            spec["mean"], spec["std"] = stats
+    elif normalize:
+        raise UsageError(f"--normalize is for the image models ({', '.join(IMAGE_MODELS)})")
     check_size(spec, f"{dataset.path}: model '{name}'")
     return spec
 
@@ -79,7 +100,8 @@ def check_size(spec, what):
     cap = max_params()
     if n > cap:
         hint = ("prepare the data with fewer --hash-bits, or give a smaller --embed-dim"
-                if spec["name"] == "fasttext" else "use a smaller model or fewer features")
+                if spec["name"] == "fasttext" else "give a smaller --width or --depth" if spec["name"] in IMAGE_MODELS
+                else "use a smaller model or fewer features")
         raise UsageError(f"{what} would have {n:,} parameters ({4 * n / 2**30:.1f} GiB as float32), more than "
                          f"the cap of {cap:,} ({MAX_PARAMS_ENV} raises it): {hint}")
 
@@ -104,6 +126,10 @@ def build(spec):
             nn.AdaptiveAvgPool2d((ph, pw)), nn.Flatten(),
             nn.Linear(2 * c * ph * pw, n_out),
         ))
+    if name in IMAGE_MODELS:
+        from mpirt.train import vision
+
+        return vision.build(spec)
     raise ValueError(f"unknown model '{name}'")
 
 

@@ -81,7 +81,9 @@ class Reporter:
         self._print(f"epoch {epoch + 1}  train loss {train_loss:.4f}{val}  {samples_per_s:,.0f} samples/s  "
                     f"{ranks} ranks  ({seconds:.1f} s)")
 
-    def final(self, *, y_true=None, y_pred=None, test_loss=None, extra=None):
+    def final(self, *, y_true=None, y_pred=None, test_loss=None, extra=None, test_images=None):
+        """The test metrics line, report.json and the plots; ``test_images``: (X, sources) of the test
+        rows, for image data sets: the misclassified ones are drawn in misclassified.png."""
         if not self.enabled:
             return {}
         self.close()
@@ -97,12 +99,45 @@ class Reporter:
             with atomic_path(os.path.join(self.dir, "report.json")) as tmp, open(tmp, "w") as f:
                 json.dump(report, f, indent=1, default=_plain)
             _plots(self.dir, report, self.class_names)
+            if test_images is not None and y_true is not None and len(y_true):
+                report_wrong = misclassified_grid(self.dir, test_images[0], y_true, y_pred, self.class_names,
+                                                  test_images[1])
+                self._print(f"misclassified test images: {report_wrong} shown in "
+                            f"{os.path.join(self.dir, 'misclassified.png')}")
         return report
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def misclassified_grid(directory, X, y_true, y_pred, class_names, sources=None, limit=48):
+    """Draw the first ``limit`` misclassified rows of ``X`` (images (H, W[, 3])) with their true and
+    predicted class (and source file) in ``directory/misclassified.png``; return how many are shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(np.asarray(y_true) != np.asarray(y_pred))[:limit]
+    cols = 8
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.75), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        img = X[i]
+        ax.imshow(img if img.ndim == 3 else img, cmap=None if img.ndim == 3 else "gray")
+        title = f"{class_names[y_true[i]]} -> {class_names[y_pred[i]]}"
+        if sources is not None:
+            title += f"\n{os.path.basename(sources[i])[:18]}"
+        ax.set_title(title, fontsize=6)
+    fig.suptitle(f"misclassified test images (true -> predicted): {len(wrong)} shown", fontsize=8)
+    with atomic_path(os.path.join(directory, "misclassified.png")) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return len(wrong)
 
 
 def _plain(x):

@@ -23,17 +23,19 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 # identity key -> the flag a user changes to change it
 FLAGS = {"data_sha256": "--data (another data set, or the same file changed)", "global_batch": "--global-batch",
-         "seed": "--seed", "spec": "--model (or its sizes: --hidden, --embed-dim, --channels)",
+         "seed": "--seed", "spec": "--model (or its sizes: --hidden, --embed-dim, --channels, --depth, --width; "
+                                                  "or --normalize)",
          "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
          "compress": "--compress", "embedding_grad": "--embedding-grad", "exact": "--exact (its --micro-batch)",
          "lr_schedule": "--lr-schedule or --warmup (or --epochs, which sets the schedule's length)",
-         "clip_norm": "--clip-norm"}
+         "clip_norm": "--clip-norm", "augment": "--augment"}
 
 
 def identity(cfg, data_sha256, total_steps=None):
     """What makes two runs the same run: every input of a step's result (not --epochs: more epochs
     continue the same sequence of steps, unless a schedule's length depends on them; not where or
     how often checkpoints are written)."""
+    from mpirt.train.augment import PAD
     from mpirt.train.schedule import warmup_steps
 
     warmup = warmup_steps(cfg.warmup, total_steps or 0)
@@ -49,7 +51,9 @@ def identity(cfg, data_sha256, total_steps=None):
             "embedding_grad": cfg.embedding_grad if cfg.spec["name"] == "fasttext" else None,
             # another reduction is another sequence of models (mpirt.train.exact): the micro-batch, or None
             "exact": int(cfg.micro_batch) if cfg.exact else None,
-            "lr_schedule": schedule, "clip_norm": float(cfg.clip_norm) if cfg.clip_norm else None}
+            "lr_schedule": schedule, "clip_norm": float(cfg.clip_norm) if cfg.clip_norm else None,
+            # None when off, so that runs made before --augment existed keep their identity
+            "augment": {"pad": PAD, "flip": True} if getattr(cfg, "augment", False) else None}
 
 
 def differences(recorded, ident):

@@ -19,6 +19,7 @@ only the step in flight: no disk checkpoint is needed to recover. Joiners are me
 committed step and get the coordinator's parameters, optimizer state and step with the view.
 """
 
+import dataclasses
 import functools
 import os
 import time
@@ -36,6 +37,7 @@ from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
 from mpirt.train import lrfind, models, rundir
 from mpirt.train.allreduce import GradAllreduce
+from mpirt.train.augment import augment
 from mpirt.train.audit import Audit
 from mpirt.train.evaluate import evaluate
 from mpirt.train.exact import ExactReducer, micro_batches
@@ -286,6 +288,8 @@ class Trainer:
         """Forward and backward of positions ``[a, b)`` of ``epoch``'s order, the loss summed (not
         averaged); returns (rows, loss, correct)."""
         batch = self.train.get(self.orders.rows(epoch, a, b))
+        if self.cfg.augment:
+            batch = dataclasses.replace(batch, X=augment(batch.X, self.cfg.seed, epoch, batch.row_index))
         logits = self.model(*models.inputs(self.spec["name"], batch, self.device))
         y = torch.from_numpy(batch.y).to(self.device)
         loss = cross_entropy(logits, y, reduction="sum")
@@ -500,8 +504,12 @@ class Trainer:
                  "lr": [self.lr_at(s) for s in range(self.schedule.total_steps)],
                  "ranks_at_end": group.size, "spec": self.spec, "wire": self._wire(),
                  "checkpoints": self.ckpt.stats() if self.ckpt else None}
+        images = None
+        if test and self.cfg.report and len(self.dataset.feature_shape or ()) >= 2:
+            rows = self.eval_sources["test"].all()
+            images = (rows.X, self.dataset.row_sources(rows.row_index))
         report = self.reporter.final(y_true=test and test["y_true"], y_pred=test and test["y_pred"],
-                                     test_loss=test and test["loss"], extra=extra)
+                                     test_loss=test and test["loss"], extra=extra, test_images=images)
         group.events.write("finish", view=group.view.id, members=group.view.members, step=self.step)
         return {"steps": self.step, "views": group.view.id + 1, "ranks": group.size,
                 "test_accuracy": test and test["accuracy"], "report": report,
