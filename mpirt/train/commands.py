@@ -172,11 +172,11 @@ def config_from_args(args, dataset):
             raise UsageError("--device cuda: torch sees no CUDA device here")
     if dataset.split("train").n_rows == 0:
         raise UsageError(f"{args.data}: the train split is empty")
-    if args.augment and not (dataset.feature_kind == "dense" and len(dataset.feature_shape or ()) >= 2):
-        raise UsageError(f"--augment crops and flips images; {args.data} rows are not images")
     spec = spec_for(args.model, dataset, normalize=args.normalize and dataset.pixel_stats() is not None,
                     hidden=args.hidden, embed_dim=args.embed_dim, channels=args.channels, depth=args.depth,
                     width=args.width)
+    if args.augment and not (dataset.feature_kind == "dense" and len(dataset.feature_shape or ()) >= 2):
+        raise UsageError(f"--augment crops and flips images; {args.data} rows are not images")
     micro = exact_micro_batch(args)
     if getattr(args, "sweep", None):  # lr-find: enough epochs for --steps (the sweep stops there)
         from mpirt.train.order import Schedule

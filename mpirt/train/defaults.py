@@ -23,7 +23,7 @@ DEFAULTS = {
     "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
     "fasttext": {"optimizer": "adam", "lr": 0.02, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
     "resnet": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
-    "vgg": {"optimizer": "sgd", "lr": 0.05, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
+    "vgg": {"optimizer": "sgd", "lr": 0.01, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
 }
 TUNED = ("optimizer", "lr", "epochs", "lr_schedule", "warmup", "augment", "normalize")
 

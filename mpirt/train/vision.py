@@ -29,7 +29,9 @@ DEPTHS = {"resnet": tuple(RESNET_BLOCKS), "vgg": tuple(VGG_LAYERS)}
 
 
 def norm(channels):
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    # Groups of at least 4 channels (32 groups from 128 channels on): with one channel a group
+    # (InstanceNorm), each channel's mean, hence an image's colour, would be normalised away.
+    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
 
 
 class Pixels(nn.Module):
