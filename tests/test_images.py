@@ -46,8 +46,12 @@ def test_prepare_images_stores_uint8_pixels_classes_sources_and_checksums(tmp_pa
         sources = [s.decode() for s in f["row_source"][()]]
         assert sources[0] == "cat/000.jpg" and sources[-1] == "ship/029.png"
         # every row's pixels are its source file's, resized: the class colour dominates
-        X, y = f["train/X"][()], f["train/y"][()]
+        X, y, ri = f["train/X"][()], f["train/y"][()], f["train/row_index"][()]
         assert (X.reshape(len(X), -1, 3).mean(1).argmax(1) == y).all()
+        # stored shuffled (training batches are drawn from blocks of consecutive rows), each row
+        # still numbered by its file's place in the sorted list
+        assert len(set(y[:8].tolist())) > 1 and sorted(ri.tolist()) != ri.tolist()
+        assert all(sources[i].startswith(CLASSES[c]) for i, c in zip(ri, y))
         mean = f.attrs["pixel_mean"]
         assert mean.shape == (3,) and 0 < mean.min() < mean.max() < 1
     res = run_cli("inspect", pics).check()

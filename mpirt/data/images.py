@@ -2,7 +2,7 @@
 downloaded): pixels into the data-set format as uint8, shape (H, W, 3).
 
 Images are streamed: the file list is read first (names only: it gives the labels, hence the exact split
-sizes), then files are decoded a block at a time by a few threads (Pillow releases the GIL while it
+sizes), then files are decoded, in an order shuffled by ``--seed`` (see :func:`prepare_images`), a block at a time by a few threads (Pillow releases the GIL while it
 decodes and resizes) and appended to the writer, so memory stays flat in the number of images.
 
 ``--size HxW``: every image is scaled, keeping its aspect ratio, until it covers HxW, then the centre
@@ -137,7 +137,11 @@ def prepare_images(in_dir, out_path, opts, size=None, skip_bad=False, workers=No
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file
             raise DataError(f"{files[0][0]}: unreadable image ({_why(exc)})") from None
     labels = np.array([c for _, c in files], dtype=np.int64)
-    split_rows = _split_rows(opts, [labels], classes)
+    # Rows are stored in a shuffled order (seeded by --seed), not class by class: training draws its
+    # batches from shuffled blocks of consecutive rows (mpirt.train.order), and blocks of one class
+    # would make whole batches of one class. ``row_index`` stays the file's place in the sorted list.
+    order = np.random.Generator(np.random.PCG64([opts.seed, 0x696D67])).permutation(len(files))
+    split_rows = _split_rows(opts, [labels[order]], classes)
     root = os.fspath(in_dir)
     skipped = []
 
@@ -150,16 +154,16 @@ def prepare_images(in_dir, out_path, opts, size=None, skip_bad=False, workers=No
     def blocks(strat):
         with cf.ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
             for a in range(0, len(files), BLOCK):
-                part = files[a:a + BLOCK]
+                part = order[a:a + BLOCK]
                 good, rows = [], []
-                for i, img in enumerate(pool.map(decode, part)):
+                for i, img in zip(part, pool.map(decode, (files[i] for i in part))):
                     if isinstance(img, str):
                         if not skip_bad:
                             raise DataError(img + " (--skip-bad skips such files)")
                         skipped.append(img)
                         continue
                     good.append(img)
-                    rows.append(a + i)
+                    rows.append(int(i))
                 if good:
                     y = labels[rows]
                     yield np.stack(good), y, np.asarray(rows, np.int64), strat.assign(y, keys=classes)
