@@ -289,6 +289,13 @@ def defaults(doc, out_dir):
         [tables(doc["results"]), ""]
 
 
+def images(doc, out_dir):
+    from bench.images import tables
+
+    return _header(doc, "images: ResNet training, 1 rank against 2, augmentation on and off") + \
+        [tables(doc["results"]), ""]
+
+
 def sparse(doc, out_dir):
     r, cfg = doc["results"], doc["results"]["config"]
     lines = _header(doc, "sparse: the sparse-row exchange against the dense allreduce of the same table")
@@ -367,7 +374,7 @@ def hostile(doc, out_dir):
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
-            ("defaults", defaults), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
+            ("defaults", defaults), ("images", images), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 
