@@ -77,7 +77,7 @@ def _text_options(p):
 
 
 def add_parser(sub):
-    prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, images, cifar, synth-text)",
+    prep = sub.add_parser("prepare", help="make a sharded HDF5 data set (text, npz, digits, images, cifar, ratings, synth-text)",
                           description="Make a sharded, checksummed HDF5 data set (docs/dataset-format.md). "
                                       "The output is written under a temporary name and renamed into place: "
                                       "an existing OUT.h5 (an mpirt data set, or any file with --force) is "
@@ -115,6 +115,18 @@ def add_parser(sub):
                                      "--test-fraction is not used.")
     p.add_argument("input_dir", metavar="DIR")
     p.add_argument("output", metavar="OUT.h5")
+    _common(p)
+    p = kinds.add_parser("ratings", help="MovieLens-style ratings: userId,movieId,rating,timestamp CSV or ratings.dat",
+                         description="Ratings for the recommender models: a CSV of userId,movieId,rating,timestamp "
+                                     "(header optional: with one, columns are found by name) or MovieLens' "
+                                     "'::'-separated ratings.dat. Ids become dense indices; the original ids "
+                                     "are stored.")
+    p.add_argument("input", metavar="FILE")
+    p.add_argument("output", metavar="OUT.h5")
+    p.add_argument("--split-by", choices=("random", "time"), default="random",
+                   help="random (seeded by --seed), or time: the latest --test-fraction of ratings are the test "
+                        "split and the --val-fraction before them val (default random)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (and count them) instead of failing")
     _common(p)
     p = kinds.add_parser("synth-text", help="generated noisy HTML documents, any number of rows")
     p.add_argument("output", metavar="OUT.h5")
@@ -180,6 +192,10 @@ def run_prepare(args):
                                            size=images.parse_size(args.size) if args.size else None)
         elif args.kind == "cifar":
             result = images.prepare_cifar(args.input_dir, args.output, opts)
+        elif args.kind == "ratings":
+            from mpirt.data.ratings import prepare_ratings
+
+            result = prepare_ratings(args.input, args.output, opts, split_by=args.split_by, skip_bad=args.skip_bad)
         elif args.kind == "npz":
             result = dense.prepare_npz(args.input, args.output, opts)
         else:
@@ -189,6 +205,11 @@ def run_prepare(args):
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rows = result["rows"]
+    if args.kind == "ratings":
+        skipped = f", {result['skipped']} bad lines skipped" if result["skipped"] else ""
+        print(f"{args.output}: {rows['train']} train, {rows['val']} val, {rows['test']} test ratings, "
+              f"{result['users']} users, {result['items']} items{skipped}")
+        return 0
     unit = "images" if args.kind == "images" else "lines"
     skipped = f", {result['skipped']} bad {unit} skipped" if result["skipped"] else ""
     print(f"{args.output}: {rows['train']} train, {rows['val']} val, {rows['test']} test rows, "
@@ -207,6 +228,14 @@ def run_inspect(args):
     summary = verify(args.path)
     if args.json:
         print(json.dumps(summary, indent=1))
+        return 0
+    if summary["feature_kind"] == "ratings":
+        print(f"{args.path}: ratings, {summary['users']} users, {summary['items']} items, split by "
+              f"{summary['split_by']}")
+        for name, s in summary["splits"].items():
+            mean = f"  mean rating {s['mean_rating']:.3f}" if s["mean_rating"] is not None else ""
+            print(f"  {name:<5} {s['rows']:>9} ratings  {s['shards']:>5} shards of chunks of {s['chunk_rows']}{mean}")
+        print(f"OK: {args.path}: schema, shard table, checksums and indices verified")
         return 0
     shape = summary["feature_shape"]
     classes = summary["classes"]

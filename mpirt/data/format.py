@@ -7,8 +7,8 @@ import numpy as np
 FORMAT = "mpirt.dataset"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
-DENSE, TOKENS = "dense", "hashed_tokens"
-FEATURE_KINDS = (DENSE, TOKENS)
+DENSE, TOKENS, RATINGS = "dense", "hashed_tokens", "ratings"
+FEATURE_KINDS = (DENSE, TOKENS, RATINGS)
 DEFAULT_SHARD_ROWS = 4096
 # Row chunks stay under 8192 rows and about 4 MiB of X, so a chunk is one large read and
 # HDF5's 4 GiB chunk limit can never be reached, whatever the width of a row.

@@ -18,7 +18,7 @@ import json
 import h5py
 import numpy as np
 
-from mpirt.data.format import DENSE, FEATURE_KINDS, FORMAT, SCHEMA_VERSION, SPLITS, TOKENS, ShardHasher
+from mpirt.data.format import DENSE, FEATURE_KINDS, FORMAT, RATINGS, SCHEMA_VERSION, SPLITS, TOKENS, ShardHasher
 from mpirt.errors import DataError
 
 
@@ -44,12 +44,20 @@ def check_header(path, f):
         raise DataError(f"{path}: unknown feature_kind '{kind}' (expected {' or '.join(FEATURE_KINDS)})")
     if kind == DENSE and "feature_shape" not in a:
         raise DataError(f"{path}: missing root attribute 'feature_shape'")
-    per_row = ("X",) if kind == DENSE else ("ids", "offsets")
+    per_row = ("y", "X") if kind == DENSE else ("y", "ids", "offsets") if kind == TOKENS else \
+        ("user", "item", "rating", "timestamp")
+    if kind == RATINGS:
+        for key in ("n_users", "n_items"):
+            if key not in a:
+                raise DataError(f"{path}: missing root attribute '{key}'")
+        for key in ("user_ids", "item_ids"):
+            if not isinstance(f.get(key), h5py.Dataset):
+                raise DataError(f"{path}: missing root dataset '{key}'")
     for name in SPLITS:
         if name not in f or not isinstance(f[name], h5py.Group):
             raise DataError(f"{path}: missing split group '{name}'")
         g = f[name]
-        for ds in ("y", "row_index", "shards", "shard_sha256") + per_row:
+        for ds in ("row_index", "shards", "shard_sha256") + per_row:
             if ds not in g or not isinstance(g[ds], h5py.Dataset):
                 raise DataError(f"{path}: split '{name}' has no dataset '{ds}'")
         for key in ("n_rows", "chunk_rows"):
@@ -61,6 +69,15 @@ def check_header(path, f):
 
 def check_root(path, ds):
     """Root attributes that agree with each other (class names, feature shape, hash buckets)."""
+    if ds.feature_kind == RATINGS:
+        f = ds.file
+        if ds.n_users < 1 or ds.n_items < 1 or ds.n_features != ds.n_users + ds.n_items:
+            raise DataError(f"{path}: n_users {ds.n_users}, n_items {ds.n_items} and n_features {ds.n_features} "
+                            f"do not agree")
+        for key, n in (("user_ids", ds.n_users), ("item_ids", ds.n_items)):
+            if f[key].shape != (n,):
+                raise DataError(f"{path}: '{key}' holds {f[key].shape[0]} ids, the header says {n}")
+        return
     if ds.n_classes < 1 or ds.n_classes != len(ds.class_names):
         raise DataError(f"{path}: n_classes is {ds.n_classes} but there are {len(ds.class_names)} class names")
     if len(set(ds.class_names)) != len(ds.class_names):
@@ -77,7 +94,8 @@ def check_root(path, ds):
 # The format's dtypes (docs/dataset-format.md): a crafted file must not change what a row costs.
 # X is float32, or uint8 for pixels (``prepare images`` / ``cifar``).
 SCHEMA_DTYPES = {"y": ("<i8",), "row_index": ("<i8",), "shards": ("<i8",), "X": ("<f4", "|u1"), "ids": ("<u4",),
-                 "offsets": ("<i8",), "shard_sha256": ("|S64",)}
+                 "offsets": ("<i8",), "shard_sha256": ("|S64",), "user": ("<i8",), "item": ("<i8",),
+                 "rating": ("<f4",), "timestamp": ("<i8",)}
 
 
 def check_schema(where, group):
@@ -85,7 +103,7 @@ def check_schema(where, group):
     for name, dts in SCHEMA_DTYPES.items():
         if name in group and group[name].dtype.str not in dts:
             raise DataError(f"{where}: '{name}' is {group[name].dtype.str}, the format says {' or '.join(dts)}")
-    for name in ("y", "row_index", "ids", "offsets", "shard_sha256"):
+    for name in ("y", "row_index", "ids", "offsets", "shard_sha256", "user", "item", "rating", "timestamp"):
         if name in group and group[name].ndim != 1:
             raise DataError(f"{where}: '{name}' has shape {group[name].shape}, the format says one dimension")
     if group["shards"].ndim != 2 or group["shards"].shape[1] != 2:
@@ -171,7 +189,7 @@ def dataset_digest(ds):
     checksums, which the shard checks tie to the rows themselves."""
     h = hashlib.sha256()
     root = {k: ds.attrs.get(k) for k in ("feature_kind", "n_features", "hash_seed", "bigrams", "lowercase",
-                                         "hash")}
+                                         "hash", "n_users", "n_items")}
     root["feature_shape"] = list(ds.feature_shape) if ds.feature_shape else None
     root["class_names"] = list(ds.class_names)
     h.update(json.dumps(root, sort_keys=True, default=str).encode())

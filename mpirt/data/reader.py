@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from mpirt.data.format import DENSE, SPLITS, ShardHasher
+from mpirt.data.format import DENSE, RATINGS, SPLITS, ShardHasher
 # check_header lived here before; it is re-exported for the code that imports it from this module.
 from mpirt.data.integrity import (check_extents, check_header, check_layout, check_root,  # noqa: F401
                                   check_schema, check_shard)
@@ -305,6 +305,7 @@ class Dataset:
         names = file["class_names"][()] if "class_names" in file else a["class_names"]
         self.class_names = [_text(c) for c in np.atleast_1d(names)]
         self.n_classes = int(a["n_classes"])
+        self.n_users, self.n_items = int(a.get("n_users", 0)), int(a.get("n_items", 0))  # ratings only
         self._splits = {}
 
     @property
@@ -335,7 +336,12 @@ class Dataset:
             raise DataError(f"{self.path}: no split '{name}' (splits: {', '.join(SPLITS)})")
         if name not in self._splits:
             try:
-                self._splits[name] = Split(self, name)
+                if self.feature_kind == RATINGS:
+                    from mpirt.data.ratings import RatingsSplit
+
+                    self._splits[name] = RatingsSplit(self, name)
+                else:
+                    self._splits[name] = Split(self, name)
             except (KeyError, OSError, ValueError, TypeError) as exc:
                 raise DataError(f"{self.path}: damaged split '{name}' ({_short(exc)})") from None
         return self._splits[name]

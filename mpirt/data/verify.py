@@ -8,7 +8,7 @@ as such; a checksum mismatch with plausible content means corrupted or edited by
 
 import numpy as np
 
-from mpirt.data.format import SPLITS, TOKENS, ShardHasher
+from mpirt.data.format import RATINGS, SPLITS, TOKENS, ShardHasher
 from mpirt.data.integrity import check_content as _content
 from mpirt.data.integrity import check_layout as _layout
 from mpirt.data.integrity import check_root as _root
@@ -35,6 +35,10 @@ def verify(path):
 
 def _verify(path, ds):
     _root(path, ds)
+    if ds.feature_kind == RATINGS:
+        from mpirt.data.ratings import verify_ratings
+
+        return verify_ratings(path, ds)
     summary = {"path": path, "feature_kind": ds.feature_kind, "n_features": ds.n_features,
                "feature_shape": list(ds.feature_shape) if ds.feature_shape else None,
                "classes": ds.class_names, "splits": {}}

@@ -37,6 +37,9 @@ def spec_for(name, dataset, normalize=False, **sizes):
 
     if name not in MODELS:
         raise UsageError(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+    if dataset.feature_kind == "ratings":
+        raise UsageError(f"{dataset.path} holds ratings (prepare ratings), which the classification models "
+                         f"({', '.join(MODELS)}) cannot train on")
     text = dataset.feature_kind != "dense"
     if text and name != "fasttext":
         raise UsageError(f"model '{name}' needs dense features; {dataset.path} holds hashed tokens: use fasttext")
