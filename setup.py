@@ -16,6 +16,7 @@ setup(
         "mpirt.data",
         "mpirt.train",
         "mpirt.jobs",
+        "mpirt.recsys",
         "mpirt.horovod",
         "mpirt.horovod.torch",
         "mpirt.kernels",

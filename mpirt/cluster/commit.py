@@ -102,9 +102,10 @@ class StepCommitter:
             self.joining = g.faults.due(member=g.member, is_coordinator=True, step=step, actions=("join",))
         return self.slots.zeros()
 
-    def commit(self, step, stats):
+    def commit(self, step, stats, failed=False):
         """Reduce ``stats`` (and the gradients) and agree: the summed stats once every member
-        committed ``step``.
+        committed ``step``. ``failed``: this member's own part of the step already failed (a
+        collective of the job's, e.g. the sharded tables' exchanges): skip the reduction, vote no.
 
         Raises:
             ProcessFailure: some member did not commit (it failed, or a reduction failed here):
@@ -114,11 +115,12 @@ class StepCommitter:
         stats[s.LEAVING] = 1.0 if Leaving.requested else 0.0
         stats[s.JOINERS] = sum(f.count for f in self.joining)
         stats[s.PREEMPT] = 1.0 if Preempt.requested else 0.0
-        failed = False
+        totals = None
         try:
-            totals = self.reducer.allreduce(stats)
-            if self.sparse:
-                self.sparse.exchange(1.0 / max(totals[s.SAMPLES], 1.0))
+            if not failed:
+                totals = self.reducer.allreduce(stats)
+                if self.sparse:
+                    self.sparse.exchange(1.0 / max(totals[s.SAMPLES], 1.0))
         except ProcessFailure:
             failed, totals = True, None
         self.strike(step, "commit")

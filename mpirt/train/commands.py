@@ -77,8 +77,13 @@ def add_parser(sub):
 
 def add_train_options(p):
     p.add_argument("--data", required=True, metavar="DATA.h5", help="a data set from 'mpirt prepare'")
-    p.add_argument("--model", required=True, choices=("linear", "mlp", "fasttext", "cnn", "resnet", "vgg"),
-                   help="resnet and vgg: image models for 'prepare images'/'cifar' data sets (and digits)")
+    p.add_argument("--model", required=True,
+                   choices=("linear", "mlp", "fasttext", "cnn", "resnet", "vgg", "mf", "twotower"),
+                   help="resnet and vgg: image models for 'prepare images'/'cifar' data sets (and digits); mf "
+                        "and twotower: recommenders for 'prepare ratings' data sets, their embedding tables "
+                        "sharded over the ranks")
+    p.add_argument("--table-shards", type=flags.positive, metavar="S",
+                   help="mf, twotower: shards per embedding table, spread over the ranks (default 16)")
     p.add_argument("--epochs", type=flags.positive, help=f"default per model: {describe('epochs')}")
     p.add_argument("--global-batch", type=flags.positive, default=64, metavar="B", help="samples a step, over all ranks")
     p.add_argument("--lr", type=flags.number(0, lo_open=True),
@@ -223,7 +228,7 @@ def train_argv(args):
     """What a joiner runs: this command again, with absolute paths, never --resume (lr-find too)."""
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
-        "hidden", "embed_dim", "channels", "depth", "width", "checkpoint_every", "keep", "compress", "bucket_mb",
+        "hidden", "embed_dim", "channels", "depth", "width", "table_shards", "checkpoint_every", "keep", "compress", "bucket_mb",
         "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm",
         "early_stop", "monitor")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
@@ -252,6 +257,8 @@ def run_train(args):
                         args.min_ranks, train_argv(args))
     try:
         with open_dataset(args.data) as dataset:
+            if dataset.feature_kind == "ratings":
+                return _run_recsys(args, dataset, group)
             cfg = config_from_args(args, dataset)
             cfg.faults = group.faults
             summary = run_training(cfg, dataset, group)
@@ -271,6 +278,40 @@ def run_train(args):
         best = f", best epoch {best['best_epoch'] + 1} ({best['monitor']} {best['best']:.4f})" if best else ""
         print(f"train: {summary['steps']} steps, {summary['views']} view(s), {summary['ranks']} rank(s) at the end"
               + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + best + where, flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+def _run_recsys(args, dataset, group):
+    """``mpirt train --model mf|twotower`` on a ratings data set (mpirt.recsys.trainer)."""
+    from mpirt.checkpoint import resolve_key
+    from mpirt.errors import UsageError
+    from mpirt.recsys.trainer import run_recsys, spec_for
+
+    if args.model not in ("mf", "twotower"):
+        raise UsageError(f"{args.data} holds ratings: train it with --model mf or --model twotower")
+    fill(args)
+    unsupported = [f for f, on in (("--exact", args.exact), ("--compress", args.compress),
+                                   ("--early-stop", args.early_stop), ("--keep-best", args.keep_best),
+                                   ("--report", args.report), ("--audit", args.audit),
+                                   ("--clip-norm", args.clip_norm), ("--device cuda", args.device == "cuda"),
+                                   ("--lr-schedule", args.lr_schedule != "constant"), ("--warmup", args.warmup))
+                   if on]
+    if unsupported:
+        raise UsageError(f"--model {args.model} does not take {', '.join(unsupported)} yet")
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir (the checkpoints to go on from)")
+    spec = spec_for(args.model, dataset, args.embed_dim, args.hidden, args.table_shards)
+    cfg = TrainConfig(data=os.path.abspath(args.data), spec=spec, epochs=args.epochs, global_batch=args.global_batch,
+                      lr=args.lr, optimizer=args.optimizer, seed=args.seed, keep=args.keep,
+                      checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None,
+                      resume=args.resume, key=resolve_key(args.key_file), min_ranks=args.min_ranks)
+    cfg.faults = group.faults
+    summary = run_recsys(cfg, dataset, group)
+    if summary is not None:
+        rmse = summary["test_rmse"]
+        print(f"train: {summary['steps']} steps, {summary['views']} view(s), {summary['ranks']} rank(s) at the end"
+              + (f", test rmse {rmse:.4f}" if rmse is not None else ""), flush=True)
     sys.stdout.flush()
     return 0
 

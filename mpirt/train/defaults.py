@@ -23,6 +23,9 @@ DEFAULTS = {
     "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
     "fasttext": {"optimizer": "adam", "lr": 0.02, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
     "resnet": {"optimizer": "sgd", "lr": 0.1, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
+    "mf": {"optimizer": "adam", "lr": 0.01, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_PLAIN},
+    "twotower": {"optimizer": "adam", "lr": 0.01, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0,
+                 **_PLAIN},
     "vgg": {"optimizer": "sgd", "lr": 0.01, "epochs": 10, "lr_schedule": "constant", "warmup": 0.0, **_IMAGES},
 }
 TUNED = ("optimizer", "lr", "epochs", "lr_schedule", "warmup", "augment", "normalize")

@@ -1,0 +1,1 @@
+"""Recommenders over embedding tables sharded across the ranks, reassigned when members change."""
