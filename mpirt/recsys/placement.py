@@ -12,8 +12,9 @@ everyone; then every member moves shards as :func:`moves` says. The rules, in or
 - a shard whose owner is gone is served by its buddy (promoted: it has the replica); both gone: the
   shard is lost (:class:`ShardLost`), and the job stops naming it;
 - members leaving gracefully are treated as gone, but they are still there to hand their shards over;
-- shards move from the most loaded members to the least loaded (joiners first) until the owned
-  counts differ by at most one, moving as few shards as that takes;
+- in each table, shards move from the most loaded members to the least loaded (joiners first)
+  until the owned counts differ by at most one, moving as few shards as that takes (a shard whose buddy is the
+  receiver first: no rows to copy);
 - every shard gets a buddy other than its owner (none with a single member), kept where it was when
   possible, else on the least loaded member.
 
@@ -95,7 +96,7 @@ def after_change(old, members, gone=()):
                 raise ShardLost(f"shard {s} of the {t} table is lost: its owner (member {m}) and its replica "
                                 f"(member {b}) failed together")
             owner[t][s], buddy[t][s] = b, None  # promoted; a new buddy below
-    _balance(owner, [m for m in members if m in alive])
+    _balance(owner, buddy, [m for m in members if m in alive])
     for t in owner:
         for s, m in enumerate(owner[t]):
             if buddy[t][s] not in alive or buddy[t][s] == m:
@@ -104,26 +105,22 @@ def after_change(old, members, gone=()):
     return Placement(owner, buddy)
 
 
-def _load(owner, members):
-    load = {m: 0 for m in members}
-    for v in owner.values():
-        for m in v:
-            load[m] += 1
-    return load
-
-
-def _balance(owner, members):
-    """Move owned shards from the most to the least loaded members until counts differ by <= 1."""
-    load = _load(owner, members)
-    while True:
-        hi = max(members, key=lambda m: (load[m], -members.index(m)))
-        lo = min(members, key=lambda m: (load[m], members.index(m)))
-        if load[hi] - load[lo] <= 1:
-            return
-        t, s = max(((t, s) for t, v in owner.items() for s, m in enumerate(v) if m == hi))
-        owner[t][s] = lo
-        load[hi] -= 1
-        load[lo] += 1
+def _balance(owner, buddy, members):
+    """Per table, move owned shards from the most to the least loaded members until counts differ by
+    <= 1; a shard whose buddy is the receiver moves first (it holds the rows already: nothing to copy)."""
+    for k, t in enumerate(owner):
+        # ties broken in an order rotated per table, so that the tables' remainders land on different members
+        members = members[k % len(members):] + members[:k % len(members)] if k else members
+        load = {m: owner[t].count(m) for m in members}
+        while True:
+            hi = max(members, key=lambda m: (load[m], -members.index(m)))
+            lo = min(members, key=lambda m: (load[m], members.index(m)))
+            if load[hi] - load[lo] <= 1:
+                break
+            s = max((s for s, m in enumerate(owner[t]) if m == hi), key=lambda s: (buddy[t][s] == lo, s))
+            owner[t][s] = lo
+            load[hi] -= 1
+            load[lo] += 1
 
 
 def _buddies(owner, buddy, members):

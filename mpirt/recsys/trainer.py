@@ -269,6 +269,9 @@ class RecTrainer:
         params.update({f"dense.{k}": v for k, v in self.dense.state_dict().items()})
         tables_state = {f"{t}.{k}": v for t in full for k, v in full[t].items() if k != "rows"}
         params.update({f"state.{k}": v for k, v in tables_state.items()})
+        for i, st in self.opt.state_dict()["state"].items():  # the dense optimizer's (Adam's moments)
+            params.update({f"denseopt.{i}.{k}": v.detach().numpy() if hasattr(v, "detach") else np.asarray(v)
+                           for k, v in st.items()})
         CheckpointDir(self.cfg.checkpoint_dir, keep=self.cfg.keep, key=self.cfg.key).save(
             self.step, spec=self.spec, params=params, position={"step": self.step},
             world_size=self.group.size, meta={"table_step_count": self.tables.step_count,
@@ -288,6 +291,13 @@ class RecTrainer:
                 for t in self.table_spec}
         self.dense.load_state_dict({k[len("dense."):]: torch.from_numpy(np.array(v)) for k, v in p.items()
                                     if k.startswith("dense.")})
+        state = {}
+        for k, v in p.items():
+            if k.startswith("denseopt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(v))
+        if state:
+            self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
         self.step = int(ckpt.position["step"])
         self.tables.step_count = int(ckpt.meta.get("table_step_count", self.step))
         self.tables.placement = plc.initial({t: s for t, (_, _, s) in self.table_spec.items()},
