@@ -162,6 +162,7 @@ class RecTrainer:
         """Collective: the coordinator's new placement for the current members (minus ``gone``), the
         shards moved, and the move agreed on; on failure, nothing changes here (raised)."""
         g = self.group
+        t0 = time.perf_counter()
         old = self.tables.placement
         decision = None
         if g.is_coordinator:
@@ -187,7 +188,8 @@ class RecTrainer:
         if g.is_coordinator:
             n_moved = len(moved)
             g.events.write("shards", view=g.view.id, moved=n_moved, gone=list(gone),
-                           owners={t: v for t, v in new.owner.items()})
+                           owners={t: v for t, v in new.owner.items()},
+                           move_ms=round(1e3 * (time.perf_counter() - t0), 3))
 
     def _newest(self):
         from mpirt.checkpoint import CheckpointDir
