@@ -130,13 +130,20 @@ def test_twotower_on_three_ranks_with_a_kill_is_the_model_of_one_rank(tmp_path, 
     # dense model does in the default mode (README)
     res1, one = train(tmp_path, ratings, 1, "--epochs", "1", model="twotower", name="one")
     res1.check()
-    res3, three = train(tmp_path, ratings, 3, "--epochs", "1", model="twotower", faults=["kill:member=1:step=20"],
-                        name="three")
+    res3, three = train(tmp_path, ratings, 3, "--epochs", "1", "--report", tmp_path / "rep", model="twotower",
+                        faults=["kill:member=1:step=20"], name="three")
     res3.check()
     assert "2 view(s)" in res3.stdout
     assert_same_model(final(one), final(three))
     rmse = [float(r.stdout.split("test rmse ")[1].split()[0]) for r in (res1, res3)]
     assert abs(rmse[0] - rmse[1]) < 1e-4
+    # recall@10 and NDCG@10 with the item table sharded over 2 ranks, against all of it on one
+    ranking = [[x for x in r.stdout.splitlines() if x.startswith("test recall@10")] for r in (res1, res3)]
+    assert len(ranking[0]) == 1 and ranking[0] == ranking[1]
+    with open(tmp_path / "rep" / "report.json") as f:
+        report = json.load(f)
+    assert 0 <= report["test_ranking"]["recall@10"] <= 1 and len(report["val_rmse"]) == 1
+    assert (tmp_path / "rep" / "rmse.png").stat().st_size > 0
 
 
 @pytest.mark.mpi

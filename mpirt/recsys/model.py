@@ -37,6 +37,13 @@ class Dense(nn.Module):
             eu, ev = self.user_tower(eu), self.item_tower(ev)
         return (eu * ev).sum(1) + u[:, -1] + v[:, -1] + self.mu
 
+    def score(self, u, v):
+        """Predictions of every user row in ``u`` for every item row in ``v``: (len(u), len(v))."""
+        eu, ev = u[:, :-1], v[:, :-1]
+        if self.name == "twotower":
+            eu, ev = self.user_tower(eu), self.item_tower(ev)
+        return eu @ ev.T + u[:, -1:] + v[:, -1][None, :] + self.mu
+
 
 def init_rows(dim):
     """Initial table rows: embeddings N(0, 0.1^2), biases 0."""

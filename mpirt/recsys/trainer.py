@@ -18,6 +18,7 @@ the dense gradients by the allreduce, so N ranks give 1 rank's model within floa
 at 1e-5 relative over short runs, as for ``mpirt train``'s default mode).
 """
 
+import os
 import time
 
 import numpy as np
@@ -29,12 +30,17 @@ from mpirt.errors import JobError, ProcessFailure
 from mpirt.log import get_logger
 from mpirt.recsys import placement as plc
 from mpirt.recsys.model import Dense, init_rows
-from mpirt.recsys.tables import ShardedTables
+from mpirt.recsys.tables import ShardedTables, alltoall_obj
 from mpirt.train.order import Orders, Schedule
 
 log = get_logger("mpirt.recsys")
 SLOTS = Slots("samples", "loss")
 EVAL_ROWS = 4096
+
+
+def alltoall_everyone(ec, obj):
+    """``obj`` from every rank, on every rank (by rank)."""
+    return alltoall_obj(ec, [obj] * ec.size)
 
 
 class RecTrainer:
@@ -245,12 +251,62 @@ class RecTrainer:
                 g.ec.comm.Allreduce(g.ec.MPI.IN_PLACE, sums, op=g.ec.MPI.SUM)
         return float(np.sqrt(sums.sum() / n))
 
+    def ranking(self, split="test", k=10, chunk=512):
+        """recall@k and NDCG@k on ``split``: for each user with a relevant rating there (>= 4 stars, or
+        every rating when the data set's top rating is below 4: implicit feedback), all items scored,
+        those the user rated in training left out, the top ``k`` against the relevant ones. The item
+        table stays sharded: each rank scores the items it owns and the ranks' top-k lists are merged
+        (by score, then item id). Collective; the same figures on every rank."""
+        rows = self.dataset.split(split).all()
+        g, tables = self.group, self.tables
+        cut = min(4.0, float(self.dataset.attrs.get("rating_max", 5.0)))
+        rel = rows.rating >= cut
+        users = np.unique(rows.user[rel])
+        if len(users) == 0:
+            return None
+        relevant = {}
+        for u, i in zip(rows.user[rel], rows.item[rel]):
+            relevant.setdefault(int(u), set()).add(int(i))
+        me = g.member
+        mine = sorted(s for (t, s) in tables.held if t == "item" and tables.placement.owner[t][s] == me)
+        item_ids = np.concatenate([np.arange(*tables.shard_range("item", s)) for s in mine]) if mine else \
+            np.zeros(0, np.int64)
+        item_rows = np.concatenate([tables.held[("item", s)]["rows"] for s in mine]) if mine else \
+            np.zeros((0, tables.tables["item"][1]), np.float32)
+        local = np.full(tables.tables["item"][0], -1, np.int64)
+        local[item_ids] = np.arange(len(item_ids))
+        recall = ndcg = 0.0
+        discount = 1.0 / np.log2(np.arange(2, k + 2))
+        for a in range(0, len(users), chunk):
+            us = users[a:a + chunk]
+            looked = tables.lookup({"user": us})["user"][2]
+            with torch.no_grad():
+                scores = self.dense.score(torch.from_numpy(looked), torch.from_numpy(item_rows)).numpy()
+            seen = np.isin(self.train.user, us)
+            tu, ti = self.train.user[seen], self.train.item[seen]
+            pos = np.searchsorted(us, tu)
+            keep = local[ti] >= 0
+            scores[pos[keep], local[ti[keep]]] = -np.inf
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            part = [(np.take_along_axis(scores, top, 1), item_ids[top])]
+            merged = [x for p in alltoall_everyone(g.ec, part) for x in p]
+            sc = np.concatenate([m[0] for m in merged], axis=1)
+            it = np.concatenate([m[1] for m in merged], axis=1)
+            order = np.lexsort((it, -sc), axis=1)[:, :k] if sc.size else np.zeros((len(us), 0), np.int64)
+            best = np.take_along_axis(it, order, 1)
+            for r, u in enumerate(us):
+                want = relevant[int(u)]
+                hits = np.array([int(i) in want for i in best[r]], dtype=float)
+                recall += hits.sum() / len(want)
+                ndcg += float((hits * discount[:len(hits)]).sum()) / float(discount[:min(k, len(want))].sum())
+        return {"k": k, "users": int(len(users)), f"recall@{k}": recall / len(users), f"ndcg@{k}": ndcg / len(users)}
+
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self):
         while True:
             try:
-                test, full = self.committer.agree_phase(
-                    self.step, "eval", lambda: (self.rmse("test"), self.tables.gather_full()))
+                test, ranks, full = self.committer.agree_phase(
+                    self.step, "eval", lambda: (self.rmse("test"), self.ranking("test"), self.tables.gather_full()))
                 break
             except ProcessFailure:
                 self._recover()
@@ -261,8 +317,36 @@ class RecTrainer:
             self._save(full)
         if test is not None:
             print(f"test rmse {test:.4f} on {self.dataset.split('test').n_rows} ratings", flush=True)
-        return {"steps": self.step, "views": g.view.id + 1, "ranks": g.size, "test_rmse": test,
-                "val_rmse": self.evals, "held_bytes": self.tables.held_bytes()}
+        if ranks is not None:
+            k = ranks["k"]
+            print(f"test recall@{k} {ranks[f'recall@{k}']:.4f}  ndcg@{k} {ranks[f'ndcg@{k}']:.4f} over "
+                  f"{ranks['users']} users (their training items left out)", flush=True)
+        out = {"steps": self.step, "views": g.view.id + 1, "ranks": g.size, "test_rmse": test, "test_ranking": ranks,
+               "val_rmse": self.evals, "held_bytes": self.tables.held_bytes(), "spec": self.spec,
+               "events": g.events.read()}
+        if self.cfg.report:
+            self._report(out)
+        return out
+
+    def _report(self, out):
+        import json
+
+        from mpirt.atomic import atomic_path
+
+        os.makedirs(self.cfg.report, exist_ok=True)
+        with atomic_path(os.path.join(self.cfg.report, "report.json")) as tmp, open(tmp, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(range(1, len(self.evals) + 1), self.evals, "o-")
+        ax.set(xlabel="epoch", ylabel="val RMSE", title=f"{self.spec['name']}: validation RMSE")
+        with atomic_path(os.path.join(self.cfg.report, "rmse.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
 
     def _save(self, full):
         from mpirt.checkpoint import CheckpointDir

@@ -293,7 +293,7 @@ def _run_recsys(args, dataset, group):
     fill(args)
     unsupported = [f for f, on in (("--exact", args.exact), ("--compress", args.compress),
                                    ("--early-stop", args.early_stop), ("--keep-best", args.keep_best),
-                                   ("--report", args.report), ("--audit", args.audit),
+                                   ("--audit", args.audit),
                                    ("--clip-norm", args.clip_norm), ("--device cuda", args.device == "cuda"),
                                    ("--lr-schedule", args.lr_schedule != "constant"), ("--warmup", args.warmup))
                    if on]
@@ -305,7 +305,8 @@ def _run_recsys(args, dataset, group):
     cfg = TrainConfig(data=os.path.abspath(args.data), spec=spec, epochs=args.epochs, global_batch=args.global_batch,
                       lr=args.lr, optimizer=args.optimizer, seed=args.seed, keep=args.keep,
                       checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None,
-                      resume=args.resume, key=resolve_key(args.key_file), min_ranks=args.min_ranks)
+                      resume=args.resume, key=resolve_key(args.key_file), min_ranks=args.min_ranks,
+                      report=os.path.abspath(args.report) if args.report else None)
     cfg.faults = group.faults
     summary = run_recsys(cfg, dataset, group)
     if summary is not None:
