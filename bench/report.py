@@ -296,6 +296,13 @@ def images(doc, out_dir):
         [tables(doc["results"]), ""]
 
 
+def recsys(doc, out_dir):
+    from bench.recsys import tables
+
+    return _header(doc, "recsys: embedding tables sharded over the ranks against replicated ones") + \
+        [tables(doc["results"]), ""]
+
+
 def sparse(doc, out_dir):
     r, cfg = doc["results"], doc["results"]["config"]
     lines = _header(doc, "sparse: the sparse-row exchange against the dense allreduce of the same table")
@@ -374,7 +381,7 @@ def hostile(doc, out_dir):
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
-            ("defaults", defaults), ("images", images), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
+            ("defaults", defaults), ("images", images), ("recsys", recsys), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 
