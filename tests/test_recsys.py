@@ -148,15 +148,24 @@ def test_twotower_on_three_ranks_with_a_kill_is_the_model_of_one_rank(tmp_path, 
 
 @pytest.mark.mpi
 @pytest.mark.cli
-def test_a_shard_and_its_replica_lost_together_stop_the_job_with_one_line(tmp_path, ratings):
-    # 4 ranks, 6 shards a table dealt round-robin: shard 1 of the item table... lives on members 1 and 2
-    res, run_dir = train(tmp_path, ratings, 4, faults=["kill:member=1:step=5", "kill:member=2:step=5"])
+def test_a_shard_and_its_replica_lost_together_stop_the_job_with_one_line_and_it_resumes(tmp_path, ratings,
+                                                                                        reference):
+    # 4 ranks, 6 shards a table dealt round-robin: shard 1 of the item table lives on members 1 and 2
+    res, run_dir = train(tmp_path, ratings, 4, "--checkpoint-every", "4",
+                         faults=["kill:member=1:step=9", "kill:member=2:step=9"])
     assert res.returncode != 0 and "Traceback" not in res.stderr
     lines = {line for line in res.stderr.splitlines() if "is lost" in line}
     assert len(lines) == 1, res.stderr
     line = lines.pop()
     assert "table is lost: its owner (member 1) and its replica (member 2) failed together" in line
-    assert "resume from the newest checkpoint" in line
+    assert f"resume from the newest checkpoint: {run_dir / 'ckpt' / 'ckpt-00000008.h5'}" in line
+    res = run_cli("launch", "-n", "2", "--", "mpirt", "train", "--data", ratings, "--model", "mf", *COMMON,
+                  "--checkpoint-dir", run_dir / "ckpt", "--resume", timeout=300)
+    res.check()
+    assert_same_model(reference, final(run_dir))
+    res = run_cli("train", "--data", ratings, "--model", "mf", *COMMON, "--seed", "5", "--checkpoint-dir",
+                  run_dir / "ckpt", "--resume", timeout=300)
+    assert res.returncode == 2 and "was made with another seed" in res.stderr
 
 
 @pytest.mark.mpi

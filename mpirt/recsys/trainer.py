@@ -26,7 +26,7 @@ import torch
 
 from mpirt.cluster.commit import Slots, StepCommitter
 from mpirt.cluster.group import Leaving
-from mpirt.errors import JobError, ProcessFailure
+from mpirt.errors import JobError, ProcessFailure, UsageError
 from mpirt.log import get_logger
 from mpirt.recsys import placement as plc
 from mpirt.recsys.model import Dense, init_rows
@@ -142,6 +142,21 @@ class RecTrainer:
         self.step = step + 1
         self.last_loss = totals[SLOTS.LOSS] / max(totals[SLOTS.SAMPLES], 1.0)
         self._after_commit(step, totals)
+        every = self.cfg.checkpoint_every
+        if self.cfg.checkpoint_dir and every and self.step % every == 0 and self.step < self.schedule.total_steps:
+            self._checkpoint()
+
+    def _checkpoint(self):
+        """Collective, agreed like an evaluation: the whole tables gathered on the coordinator, which
+        writes them (a failure here is recovered and the gather redone; the step stays committed)."""
+        while True:
+            try:
+                full = self.committer.agree_phase(self.step, "save", self.tables.gather_full)
+                break
+            except ProcessFailure:
+                self._recover()
+        if self.group.is_coordinator:
+            self._save(full)
 
     def _forward_backward(self, batch, scale):
         looked = self.tables.lookup({"user": batch.user, "item": batch.item})
@@ -369,7 +384,9 @@ class RecTrainer:
         CheckpointDir(self.cfg.checkpoint_dir, keep=self.cfg.keep, key=self.cfg.key).save(
             self.step, spec=self.spec, params=params, position={"step": self.step},
             world_size=self.group.size, meta={"table_step_count": self.tables.step_count,
-                                              "dense_optimizer": self.cfg.optimizer})
+                                              "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
+                                              "global_batch": self.cfg.global_batch, "seed": self.cfg.seed,
+                                              "data_sha256": self.cfg.data_sha256, "evals": self.evals})
 
     def _resume(self):
         """``--resume``: every member cuts its shards from the newest checkpoint (any world size)."""
@@ -380,6 +397,13 @@ class RecTrainer:
         ckpt = CheckpointDir(self.cfg.checkpoint_dir, key=self.cfg.key).load_latest()
         if ckpt is None:
             return False
+        mine = {"spec": self.spec, "data_sha256": self.cfg.data_sha256, "optimizer": self.cfg.optimizer,
+                "lr": self.cfg.lr, "global_batch": self.cfg.global_batch, "seed": self.cfg.seed}
+        theirs = {"spec": ckpt.spec, **{k: ckpt.meta.get(k) for k in mine if k != "spec"}}
+        differ = [k for k in mine if theirs[k] != mine[k]]
+        if differ:
+            raise UsageError(f"--resume: {ckpt.path} was made with another {', '.join(differ)} (the data set, "
+                             f"model, optimizer, --lr, --global-batch and --seed must be those of the run)")
         p = ckpt.params
         full = {t: {"rows": p[t], **{k.split(".")[-1]: v for k, v in p.items() if k.startswith(f"state.{t}.")}}
                 for t in self.table_spec}
@@ -397,7 +421,7 @@ class RecTrainer:
         self.tables.placement = plc.initial({t: s for t, (_, _, s) in self.table_spec.items()},
                                             self.group.view.members)
         self.tables.load_full(full)
-        self.evals = [None] * (self.step // max(self.schedule.steps_per_epoch, 1))
+        self.evals = list(ckpt.meta.get("evals") or [])[:self.step // max(self.schedule.steps_per_epoch, 1)]
         return True
 
 

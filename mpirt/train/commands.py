@@ -286,6 +286,7 @@ def _run_recsys(args, dataset, group):
     """``mpirt train --model mf|twotower`` on a ratings data set (mpirt.recsys.trainer)."""
     from mpirt.checkpoint import resolve_key
     from mpirt.errors import UsageError
+    from mpirt.data.integrity import dataset_digest
     from mpirt.recsys.trainer import run_recsys, spec_for
 
     if args.model not in ("mf", "twotower"):
@@ -306,7 +307,8 @@ def _run_recsys(args, dataset, group):
                       lr=args.lr, optimizer=args.optimizer, seed=args.seed, keep=args.keep,
                       checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None,
                       resume=args.resume, key=resolve_key(args.key_file), min_ranks=args.min_ranks,
-                      report=os.path.abspath(args.report) if args.report else None)
+                      report=os.path.abspath(args.report) if args.report else None,
+                      checkpoint_every=args.checkpoint_every, data_sha256=dataset_digest(dataset))
     cfg.faults = group.faults
     summary = run_recsys(cfg, dataset, group)
     if summary is not None:
