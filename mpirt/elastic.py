@@ -186,14 +186,17 @@ def run(group):
                 state.load(group.sync_view(joiner=True))
             while True:
                 try:
-                    return fn(state, *args, **kwargs)
+                    try:
+                        return fn(state, *args, **kwargs)
+                    except _Grow:
+                        step, totals = opt._joins
+                        opt._joins = None
+                        # A failure here (a member, or the spawn itself) is recovered like one in a
+                        # step: the step stays committed, the joiners that did not start are dropped.
+                        opt.committer.merge_joiners(step, totals, state.snapshot)
                 except ProcessFailure:
                     # Agree is uniform: the survivors hold the same committed state; redo from it.
                     opt.committer.recover(opt.committed)
-                except _Grow:
-                    step, totals = opt._joins
-                    opt._joins = None
-                    opt.committer.merge_joiners(step, totals, state.snapshot)
         return runner
     return wrap
 
