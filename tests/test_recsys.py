@@ -185,3 +185,15 @@ def test_ratings_take_only_the_recommender_models(tmp_path, ratings):
     assert res.returncode == 2 and "--model mf or --model twotower" in res.stderr
     res = run_cli("train", "--data", ratings, "--model", "mf", "--exact", "--no-progress")
     assert res.returncode == 2 and "does not take --exact" in res.stderr
+
+
+@pytest.mark.cli
+def test_classify_refuses_a_recommender_in_one_line(tmp_path, ratings):
+    res, run_dir = train(tmp_path, ratings, 1, "--epochs", "1")
+    res.check()
+    from mpirt.checkpoint import CheckpointDir
+
+    ckpt = CheckpointDir(run_dir / "ckpt").latest()
+    res = run_cli("classify", "--data", ratings, "--checkpoint", ckpt, "--out", tmp_path / "p.h5")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "classify takes classification models" in res.stderr and not (tmp_path / "p.h5").exists()

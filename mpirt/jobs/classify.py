@@ -27,6 +27,10 @@ from mpirt.outputs import h5_writing, mark
 def check_compatible(ckpt, dataset):
     """Raise CheckpointError unless ``ckpt``'s model reads ``dataset``'s features and classes."""
     spec = ckpt.spec
+    if spec.get("name") in ("mf", "twotower") or dataset.feature_kind == "ratings":
+        raise CheckpointError(f"{ckpt.path}: classify takes classification models and data sets; "
+                              f"'{spec.get('name')}' on {dataset.feature_kind} data is not one (recommenders "
+                              f"report RMSE and recall@k at the end of 'mpirt train')")
     if int(spec["n_features"]) != dataset.n_features or int(spec["n_classes"]) != dataset.n_classes:
         raise CheckpointError(
             f"{ckpt.path}: model for {spec['n_features']} features and {spec['n_classes']} classes cannot "
