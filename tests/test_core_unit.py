@@ -115,6 +115,14 @@ def test_an_unknown_transport_is_a_usage_error():
         transport.choose(environ={"MPIRT_TRANSPORT": "udp"})
 
 
+def test_fewer_ranks_than_cores_get_their_share_of_cores_and_threads():
+    cmd = " ".join(launch.build_command(["true"], n=2, spare=1, cores=8, environ={}, mpiexec="mpiexec"))
+    assert "--map-by slot:PE=2 --bind-to core" in cmd and "-x OMP_NUM_THREADS=2" in cmd
+    cmd = " ".join(launch.build_command(["true"], n=1, cores=8, environ={"OMP_NUM_THREADS": "3"}, mpiexec="mpiexec"))
+    assert "PE=8" in cmd and "OMP_NUM_THREADS=" not in cmd  # the user's setting goes through as it is
+    assert "PE=" not in " ".join(launch.build_command(["true"], n=2, cores=2, environ={}, mpiexec="mpiexec"))
+
+
 def test_launch_inside_slurm_uses_the_allocation():
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3"}
     cmd = launch.build_command(["true"], environ=env, mpiexec="mpiexec", cores=2)
