@@ -208,6 +208,7 @@ class _ProgressPump:
 
         cls._thread = threading.Thread(target=pump, name="mpirt-progress", daemon=True)
         cls._thread.start()
+        mpi.before_finalize(cls.stop)
         return cls._thread
 
     @classmethod
