@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from bench.common import write_results
+from bench.common import mpi_env, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "tests", "jobs", "squares.py")
@@ -78,9 +78,7 @@ def run_one(faults, ranks, tmp, host=None):
     cmd += ["--", sys.executable, JOB, out, "--shards", str(SHARDS)]
     for f in faults:
         cmd += ["--inject-fault", f]
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env()
     if host:
         cmd = [AGENT, "head", " ".join(cmd)]
     try:

@@ -29,7 +29,7 @@ import time
 import h5py
 import numpy as np
 
-from bench.common import table, write_results
+from bench.common import mpi_env, table, write_results
 
 TRAIN_VARIANTS = {"none": [], "sync": ["--checkpoint-every", "5", "--checkpoint-sync"],
                   "background": ["--checkpoint-every", "5"]}
@@ -109,9 +109,7 @@ def train(tmp, steps, repeat):
     rng = np.random.default_rng(0)
     prepare_dense(rng.standard_normal((rows, 784), dtype=np.float32), rng.integers(0, 10, rows), data,
                   Options(shard_rows=1024))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env(PYTHONUNBUFFERED="1")
     seconds = {}
     for i in range(repeat):
         for name, extra in TRAIN_VARIANTS.items():

@@ -65,14 +65,20 @@ def mpirt_launch(n, *flags):
     return [sys.executable, "-m", "mpirt", "launch", "-n", str(n), *flags, "--"]
 
 
+def mpi_env(**extra):
+    """This environment plus ``extra``, for a child that runs mpiexec (which refuses root unless told)."""
+    env = dict(os.environ, **extra)
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
 def run_worker(launcher, worker, cfg, *, what, env=None, timeout=1800):
     """Run ``worker`` (a script's text) under ``launcher`` with ``cfg`` (JSON) as its argument; return
     the JSON its rank 0 printed after ``RESULT``. ``env``: variables added to this environment."""
     import tempfile
 
-    env = dict(os.environ, **(env or {}))
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env(**(env or {}))
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "worker.py")
         with open(script, "w") as f:

@@ -13,6 +13,8 @@ import sys
 
 import h5py
 
+from bench.common import mpi_env
+
 MPIRT = [sys.executable, "-m", "mpirt"]
 
 
@@ -77,10 +79,7 @@ CASES = [
 
 
 def _env():
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
+    return mpi_env()
 
 
 def run(tmp):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import table, write_results
+from bench.common import mpi_env, table, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,9 +77,7 @@ if run_shard_job(Job(units), parts_dir=out) is not None:
 
 
 def _run(code, n, units, launcher):
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env()
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "job.py")
         with open(script, "w") as f:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import table, write_results
+from bench.common import mpi_env, table, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "tests", "jobs", "squares.py")
@@ -31,10 +31,7 @@ MPIRT = [sys.executable, "-m", "mpirt"]
 
 
 def _env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
+    return mpi_env(PYTHONUNBUFFERED="1")
 
 
 def _read(path):

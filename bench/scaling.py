@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import OUT_DIR, table, write_results
+from bench.common import OUT_DIR, mpi_env, table, write_results
 
 MODELS = {
     # model -> (prepare args, train args, strong global batch, weak per-rank batch, epochs x --epochs)
@@ -34,10 +34,7 @@ MODELS = {
 
 
 def _env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
+    return mpi_env(PYTHONUNBUFFERED="1")
 
 
 def prepare(tmp, model):

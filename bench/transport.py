@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.common import table, write_results
+from bench.common import mpi_env, table, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SQUARES = os.path.join(ROOT, "tests", "jobs", "squares.py")
@@ -52,10 +52,7 @@ JOBS = ("train", "wordcount")  # the slow cases: --jobs-repeat times
 
 
 def _env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
+    return mpi_env(PYTHONUNBUFFERED="1")
 
 
 def _read(path):
