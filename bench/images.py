@@ -119,7 +119,8 @@ def tables(r):
     rows = [[n, a, f"{med[f'{n}-{a}']:,.0f}", f"{med[f'{n}-{a}'] / med[f'1-{a}']:.2f}x",
              f"{med[f'{n}-{a}'] / base:.2f}x"] for n, a in CONFIGS]
     c = r["config"]
-    return table(rows, ["ranks", "augmentation", "samples/s", "vs 1 rank, same augmentation", "vs plain torch loop"]) + (
+    headers = ["ranks", "augmentation", "samples/s", "vs 1 rank, same augmentation", "vs plain torch loop"]
+    return table(rows, headers) + (
         f"\n\nResNet-{c['depth']} width {c['width']}, 32x32x3 images ({3 * c['per_class']:,} files), global batch "
         f"{c['batch']}; plain torch loop (1 process, no augmentation): {base:,.0f} samples/s; augmentation alone: "
         f"{1e3 * r['augment_s_per_batch']:.2f} ms a batch of {c['batch']} "

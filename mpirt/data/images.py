@@ -2,8 +2,9 @@
 downloaded): pixels into the data-set format as uint8, shape (H, W, 3).
 
 Images are streamed: the file list is read first (names only: it gives the labels, hence the exact split
-sizes), then files are decoded, in an order shuffled by ``--seed`` (see :func:`prepare_images`), a block at a time by a few threads (Pillow releases the GIL while it
-decodes and resizes) and appended to the writer, so memory stays flat in the number of images.
+sizes), then files are decoded, in an order shuffled by ``--seed`` (see :func:`prepare_images`), a block
+at a time by a few threads (Pillow releases the GIL while it decodes and resizes) and appended to the
+writer, so memory stays flat in the number of images.
 
 ``--size HxW``: every image is scaled, keeping its aspect ratio, until it covers HxW, then the centre
 HxW is cut out ("resize then centre crop": nothing is stretched, the borders of the longer side go).
@@ -21,6 +22,7 @@ import h5py
 import numpy as np
 
 from mpirt.atomic import atomic_path
+from mpirt.data.dense import _split_rows
 from mpirt.data.format import DENSE, SPLITS
 from mpirt.errors import DataError, UsageError
 
@@ -127,8 +129,6 @@ def write_images(out_path, opts, shape, class_names, blocks, split_rows, source,
 
 def prepare_images(in_dir, out_path, opts, size=None, skip_bad=False, workers=None):
     """Prepare a folder of class folders of images (see the module's doc)."""
-    from mpirt.data.dense import _split_rows
-
     classes, files = list_images(in_dir)
     size = tuple(size) if size else None
     if size is None:
@@ -281,24 +281,20 @@ def prepare_cifar(in_dir, out_path, opts):
     # The training batches split into train and val by the stratifier; the test batch is the test split.
     train_opts = Options(opts.shards, opts.shard_rows, opts.val_fraction, 0.0, opts.seed)
     y_train = np.concatenate([y for _, (_, y) in batches[:-1]])
-    from mpirt.data.dense import _split_rows
-
     split_rows = _split_rows(train_opts, [y_train], names)
     split_rows["test"] = len(batches[-1][1][1])
-    class_names = names
 
-    def blocks(strat):
+    def blocks(strat):  # train_opts' stratifier: no test share, the test batch is the test split
         start = 0
-        train_strat = train_opts.stratifier()
         for i, (f, (X, y)) in enumerate(batches):
             # CIFAR rows are 1024 red, 1024 green, 1024 blue bytes: to (32, 32, 3).
             X = X.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             rows = np.arange(start, start + len(y), dtype=np.int64)
-            where = train_strat.assign(y, keys=class_names) if i < len(batches) - 1 else np.full(len(y), 2)
+            where = strat.assign(y, keys=names) if i < len(batches) - 1 else np.full(len(y), 2)
             yield np.ascontiguousarray(X), y, rows, where
             start += len(y)
 
-    opts_plan = Options(opts.shards, opts.shard_rows, opts.val_fraction, opts.test_fraction, opts.seed)
-    rows = write_images(out_path, opts_plan, (32, 32, 3), class_names, blocks, split_rows, root,
+    # The shard plan reads only --shards/--shard-rows, the same in train_opts.
+    rows = write_images(out_path, train_opts, (32, 32, 3), names, blocks, split_rows, root,
                         attrs={"cifar": kind, "train_rows_in_files": n_train})
-    return {"rows": rows, "skipped": 0, "classes": class_names}
+    return {"rows": rows, "skipped": 0, "classes": names}

@@ -140,7 +140,13 @@ def check_layout(where, ds, sp):
         if off.shape[0] != n + 1 or off[0] != 0 or off[-1] != g["ids"].shape[0]:
             raise DataError(f"{where}: token offsets are inconsistent with the token ids "
                             f"({off.shape[0]} offsets for {n} rows, {g['ids'].shape[0]} ids)")
-    shards = sp.shards
+    check_shard_table(where, sp)
+
+
+def check_shard_table(where, sp):
+    """The shard table of split ``sp`` covers its rows exactly once, in order, with no empty shard,
+    on chunk boundaries, with one checksum a shard (every kind of data set)."""
+    shards, n = sp.shards, sp.n_rows
     if len(shards):
         if shards[0, 0] != 0 or shards[-1, 1] != n or np.any(shards[1:, 0] != shards[:-1, 1]) \
                 or np.any(shards[:, 1] <= shards[:, 0]):
@@ -149,8 +155,8 @@ def check_layout(where, ds, sp):
             raise DataError(f"{where}: shard table is not aligned to chunks of {sp.chunk_rows} rows")
     elif n:
         raise DataError(f"{where}: {n} rows but no shards")
-    if g["shard_sha256"].shape != (len(shards),):
-        raise DataError(f"{where}: {len(shards)} shards but {g['shard_sha256'].shape[0]} checksums")
+    if sp.group["shard_sha256"].shape != (len(shards),):
+        raise DataError(f"{where}: {len(shards)} shards but {sp.group['shard_sha256'].shape[0]} checksums")
 
 
 def check_content(where, ds, k, b, a0):

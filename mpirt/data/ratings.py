@@ -33,6 +33,7 @@ import numpy as np
 
 from mpirt.atomic import atomic_path
 from mpirt.data.format import FORMAT, RATINGS, SCHEMA_VERSION, SPLITS, le, plan_chunks, plan_shards
+from mpirt.data.reader import Split
 from mpirt.errors import DataError
 
 COLUMNS = (("user", "<i8"), ("item", "<i8"), ("rating", "<f4"), ("timestamp", "<i8"), ("row_index", "<i8"))
@@ -202,7 +203,7 @@ class RatingsSplit:
     """One split of a ratings data set (the reader's :class:`~mpirt.data.reader.Split` for this kind)."""
 
     def __init__(self, dataset, name):
-        from mpirt.data.integrity import check_extents, check_schema
+        from mpirt.data.integrity import check_extents, check_schema, check_shard_table
 
         self.dataset, self.name = dataset, name
         self.group = g = dataset.file[name]
@@ -215,13 +216,10 @@ class RatingsSplit:
             if g[col].shape != (self.n_rows,):
                 raise DataError(f"{where}: '{col}' has {g[col].shape[0]} rows, n_rows says {self.n_rows}")
         check_extents(where, g, [c for c, _ in COLUMNS] + ["shards", "shard_sha256"])
-        s = self.shards
-        if self.n_rows and (len(s) == 0 or s[0, 0] != 0 or s[-1, 1] != self.n_rows
-                            or np.any(s[1:, 0] != s[:-1, 1]) or np.any(s[:, 1] <= s[:, 0])):
-            raise DataError(f"{where}: shard table does not cover rows 0..{self.n_rows} exactly once, in order")
-        if g["shard_sha256"].shape != (len(s),):
-            raise DataError(f"{where}: {len(s)} shards but {g['shard_sha256'].shape[0]} checksums")
+        check_shard_table(where, self)
         self.checked = set()
+
+    stored_digest = Split.stored_digest  # the same table of checksums as every kind's
 
     def read(self, i, j):
         return RatingsBatch(**{c: self.group[c][int(i):int(j)] for c, _ in COLUMNS})
@@ -243,9 +241,7 @@ class RatingsSplit:
                 raise DataError(f"{where}: {col} index {int(v.max() if v.max() >= n else v.min())} outside 0..{n - 1}")
         if not np.isfinite(batch.rating).all():
             raise DataError(f"{where}: a rating is NaN or inf")
-        stored = self.group["shard_sha256"][k]
-        stored = stored.decode("ascii") if isinstance(stored, bytes) else str(stored)
-        if shard_digest(batch.arrays) != stored:
+        if shard_digest(batch.arrays) != self.stored_digest(k):
             raise DataError(f"{where}: checksum mismatch (file corrupted or edited; 'mpirt inspect' tells more)")
 
     def all(self):

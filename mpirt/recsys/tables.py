@@ -141,7 +141,6 @@ class ShardedTables:
             np.add.at(total, inverse, got.astype(np.float64))
             self._update(t, ids, total.astype(np.float32), step)
             # Replicate the pending rows to each shard's buddy.
-            r = self.rows_per_shard(t)
             members = self.group.view.members
             rank_of = {m: k for k, m in enumerate(members)}
             out = [[] for _ in range(self.group.size)]
@@ -151,7 +150,7 @@ class ShardedTables:
                 b = self.placement.buddy[t][s]
                 if b is not None:
                     out[rank_of[b]].append((s, pos, new))
-            self._replicate(t, out, r)
+            self._replicate(t, out)
 
     def _update(self, t, ids, g, step):
         r = self.rows_per_shard(t)
@@ -171,7 +170,7 @@ class ShardedTables:
                 new = {"rows": shard["rows"][pos] - self.lr * gs}
             self.pending[(t, int(s))] = (pos, {k: np.asarray(v, np.float32) for k, v in new.items()})
 
-    def _replicate(self, t, out, r):
+    def _replicate(self, t, out):
         """Owner -> buddy: the pending rows of each shard (one alltoall of small objects)."""
         for part in alltoall_obj(self.group.ec, out):
             for s, pos, new in part:
@@ -190,7 +189,7 @@ class ShardedTables:
         self.pending = {}
 
     # -- membership changes ----------------------------------------------------------------------
-    def migrate(self, new, alive, moves):
+    def migrate(self, new, moves):
         """Collective: send the shard copies ``moves`` lists (from :func:`placement.moves`), then hold
         exactly what ``new`` gives this member."""
         me, members = self.group.member, self.group.view.members

@@ -48,9 +48,12 @@ class RecTrainer:
 
     def __init__(self, cfg, dataset, group):
         self.cfg, self.dataset, self.group = cfg, dataset, group
-        self.spec = cfg.spec
-        self.train = dataset.split("train").all()
+        self._rows = {}  # split name -> its rows, read (and checked) once
+        self.train = self.rows("train")
         self.n = len(self.train)
+        # mu starts at the training ratings' mean (the same on every member: the same rows)
+        mean = float(np.mean(self.train.rating, dtype=np.float64)) if self.n else 0.0
+        self.spec = dict(cfg.spec, mean_rating=mean)
         self.schedule = Schedule(self.n, cfg.global_batch, cfg.epochs, cfg.seed)
         self.orders = Orders(self.n, cfg.seed)
         self.step = 0
@@ -202,11 +205,10 @@ class RecTrainer:
         if "lost" in decision:
             raise JobError(f"{decision['lost']}; resume from the newest checkpoint: {self._newest()}")
         new = plc.Placement.from_dict(decision["placement"])
-        alive = [m for m in g.view.members if m not in set(gone)]
         moved = plc.moves(old, new, g.view.members)
         ok = True
         try:
-            self.tables.migrate(new, alive, moved)
+            self.tables.migrate(new, moved)
         except ProcessFailure:
             ok = False
         if not g.ec.agree(ok):
@@ -247,10 +249,15 @@ class RecTrainer:
             print(f"epoch {epoch}  train loss {self.last_loss:.4f}  val rmse "
                   f"{out if out is None else round(out, 4)}  {self.group.size} ranks", flush=True)
 
+    def rows(self, split):
+        if split not in self._rows:
+            self._rows[split] = self.dataset.split(split).all()
+        return self._rows[split]
+
     def rmse(self, split):
         """RMSE on ``split``: fixed batches shared over the ranks, per-batch sums combined so that the
         figure is the same bits on any number of ranks. Collective."""
-        rows = self.dataset.split(split).all()
+        rows = self.rows(split)
         n = len(rows)
         if n == 0:
             return None
@@ -278,7 +285,7 @@ class RecTrainer:
         those the user rated in training left out, the top ``k`` against the relevant ones. The item
         table stays sharded: each rank scores the items it owns and the ranks' top-k lists are merged
         (by score, then item id). Collective; the same figures on every rank."""
-        rows = self.dataset.split(split).all()
+        rows = self.rows(split)
         g, tables = self.group, self.tables
         cut = min(4.0, float(self.dataset.attrs.get("rating_max", 5.0)))
         rel = rows.rating >= cut
@@ -450,7 +457,7 @@ def run_recsys(cfg, dataset, group):
 
 
 def spec_for(name, dataset, embed_dim=None, hidden=None, table_shards=None):
-    """The spec of recommender model ``name`` for a ratings data set."""
+    """The spec of recommender model ``name`` for a ratings data set (the trainer adds ``mean_rating``)."""
     from mpirt.errors import UsageError
     from mpirt.recsys.model import DEFAULTS, MODELS
 
@@ -462,7 +469,5 @@ def spec_for(name, dataset, embed_dim=None, hidden=None, table_shards=None):
     if hidden and name == "twotower":
         spec["hidden"] = int(hidden)
     spec["table_shards"] = int(table_shards or 16)
-    train = dataset.split("train").all()
-    spec["mean_rating"] = float(np.mean(train.rating, dtype=np.float64)) if len(train) else 0.0
     return spec
 

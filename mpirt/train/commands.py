@@ -228,7 +228,8 @@ def train_argv(args):
     """What a joiner runs: this command again, with absolute paths, never --resume (lr-find too)."""
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
-        "hidden", "embed_dim", "channels", "depth", "width", "table_shards", "checkpoint_every", "keep", "compress", "bucket_mb",
+        "hidden", "embed_dim", "channels", "depth", "width", "table_shards", "checkpoint_every", "keep", "compress",
+        "bucket_mb",
         "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm",
         "early_stop", "monitor")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
