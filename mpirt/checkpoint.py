@@ -38,6 +38,7 @@ from mpirt.checkpoint_async import BackgroundSaver
 from mpirt.checkpoint_write import FORMAT, SCHEMA_VERSION, digest, manifest, snapshot, write
 from mpirt.config import CHECKPOINT_KEY
 from mpirt.errors import CheckpointError, TamperedCheckpointError
+from mpirt.secure.policy import makedirs as private_makedirs
 ATTRS = ("spec", "position", "meta", "world_size")
 NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
 TEMPORARY = re.compile(r"^((?:ckpt-\d{8}|best)\.h5)\..+\.tmp$")
@@ -55,6 +56,9 @@ class Checkpoint:
     world_size: int
     meta: dict
     signed: bool
+    vouched: list = None  # what verified it: "hmac", "ed25519 SHA256:..."
+    digest: str = ""  # SHA-256 of its manifest: names this checkpoint's content (provenance)
+    encrypted: bool = False
 
     def optimizer_state_dict(self):
         """The optimizer state with torch tensors, for ``Optimizer.load_state_dict``."""
@@ -138,36 +142,56 @@ def load(path, key=None, verify=True):
         CheckpointError: missing, unreadable or foreign file; TamperedCheckpointError: contents or
             signature do not match, or datasets the manifest does not declare or the file cannot hold.
     """
-    import h5py
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     if not os.path.isfile(path):  # a FIFO or a device would block or stream forever
         raise CheckpointError(f"{path}: not a regular file")
+    from mpirt.secure.container import DecryptError
+    from mpirt.secure.h5 import File
+
     try:
-        f = h5py.File(path, "r")
+        f = File(path, "r")
+    except DecryptError as exc:
+        raise TamperedCheckpointError(str(exc)) from None
     except OSError:
         raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupted?)") from None
     try:
         with f:
             return _read(path, f, key, verify)
+    except DecryptError as exc:  # a chunk read after the open failed its tag
+        raise TamperedCheckpointError(str(exc)) from None
     except (KeyError, ValueError, OSError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
 
 
 def _check_signature(path, f, manifest, key, verify):
+    """The HMAC with the checkpoint key (a key set: the file must be signed with it), then the
+    policy's Ed25519 keys and ``--require-signature`` (:func:`mpirt.secure.sign.verify`); returns
+    what vouched for the file."""
+    from dataclasses import replace
+
+    from mpirt.secure.policy import current
+    from mpirt.secure.sign import verify as verify_signatures
+
     signature = f.attrs.get("signature")
+    vouched = []
     if key:
         if signature is None:
             raise TamperedCheckpointError(f"{path}: is not signed but a checkpoint key is set")
         expect = hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expect, str(signature)):
             raise TamperedCheckpointError(f"{path}: signature does not match (tampered, or signed with another key)")
-    elif signature is not None and verify:
+        vouched.append("hmac")
+    elif signature is not None and verify and not (current().verify_keys and "signature_ed25519" in f.attrs):
         raise TamperedCheckpointError(f"{path}: signed: give the key (--key-file or {CHECKPOINT_KEY}), "
                                       f"or --no-verify to trust it")
-    return signature is not None
+    policy = current()
+    vouched += verify_signatures(path, "checkpoint", hashlib.sha256(manifest.encode()).hexdigest(), f.attrs,
+                                 replace(policy, require_signature=False), TamperedCheckpointError, check_hmac=False)
+    if policy.require_signature and not vouched:
+        verify_signatures(path, "checkpoint", "", {}, policy, TamperedCheckpointError, check_hmac=False)
+    return vouched
 
 
 def _datasets(path, f, expected):
@@ -208,7 +232,7 @@ def _read(path, f, key, verify=True):
     manifest = f.attrs.get("manifest")
     if manifest is None:
         raise TamperedCheckpointError(f"{path}: has no manifest (tampered or corrupted)")
-    signed = _check_signature(path, f, manifest, key, verify)
+    vouched = _check_signature(path, f, manifest, key, verify)
     expected = json.loads(manifest)
     if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
         raise TamperedCheckpointError(f"{path}: its manifest is not a map of digests (tampered or corrupted)")
@@ -231,7 +255,9 @@ def _read(path, f, key, verify=True):
         optimizer={"state": opt_state, "param_groups": json.loads(groups)} if "optimizer" in f else {},
         position=json.loads(attrs["position"]),
         rng={k[len("rng/"):]: np.asarray(v) for k, v in arrays.items() if k.startswith("rng/")},
-        world_size=attrs["world_size"], meta=json.loads(attrs["meta"]), signed=signed and bool(key))
+        world_size=attrs["world_size"], meta=json.loads(attrs["meta"]), signed="hmac" in vouched, vouched=vouched,
+        digest=hashlib.sha256(manifest.encode()).hexdigest(),
+        encrypted=f.encrypted)
 
 
 def resolve_key(key_file=None):
@@ -291,7 +317,7 @@ class CheckpointDir:
             CheckpointError: this save failed (blocking), or the one before did (background).
         """
         t0 = time.perf_counter()
-        os.makedirs(self.directory, exist_ok=True)
+        private_makedirs(self.directory)
         path = os.path.join(self.directory, name or f"ckpt-{int(step):08d}.h5")
         if self.saver is None:
             self._write(path, snapshot(**fields), before_rename)

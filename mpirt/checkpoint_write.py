@@ -18,7 +18,6 @@ evict the data set from the page cache. Measured figures: bench/results/checkpoi
 
 import contextlib
 import hashlib
-import hmac
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -114,25 +113,43 @@ def manifest(digests, attrs, groups):
 
 
 def write(tmp, state, key=None):
-    """Write ``state`` into the new file ``tmp`` (the caller renames it), manifest and signature last."""
-    from mpirt.outputs import h5_writing
+    """Write ``state`` into the new file ``tmp`` (the caller renames it), manifest and signatures last.
 
-    with h5_writing(tmp, libver="latest") as f:
+    Encrypted (the policy's ``encrypt``), the arrays go through h5py into the container, which
+    encrypts them a chunk at a time; plain, they are written at their file offsets (:func:`_fill`).
+    """
+    from mpirt.outputs import h5_writing
+    from mpirt.secure.policy import current
+
+    encrypted = current().encrypt
+    with h5_writing(tmp, content=FORMAT, libver="latest") as f:
         f.attrs["mpirt_format"] = FORMAT
         f.attrs["schema_version"] = SCHEMA_VERSION
         for k, v in state.attrs.items():
             f.attrs[k] = v
         f.require_group("params")
         f.require_group("optimizer").attrs["param_groups"] = state.groups
-        offsets = _layout(f, state.arrays)
         # One hashing thread beside this one's writes: hashlib releases the GIL for large buffers.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpirt-ckpt-hash") as pool:
             digests = pool.map(digest, state.arrays.values())
-            _fill(tmp, f, state.arrays, offsets)
+            if encrypted:
+                for name, a in state.arrays.items():
+                    f.create_dataset(name, data=a, track_times=False)
+            else:
+                _fill(tmp, f, state.arrays, _layout(f, state.arrays))
             text = manifest(zip(state.arrays, digests), state.attrs, state.groups)
         f.attrs["manifest"] = text
-        if key:
-            f.attrs["signature"] = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+        f.add_signature(sign_manifest(text, key))
+
+
+def sign_manifest(text, key):
+    """The signature attributes of a checkpoint whose manifest is ``text``: ``signature`` (HMAC of
+    the manifest with the checkpoint key, as schema 1 always had it) and the policy's Ed25519 one."""
+    from mpirt.secure.policy import current
+    from mpirt.secure.sign import sign
+
+    return sign("checkpoint", hashlib.sha256(text.encode()).hexdigest(), key, current().signing_key,
+                hmac_message=text.encode())
 
 
 def _layout(f, arrays):

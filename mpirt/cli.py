@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "mpirt.comm.launch",
     "mpirt.train.commands",
     "mpirt.jobs.commands",
+    "mpirt.secure.commands",
 )
 
 

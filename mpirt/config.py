@@ -29,11 +29,12 @@ MAX_PARAMS = "MPIRT_MAX_PARAMS"  # the most parameters a model may have (default
 RESUME = "MPIRT_RESUME"  # set by `mpirt launch` in restart mode: jobs resume from their commits
 TRANSPORT = "MPIRT_TRANSPORT"  # sm | tcp: how ranks talk under ULFM (mpirt.comm.transport); set for the ranks
 EVENTS = "MPIRT_EVENTS"  # the JSON-lines events log of a job run through mpirt.horovod (views, faults)
+DATA_KEY = "MPIRT_DATA_KEY"  # the secret key of encrypted files (mpirt.secure), when no --key-file is given
 
 KNOWN = {
     FAULTS, REQUIRE_GPU, REQUIRE_SLURM, CHECKPOINT_KEY, KERNEL_BACKEND,
     HANG_TIMEOUT, MPIEXEC, LOG_LEVEL, DEBUG, FT_MODE, LIFELINE, HOST_FT, LAUNCH_AGENT, SIMULATED_HOST, RUN, RESUME,
-    FSYNC, LEASE_S, MAX_PARAMS, TRANSPORT, EVENTS,
+    FSYNC, LEASE_S, MAX_PARAMS, TRANSPORT, EVENTS, DATA_KEY,
 }
 
 # Facts about the host a process runs on: never carried to other hosts (mpiexec -x).

@@ -112,6 +112,15 @@ def is_output(path, kind):
         return _is_generated_jsonl(path)
     import h5py
 
+    from mpirt.secure.container import is_encrypted, read_trailer
+
+    if is_encrypted(path):  # its trailer says what it is, no key needed
+        try:
+            content = read_trailer(path)[1].get("content")
+        except (DataError, OSError):
+            return False
+        return content == (_DATASET_FORMAT if kind == "dataset" else kind)
+
     try:
         if not h5py.is_hdf5(path):
             return False
@@ -198,7 +207,7 @@ def os_error_line(exc, target):
 
 
 @contextlib.contextmanager
-def h5_writing(path, **kwargs):
+def h5_writing(path, content=None, **kwargs):
     """Open a new HDF5 file at ``path`` (a temporary name) so that a failed write is an exception.
 
     HDF5's chunk cache defers writes to when a chunk is evicted, which happens in h5py
@@ -206,10 +215,13 @@ def h5_writing(path, **kwargs):
     and closing the broken file at exit segfaulted (measured: exit 139). With the cache off,
     each chunk is written (whole, by mpirt's writers) in the call that writes it. On any error
     the file is emptied first, which frees the space its pending metadata needs, then closed.
-    """
-    import h5py
 
-    f = h5py.File(path, "w", rdcc_nbytes=0, **kwargs)
+    ``content`` (what the file is) names it in an encrypted file's trailer: the file is encrypted
+    when the policy says so (:func:`mpirt.secure.h5.create`).
+    """
+    from mpirt.secure.h5 import create
+
+    f = create(path, content or "mpirt output", rdcc_nbytes=0, **kwargs)
     try:
         yield f
         f.flush()  # a failure here still leaves the file open, so it can be discarded below

@@ -21,6 +21,7 @@ import socket
 
 from mpirt.atomic import fsync
 from mpirt.config import FSYNC, env_flag
+from mpirt.secure.policy import makedirs as private_makedirs
 
 _PART = re.compile(r"^shard-(\d{6})\.h5$")
 
@@ -30,7 +31,7 @@ class CommitStore:
 
     def __init__(self, directory, durable=None):
         self.dir = directory
-        os.makedirs(directory, exist_ok=True)
+        private_makedirs(directory)
         self.log_path = os.path.join(directory, "ledger.jsonl")
         self._log_fd = None
         # fsync before publishing guards against losing a committed shard when a

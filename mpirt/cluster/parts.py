@@ -19,6 +19,7 @@ import stat
 
 from mpirt.dirlock import DirLock
 from mpirt.errors import JobError
+from mpirt.secure.policy import private_dir_mode
 
 JOB_FILE = "job.json"
 LOCK_FILE = "lock"
@@ -61,7 +62,7 @@ class PartsDir:
         """
         check_not_link(self.dir)
         try:
-            os.mkdir(self.dir)
+            os.mkdir(self.dir, mode=private_dir_mode())
         except FileExistsError:
             check_not_link(self.dir)  # raced with someone making it a link
         self.lock.take()

@@ -7,6 +7,8 @@ handlers, so ``mpirt --help`` stays fast.
 import argparse
 import signal
 
+from mpirt.secure.policy import add_flags
+
 
 def _power_of_two(text):
     try:
@@ -62,6 +64,7 @@ def _common(p):
                    help="split seed; synth-text: also the documents' (default 0)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output file that is not an mpirt data set")
+    add_flags(p)
 
 
 def _text_options(p):
@@ -137,9 +140,11 @@ def add_parser(sub):
     _common(p)
     prep.set_defaults(handler="mpirt.data.commands:run_prepare")
 
-    p = sub.add_parser("inspect", help="summarise and fully verify a data set")
+    p = sub.add_parser("inspect", help="summarise and fully verify a data set; show what any mpirt file is, "
+                                       "whether it is encrypted, who signed it and where it came from")
     p.add_argument("path", metavar="FILE.h5")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_flags(p, outputs=False)
     p.set_defaults(handler="mpirt.data.commands:run_inspect")
 
 
@@ -172,6 +177,9 @@ def run_prepare(args):
     from mpirt.errors import DataError
     from mpirt.outputs import os_error_line
 
+    from mpirt.secure.policy import configure
+
+    configure(args)
     opts = prepare.Options(args.shards, args.shard_rows, args.val_fraction, args.test_fraction, args.seed)
     _check_paths(args)
     # SIGTERM unwinds like Ctrl-C does, through the code that removes the temporary files.
@@ -224,8 +232,21 @@ def run_inspect(args):
     from mpirt.log import escape
     from mpirt.outputs import check_input
 
+    from mpirt.secure import inspect as protection
+    from mpirt.secure.policy import configure
+
+    policy = configure(args)
     check_input(args.path, "data set")
+    other = protection.inspect_other(args.path, policy)
+    if other is not None:  # a checkpoint or job output, or an encrypted file without its key
+        print(json.dumps(other, indent=1) if args.json else "\n".join(
+            protection.lines(args.path, other) + ([f"  {other['note']}"] if "note" in other else [])))
+        return 0
     summary = verify(args.path)
+    from mpirt.data.reader import open_dataset
+
+    with open_dataset(args.path) as ds:
+        summary["protection"] = protection.summary(args.path, ds.file, ds.vouched)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -235,6 +256,7 @@ def run_inspect(args):
         for name, s in summary["splits"].items():
             mean = f"  mean rating {s['mean_rating']:.3f}" if s["mean_rating"] is not None else ""
             print(f"  {name:<5} {s['rows']:>9} ratings  {s['shards']:>5} shards of chunks of {s['chunk_rows']}{mean}")
+        print("\n".join(protection.lines(args.path, summary["protection"])))
         print(f"OK: {args.path}: schema, shard table, checksums and indices verified")
         return 0
     shape = summary["feature_shape"]
@@ -246,5 +268,6 @@ def run_inspect(args):
         extra = f"  {s['tokens']:>11} tokens" if "tokens" in s else ""
         print(f"  {name:<5} {s['rows']:>9} rows  {s['shards']:>5} shards of chunks of {s['chunk_rows']}{extra}"
               f"  per class {s['per_class'][:10]}" + (" ..." if len(s["per_class"]) > 10 else ""))
+    print("\n".join(protection.lines(args.path, summary["protection"])))
     print(f"OK: {args.path}: schema, shard table, checksums, labels and features verified")
     return 0

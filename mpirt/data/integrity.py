@@ -218,3 +218,51 @@ def hashing_params(ds):
 
 def _str(value):
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def manifest_digest(f):
+    """SHA-256 (hex) of everything an open data-set file ``f`` (h5py) holds but its rows' bytes,
+    which the per-shard checksums it covers stand for: every root attribute, every root dataset
+    (class names, original ids, image paths), and each split's attributes, datasets' types and
+    shapes, shard table and checksums. This is what a data set's signature signs
+    (:mod:`mpirt.secure.sign`): labels changed and checksums recomputed change it."""
+    from mpirt.secure.sign import SIGNATURE_ATTRS
+
+    h = hashlib.sha256(b"mpirt.dataset manifest v1\0")
+    h.update(_canonical_attrs(f.attrs, skip=SIGNATURE_ATTRS))
+    for name in sorted(f):
+        obj = f[name]
+        if isinstance(obj, h5py.Dataset):
+            h.update(b"D" + name.encode() + b"\0" + _dataset_bytes(obj))
+    for name in SPLITS:
+        g = f[name]
+        h.update(b"S" + name.encode() + b"\0" + _canonical_attrs(g.attrs))
+        for ds in sorted(g):
+            d = g[ds]
+            h.update(f"{ds}:{d.dtype.str}:{list(d.shape)}\0".encode())
+        h.update(np.ascontiguousarray(g["shards"][()], dtype="<i8").tobytes())
+        h.update(b"".join(bytes(x) for x in g["shard_sha256"][()]))
+    return h.hexdigest()
+
+
+def _canonical_attrs(attrs, skip=()):
+    items = {k: _plain(attrs[k]) for k in sorted(attrs) if k not in skip}
+    return json.dumps(items, sort_keys=True, default=str).encode()
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _dataset_bytes(d):
+    a = d[()]
+    if a.dtype.kind == "O":  # variable-length strings: each one, length-prefixed
+        parts = [x if isinstance(x, bytes) else str(x).encode() for x in a.reshape(-1)]
+        return b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest()

@@ -34,7 +34,9 @@ import numpy as np
 from mpirt.atomic import atomic_path
 from mpirt.data.format import FORMAT, RATINGS, SCHEMA_VERSION, SPLITS, le, plan_chunks, plan_shards
 from mpirt.data.reader import Split
+from mpirt.data.writer import sign_dataset
 from mpirt.errors import DataError
+from mpirt.secure.h5 import create
 
 COLUMNS = (("user", "<i8"), ("item", "<i8"), ("rating", "<f4"), ("timestamp", "<i8"), ("row_index", "<i8"))
 NAMES = {"user": ("userid", "user_id", "user"), "item": ("movieid", "itemid", "item_id", "movie_id", "item"),
@@ -153,7 +155,7 @@ def prepare_ratings(in_path, out_path, opts, split_by="random", skip_bad=False):
     shuffle = np.random.Generator(np.random.PCG64([opts.seed, 0x73687566])).permutation(len(where))
     rows = {}
     with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w", track_order=False) as f:
+        with create(tmp, FORMAT, track_order=False) as f:
             a = f.attrs
             a["mpirt_format"], a["schema_version"], a["feature_kind"] = FORMAT, SCHEMA_VERSION, RATINGS
             a["n_users"], a["n_items"] = len(users.ids), len(items.ids)
@@ -168,6 +170,7 @@ def prepare_ratings(in_path, out_path, opts, split_by="random", skip_bad=False):
                 sel = shuffle[where[shuffle] == s]
                 rows[name] = len(sel)
                 _write_split(f.create_group(name), {k: v[sel] for k, v in arrays.items()}, opts, len(sel))
+            sign_dataset(f)
     return {"rows": rows, "skipped": skipped, "users": len(users.ids), "items": len(items.ids)}
 
 

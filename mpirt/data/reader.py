@@ -288,11 +288,13 @@ class Dataset:
 
     Attributes:
         path, feature_kind ("dense" or "hashed_tokens"), n_features, feature_shape (tuple, dense
-        only, else None), class_names (list of str), n_classes, attrs (all root attributes).
+        only, else None), class_names (list of str), n_classes, attrs (all root attributes),
+        encrypted (bool), vouched (what verified its signatures).
     """
 
     def __init__(self, path, file):
         self.path, self.file = path, file
+        self.encrypted = bool(getattr(file, "encrypted", False))
         a = file.attrs
         self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in a.items()}
         self.feature_kind = _text(a["feature_kind"])
@@ -307,6 +309,7 @@ class Dataset:
         self.n_classes = int(a["n_classes"])
         self.n_users, self.n_items = int(a.get("n_users", 0)), int(a.get("n_items", 0))  # ratings only
         self._splits = {}
+        self.vouched = []  # what verified its signatures at open ("hmac", "ed25519 SHA256:...")
 
     @property
     def splits(self):
@@ -391,6 +394,7 @@ def open_dataset(path, verify_header=True):
         ds = Dataset(path, f)
         if verify_header:
             check_root(path, ds)
+            ds.vouched = verify_signatures(path, f)
         return ds
     except DataError:
         f.close()
@@ -400,15 +404,30 @@ def open_dataset(path, verify_header=True):
         raise DataError(f"{path}: damaged data set ({_short(exc)})") from None
 
 
+def verify_signatures(path, f):
+    """Check the data set's signatures as this process's policy says (:func:`mpirt.secure.sign.verify`);
+    return what vouched for it."""
+    from mpirt.data.integrity import manifest_digest
+    from mpirt.secure.policy import current
+    from mpirt.secure.sign import SIGNATURE_ATTRS, verify
+
+    policy = current()
+    if not policy.require_signature and not any(k in f.attrs for k in SIGNATURE_ATTRS):
+        return []
+    return verify(path, "dataset", manifest_digest(f), f.attrs, policy, DataError)
+
+
 def _open_h5(path):
+    from mpirt.secure.h5 import File
+
     try:
-        return h5py.File(path, "r", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
+        return File(path, "r", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as exc:
         # HDF5 shares one handle per file within a process, and refuses a second open with other
         # locking flags: if this process already has the file open with h5py's defaults, use those.
         if "locking flag values don't match" not in str(exc):
             raise
-        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        return File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
 
 
 def _text(value):

@@ -154,6 +154,18 @@ class SplitWriter:
         return h
 
 
+def sign_dataset(f):
+    """Sign the finished data set open in ``f`` (:class:`mpirt.secure.h5.File`) as the policy says:
+    HMAC with the secret key, Ed25519 with ``--sign-key``; unsigned without either."""
+    from mpirt.data.integrity import manifest_digest
+    from mpirt.secure.policy import current
+    from mpirt.secure.sign import sign
+
+    policy = current()
+    if policy.secret or policy.signing_key is not None:
+        f.add_signature(sign("dataset", manifest_digest(f), policy.secret, policy.signing_key))
+
+
 class DatasetWriter:
     """Writes one data set to ``path`` (a temporary name; the caller renames it into place).
 
@@ -174,7 +186,9 @@ class DatasetWriter:
             raise ValueError(f"unknown feature kind {kind!r}")
         # No chunk cache: every chunk is written whole, once, so the cache saves nothing, and
         # without it a full disk fails the write call itself (see mpirt.outputs.h5_writing).
-        self.file = h5py.File(path, "w", track_order=False, rdcc_nbytes=0)
+        from mpirt.secure.h5 import create
+
+        self.file = create(path, FORMAT, track_order=False, rdcc_nbytes=0)
         self.path, self.kind = path, kind
         root = self.file.attrs
         root["mpirt_format"] = FORMAT
@@ -206,6 +220,7 @@ class DatasetWriter:
         self.file.create_dataset("class_names", data=np.array([str(c) for c in class_names],
                                                               dtype=h5py.string_dtype()), track_times=False)
         self.file.attrs["n_classes"] = len(class_names)
+        sign_dataset(self.file)
         self.file.flush()  # fails while the file is still open, so abort() can still discard it
         self.file.close()
 

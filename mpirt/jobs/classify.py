@@ -22,6 +22,8 @@ from mpirt.data.integrity import dataset_digest, hashing_params
 from mpirt.errors import CheckpointError
 from mpirt.jobs.shardjob import ShardJob, file_digest
 from mpirt.outputs import h5_writing, mark
+from mpirt.secure.h5 import File
+from mpirt.secure.sign import provenance, sign_output
 
 
 def check_compatible(ckpt, dataset):
@@ -161,7 +163,7 @@ class Classify(ShardJob):
     def reduce(self, paths):
         parts = {name: [] for name in ("row_index", "top_k", "prob", "y")}
         for path in paths:
-            with h5py.File(path, "r") as f:
+            with File(path, "r") as f:
                 for name in parts:
                     parts[name].append(f[name][()])
         out = {name: np.concatenate(v) if v else None for name, v in parts.items()}
@@ -174,7 +176,7 @@ class Classify(ShardJob):
         accuracy = float(np.mean(out["top_k"][:, 0] == out["y"])) if n else None
         digest = hashlib.sha256(out["row_index"].tobytes() + out["top_k"].tobytes() + out["prob"].tobytes())
         with atomic_path(self.out_path) as tmp:
-            with h5_writing(tmp) as f:
+            with h5_writing(tmp, content="predictions") as f:
                 mark(f, "predictions")
                 for name, value in out.items():
                     f.create_dataset(name, data=value, track_times=False)
@@ -185,8 +187,13 @@ class Classify(ShardJob):
                 f.attrs["checkpoint_signed"] = [bool(c.signed) for c in self.ckpts]
                 f.attrs["sha256"] = digest.hexdigest()
                 f.attrs["data_sha256"] = self.data_sha256
+                for k, v in provenance(self.dataset).items():
+                    f.attrs[k] = v
                 f.attrs["checkpoint_data_sha256"] = [str(c.meta.get("data_sha256")) for c in self.ckpts]
+                f.attrs["checkpoint_sha256"] = [c.digest for c in self.ckpts]
+                f.attrs["checkpoint_verified_by"] = [", ".join(c.vouched) or "nobody" for c in self.ckpts]
                 if accuracy is not None:
                     f.attrs["accuracy"] = accuracy
+                sign_output(f, "predictions")
         return {"rows": n, "accuracy": accuracy, "sha256": digest.hexdigest(), "out": self.out_path,
                 "models": len(self.ckpts)}

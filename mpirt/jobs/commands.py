@@ -4,6 +4,7 @@ import os
 import sys
 
 from mpirt import flags
+from mpirt.secure.policy import add_flags, configure, spawn_options
 
 # The fused top-k kernel (mpirt.kernels.predict_topk) keeps k candidates per row in one warp.
 TOP_K_MAX = 32
@@ -30,6 +31,7 @@ def add_parser(sub):
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
     _add_force(p, "wordcount output")
     add_elastic_options(p)
+    add_flags(p)
     p.set_defaults(handler="mpirt.jobs.commands:run_wordcount")
 
     p = sub.add_parser("classify", help="predict a split with one checkpoint or an ensemble (shard job)")
@@ -41,12 +43,15 @@ def add_parser(sub):
     p.add_argument("--out", required=True, metavar="PRED.h5")
     p.add_argument("--top-k", type=flags.integer(1, TOP_K_MAX), default=1, metavar="K",
                    help=f"classes kept per row, most likely first (1..{TOP_K_MAX})")
-    p.add_argument("--key-file", metavar="FILE", help="HMAC key: refuse unsigned checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the secret key (0600): refuse checkpoints it did not sign (or MPIRT_CHECKPOINT_KEY); "
+                        "decrypt encrypted inputs, encrypt with --encrypt (or MPIRT_DATA_KEY)")
     p.add_argument("--no-verify", action="store_true", help="use signed checkpoints without their key")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
     _add_force(p, "classify output")
     add_elastic_options(p)
+    add_flags(p)
     p.set_defaults(handler="mpirt.jobs.commands:run_classify")
 
 
@@ -118,6 +123,7 @@ def run_classify(args):
 
     from mpirt.checkpoint import resolve
 
+    configure(args)
     if args.min_ranks < 1 or args.top_k < 1:
         raise UsageError("--min-ranks and --top-k must be >= 1")
     args.checkpoint = [resolve(c) for c in args.checkpoint]  # a run's directory, DIR/best: the file
@@ -130,8 +136,7 @@ def run_classify(args):
     options = [("--data", os.path.abspath(args.data)), ("--out", out), ("--split", args.split),
                ("--top-k", args.top_k), ("--device", args.device), ("--events", events),
                ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts), ("--force", args.force),
-               ("--no-verify", args.no_verify),
-               ("--key-file", os.path.abspath(args.key_file) if args.key_file else None)]
+               ("--no-verify", args.no_verify)] + spawn_options(args)
     options += [("--checkpoint", c) for c in ckpts]
     job = Classify(args.data, ckpts, out, split=args.split, top_k=args.top_k, key=resolve_key(args.key_file),
                    device=args.device, spawn_argv=spawn_argv(args, [], options), verify=not args.no_verify)
@@ -150,6 +155,7 @@ def run_wordcount(args):
     from mpirt.errors import UsageError
     from mpirt.jobs.wordcount import WordCount
 
+    configure(args)
     if args.min_ranks < 1:
         raise UsageError("--min-ranks must be >= 1")
     check_paths(args, "wordcount", args.data)
@@ -158,7 +164,7 @@ def run_wordcount(args):
     events = os.path.abspath(args.events) if args.events else None
     argv = spawn_argv(args, [args.data], [("--out", out), ("--split", args.split), ("--events", events),
                                            ("--min-ranks", args.min_ranks), ("--keep-parts", args.keep_parts),
-                                           ("--force", args.force)])
+                                           ("--force", args.force)] + spawn_options(args))
     job = WordCount(args.data, out, args.split, spawn_argv=argv)
     require_world(args.min_ranks)
     summary = _run_job(job, args, out, events, faults)

@@ -14,6 +14,8 @@ from mpirt.errors import DataError
 from mpirt.data.integrity import dataset_digest
 from mpirt.jobs.shardjob import ShardJob
 from mpirt.outputs import h5_writing, mark
+from mpirt.secure.h5 import File
+from mpirt.secure.sign import provenance, sign_output
 
 MAX_CELLS = 1 << 30  # class x bucket counters (8 GiB of int64) the reduce may hold
 
@@ -63,13 +65,13 @@ class WordCount(ShardJob):
         total = np.zeros(self.n_classes * self.n_features, dtype=np.int64)
         rows = 0
         for path in paths:
-            with h5py.File(path, "r") as f:
+            with File(path, "r") as f:
                 np.add.at(total, f["keys"][()], f["counts"][()])
                 rows += int(f.attrs["rows"])
         counts = total.reshape(self.n_classes, self.n_features)
         digest = hashlib.sha256(counts.tobytes()).hexdigest()
         with atomic_path(self.out_path) as tmp:
-            with h5_writing(tmp) as f:
+            with h5_writing(tmp, content="wordcount") as f:
                 mark(f, "wordcount")
                 f.create_dataset("counts", data=counts, compression="gzip", shuffle=True, track_times=False)
                 f.create_dataset("class_names", data=list(self.dataset.class_names),  # no 64 KiB attribute cap
@@ -78,4 +80,7 @@ class WordCount(ShardJob):
                 f.attrs["rows"] = rows
                 f.attrs["tokens"] = int(counts.sum())
                 f.attrs["sha256"] = digest
+                for k, v in provenance(self.dataset).items():
+                    f.attrs[k] = v
+                sign_output(f, "wordcount")
         return {"rows": rows, "tokens": int(counts.sum()), "sha256": digest, "out": self.out_path}

@@ -32,6 +32,7 @@ from mpirt.recsys import placement as plc
 from mpirt.recsys.model import Dense, init_rows
 from mpirt.recsys.tables import ShardedTables, alltoall_obj
 from mpirt.train.order import Orders, Schedule
+from mpirt.secure.policy import makedirs as private_makedirs
 
 log = get_logger("mpirt.recsys")
 SLOTS = Slots("samples", "loss")
@@ -363,7 +364,7 @@ class RecTrainer:
 
         from mpirt.atomic import atomic_path
 
-        os.makedirs(self.cfg.report, exist_ok=True)
+        private_makedirs(self.cfg.report)
         with atomic_path(os.path.join(self.cfg.report, "report.json")) as tmp, open(tmp, "w") as f:
             json.dump(out, f, indent=1, default=str)
         import matplotlib
@@ -393,7 +394,8 @@ class RecTrainer:
             world_size=self.group.size, meta={"table_step_count": self.tables.step_count,
                                               "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
                                               "global_batch": self.cfg.global_batch, "seed": self.cfg.seed,
-                                              "data_sha256": self.cfg.data_sha256, "evals": self.evals})
+                                              **(self.cfg.provenance or {}), "data_sha256": self.cfg.data_sha256,
+                                              "evals": self.evals})
 
     def _resume(self):
         """``--resume``: every member cuts its shards from the newest checkpoint (any world size)."""

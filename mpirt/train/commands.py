@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mpirt import flags
 from mpirt.jobs.commands import add_elastic_options, spawn_argv
+from mpirt.secure.policy import add_flags
 from mpirt.train.defaults import describe, fill
 from mpirt.train.schedule import SCHEDULES
 
@@ -56,6 +57,7 @@ class TrainConfig:
     verify: bool = True  # False: trust a signed checkpoint without its key (--no-verify)
     data_sha256: str = None  # the data set's digest (mpirt.data.integrity.dataset_digest)
     features: dict = None  # how a text data set was hashed; checkpoints carry it for classify
+    provenance: dict = None  # the data set's digest and signer (mpirt.secure.sign.provenance): in checkpoints, reports
 
 
 def add_parser(sub):
@@ -129,7 +131,9 @@ def add_train_options(p):
                    help="save checkpoints blocking, as torch.distributed.checkpoint.save does (default: "
                         "as async_save, in the background; only the copy to host memory blocks)")
     p.add_argument("--keep", type=flags.positive, default=3, metavar="K", help="checkpoints kept")
-    p.add_argument("--key-file", metavar="FILE", help="HMAC key for signed checkpoints (or MPIRT_CHECKPOINT_KEY)")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the secret key (0600): HMAC-signs and checks checkpoints (or MPIRT_CHECKPOINT_KEY), "
+                        "decrypts an encrypted --data and encrypts with --encrypt (or MPIRT_DATA_KEY)")
     p.add_argument("--no-verify", action="store_true", help="--resume from a signed checkpoint without its key")
     p.add_argument("--audit", metavar="FILE", help="JSON lines: the samples each committed step consumed")
     p.add_argument("--report", metavar="DIR", help="report.json and PNG plots")
@@ -150,6 +154,7 @@ def add_train_options(p):
     p.add_argument("--bucket-mb", type=flags.number(1 / 1024, 4096), default=16.0, help="gradient bucket size (MiB)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     add_elastic_options(p)
+    add_flags(p)
 
 
 def config_from_args(args, dataset):
@@ -161,6 +166,7 @@ def config_from_args(args, dataset):
     from mpirt.train.models import spec_for
 
     from mpirt.data.integrity import dataset_digest, hashing_params
+    from mpirt.secure.sign import provenance
 
     fill(args)  # the model's defaults for the tuning flags left out (mpirt.train.defaults)
     if args.resume and not args.checkpoint_dir:
@@ -203,7 +209,8 @@ def config_from_args(args, dataset):
         early_stop=args.early_stop, monitor=args.monitor, keep_best=args.keep_best,
         sweep=getattr(args, "sweep", None),
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
-        data_sha256=dataset_digest(dataset), features=hashing_params(dataset), **absolute)
+        data_sha256=dataset_digest(dataset), features=hashing_params(dataset), provenance=provenance(dataset),
+        **absolute)
 
 
 def exact_micro_batch(args):
@@ -226,6 +233,8 @@ def exact_micro_batch(args):
 
 def train_argv(args):
     """What a joiner runs: this command again, with absolute paths, never --resume (lr-find too)."""
+    from mpirt.secure.policy import spawn_options
+
     options = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "model", "epochs", "global_batch", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
         "hidden", "embed_dim", "channels", "depth", "width", "table_shards", "checkpoint_every", "keep", "compress",
@@ -233,7 +242,7 @@ def train_argv(args):
         "embedding_grad", "sparse_exchange", "min_ranks", "micro_batch", "lr_schedule", "warmup", "clip_norm",
         "early_stop", "monitor")]
     paths = [(f"--{k.replace('_', '-')}", os.path.abspath(getattr(args, k)) if getattr(args, k) else None)
-             for k in ("data", "checkpoint_dir", "key_file", "audit", "report", "events")]
+             for k in ("data", "checkpoint_dir", "audit", "report", "events")] + spawn_options(args)
     if getattr(args, "out", None):  # lr-find
         options += [("--min-lr", args.min_lr), ("--max-lr", args.max_lr), ("--steps", args.steps)]
         paths += [("--out", os.path.abspath(args.out))]
@@ -253,6 +262,9 @@ def run_train(args):
     from mpirt.outputs import check_train_paths
     from mpirt.train.trainer import run_training, start_group
 
+    from mpirt.secure.policy import configure
+
+    configure(args)  # keys, before anything reads the data set or a checkpoint
     check_train_paths(args)  # a bad --checkpoint-dir or --report must not cost a training run
     group = start_group(os.path.abspath(args.events) if args.events else None, FaultPlan(args.inject_fault),
                         args.min_ranks, train_argv(args))
@@ -289,6 +301,7 @@ def _run_recsys(args, dataset, group):
     from mpirt.errors import UsageError
     from mpirt.data.integrity import dataset_digest
     from mpirt.recsys.trainer import run_recsys, spec_for
+    from mpirt.secure.sign import provenance
 
     if args.model not in ("mf", "twotower"):
         raise UsageError(f"{args.data} holds ratings: train it with --model mf or --model twotower")
@@ -309,7 +322,8 @@ def _run_recsys(args, dataset, group):
                       checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None,
                       resume=args.resume, key=resolve_key(args.key_file), min_ranks=args.min_ranks,
                       report=os.path.abspath(args.report) if args.report else None,
-                      checkpoint_every=args.checkpoint_every, data_sha256=dataset_digest(dataset))
+                      checkpoint_every=args.checkpoint_every, data_sha256=dataset_digest(dataset),
+                      provenance=provenance(dataset))
     cfg.faults = group.faults
     summary = run_recsys(cfg, dataset, group)
     if summary is not None:

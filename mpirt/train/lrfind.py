@@ -13,6 +13,7 @@ import math
 import os
 
 from mpirt.atomic import atomic_path
+from mpirt.secure.policy import makedirs as private_makedirs
 
 DIVERGED = 4.0  # the sweep stops once the loss exceeds this multiple of its lowest
 SMOOTH = 0.9  # the exponential moving average the suggestion reads (debiased)
@@ -50,7 +51,7 @@ def suggest(curve):
 
 def write(out_dir, curve, *, lo, hi):
     """``lr_find.json`` and ``lr_find.png`` in ``out_dir``; return the summary."""
-    os.makedirs(out_dir, exist_ok=True)
+    private_makedirs(out_dir)
     lr, at_min = suggest(curve)
     summary = {"suggested_lr": lr, "lr_at_min_loss": at_min, "min_lr": lo, "max_lr": hi, "steps": len(curve),
                "stopped_on_divergence": diverged(curve),

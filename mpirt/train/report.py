@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from mpirt.atomic import atomic_path
+from mpirt.secure.policy import makedirs as private_makedirs
 
 
 def classification_metrics(y_true, y_pred, n_classes, class_names=None):
@@ -95,7 +96,7 @@ class Reporter:
             self._print(f"test accuracy {100 * test['accuracy']:.2f}% on {test['n']} rows "
                         f"(macro F1 {test['macro_f1']:.3f})")
         if self.dir:
-            os.makedirs(self.dir, exist_ok=True)
+            private_makedirs(self.dir)
             with atomic_path(os.path.join(self.dir, "report.json")) as tmp, open(tmp, "w") as f:
                 json.dump(report, f, indent=1, default=_plain)
             _plots(self.dir, report, self.class_names)

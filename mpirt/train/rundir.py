@@ -18,6 +18,7 @@ from mpirt.atomic import atomic_path
 from mpirt.checkpoint import CheckpointDir
 from mpirt.dirlock import DirLock
 from mpirt.errors import UsageError
+from mpirt.secure.policy import makedirs as private_makedirs
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -93,7 +94,7 @@ class RunDir(CheckpointDir):
         if os.path.exists(d) and not os.path.isdir(d):
             raise UsageError(f"--checkpoint-dir {d}: exists and is not a directory")
         try:
-            os.makedirs(d, exist_ok=True)
+            private_makedirs(d)
         except OSError as exc:
             raise UsageError(f"--checkpoint-dir {d}: cannot create it ({exc.strerror})") from None
         self.lock.take()
@@ -110,7 +111,7 @@ class RunDir(CheckpointDir):
 
     def take_over(self, gone):
         """A coordinator taking over after a failure: lock (see :meth:`DirLock.take`)."""
-        os.makedirs(self.directory, exist_ok=True)
+        private_makedirs(self.directory)
         self.lock.take(gone)
 
     def recorded(self):

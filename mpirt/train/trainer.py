@@ -467,7 +467,7 @@ class Trainer:
                       "early": dict(self.early)},
             rng={"torch": torch.get_rng_state().numpy()}, world_size=self.group.size,
             meta={"data": os.path.abspath(self.dataset.path), "class_names": self.dataset.class_names,
-                  "data_sha256": cfg.data_sha256, "features": cfg.features,
+                  **(cfg.provenance or {}), "data_sha256": cfg.data_sha256, "features": cfg.features,
                   "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs, "time": time.time()})
         log.info("checkpoint %s", path)
         if not best:
@@ -503,7 +503,7 @@ class Trainer:
                  else None,
                  "lr": [self.lr_at(s) for s in range(self.schedule.total_steps)],
                  "ranks_at_end": group.size, "spec": self.spec, "wire": self._wire(),
-                 "checkpoints": self.ckpt.stats() if self.ckpt else None}
+                 "checkpoints": self.ckpt.stats() if self.ckpt else None, "provenance": self.cfg.provenance}
         images = None
         if test and self.cfg.report and len(self.dataset.feature_shape or ()) >= 2:
             rows = self.eval_sources["test"].all()
