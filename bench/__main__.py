@@ -4,7 +4,7 @@ import importlib
 import sys
 
 SUITES = ("kernels", "io", "recovery", "ledger", "chaos", "allreduce", "train", "checkpoint", "scaling", "model",
-          "sparse", "text", "defaults", "images", "recsys", "transport", "exact", "horovod", "report")
+          "sparse", "text", "defaults", "images", "recsys", "transport", "exact", "horovod", "security", "report")
 
 
 def main(argv=None):

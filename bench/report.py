@@ -296,6 +296,12 @@ def images(doc, out_dir):
         [tables(doc["results"]), ""]
 
 
+def security(doc, out_dir):
+    from bench.security import tables
+
+    return _header(doc, "security: encryption and signatures against the same without") + [tables(doc["results"]), ""]
+
+
 def recsys(doc, out_dir):
     from bench.recsys import tables
 
@@ -381,7 +387,7 @@ def hostile(doc, out_dir):
 
 SECTIONS = (("allreduce", allreduce), ("recovery", recovery), ("scaling", scaling), ("model", model),
             ("kernels", kernels), ("io", io), ("checkpoint", checkpoint), ("train", train), ("text", text),
-            ("defaults", defaults), ("images", images), ("recsys", recsys), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
+            ("defaults", defaults), ("images", images), ("recsys", recsys), ("security", security), ("sparse", sparse), ("exact", exact), ("horovod", horovod), ("ledger", ledger),
             ("chaos", chaos), ("chaoshosts", chaoshosts), ("hostile", hostile))
 
 

@@ -151,6 +151,14 @@ class EncryptedFile:
             self.size = (self.n_chunks - 1) * self.chunk + last_len
         self._head_digest = hashlib.sha256(head).digest()
         self._aead = AESGCM(_derive(secret, file_id, b"key"))
+        if mode == "r":
+            # The last chunk, now: its tag covers the trailer and says it is the last, so a cut
+            # or a changed trailer is refused at open, not whenever a reader reaches the end.
+            try:
+                self._load(self.n_chunks - 1)
+            except BaseException:
+                os.close(self._fd)
+                raise
 
     def _trailer_bytes_on_disk(self):
         size = os.fstat(self._fd).st_size
