@@ -265,27 +265,12 @@ def resolve_key(key_file=None):
 
     Raises:
         UsageError: a key file that group or others may access (refused as ssh refuses such a
-            private key: whoever can read it can sign), or an empty ``MPIRT_CHECKPOINT_KEY``.
+            private key: whoever can read it can sign), an unreadable or empty one, or an empty
+            ``MPIRT_CHECKPOINT_KEY`` (:mod:`mpirt.secure.keys`, the one reader of key files).
     """
-    from mpirt.errors import UsageError
+    from mpirt.secure.keys import secret_from_env, secret_from_file
 
-    if key_file:
-        try:
-            with open(key_file, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                if mode & 0o077:
-                    raise UsageError(f"{key_file}: key file is accessible by group or others "
-                                     f"(mode {mode & 0o777:o}); run 'chmod 600 {key_file}'")
-                key = f.read(1 << 20).rstrip(b"\r\n")
-        except OSError as exc:
-            raise CheckpointError(f"{key_file}: cannot read the key file ({exc.strerror})") from None
-        if not key:
-            raise CheckpointError(f"{key_file}: the key file is empty")
-        return key
-    env = os.environ.get(CHECKPOINT_KEY)
-    if env is not None and not env.strip():  # an unset-by-mistake key must not mean "unsigned"
-        raise UsageError(f"{CHECKPOINT_KEY} is set but empty: unset it for unsigned checkpoints, or give the key")
-    return env.encode() if env else None
+    return secret_from_file(key_file) if key_file else secret_from_env(CHECKPOINT_KEY)
 
 
 class CheckpointDir:

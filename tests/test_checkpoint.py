@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mpirt.checkpoint import CheckpointDir, load, resolve_key, save
-from mpirt.errors import CheckpointError, TamperedCheckpointError
+from mpirt.errors import CheckpointError, TamperedCheckpointError, UsageError
 
 
 
@@ -164,8 +164,9 @@ def test_key_sources(tmp_path, monkeypatch):
     f.write_text("xyz\n")
     f.chmod(0o600)  # a key others can read is refused (tests/test_harden_checkpoint.py)
     assert resolve_key(f) == b"xyz"
+    # Key files are read in one place for every use (mpirt.secure.keys): a bad one is a usage error.
     f.write_text("")
-    with pytest.raises(CheckpointError, match="empty"):
+    with pytest.raises(UsageError, match="empty"):
         resolve_key(f)
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(UsageError, match="cannot read"):
         resolve_key(tmp_path / "missing")
