@@ -257,6 +257,7 @@ def test_encrypted_elastic_run_resume_and_outputs(encrypted, keys, tmp_path):
     assert int(re.search(r"(\d+) view\(s\)", res.stdout).group(1)) >= 3, res.stdout  # the kill and the join
     ckpts = sorted(p for p in (run_dir / "ck").iterdir() if p.name.startswith("ckpt-"))
     assert ckpts and all(HDF5_MAGIC not in p.read_bytes() and mode(p) == 0o600 for p in ckpts)
+    assert len(ckpts) == 3  # --keep's default: the run knows its own encrypted checkpoints and prunes them
     assert mode(run_dir / "ck") == 0o700
     # The plain run on a plain copy of the same data: the same parameters.
     plain = tmp_path / "plain.h5"

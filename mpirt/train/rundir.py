@@ -160,11 +160,13 @@ def check_resume(ckpt, ident):
 
 def _run_of(path):
     """The run identity a checkpoint records (its meta attribute; read, not verified: this only
-    decides what keep-K may delete, and a file that does not say it is ours is kept)."""
-    import h5py
+    decides what keep-K may delete, and a file that does not say it is ours is kept). An encrypted
+    one is read with the policy's key; without it, it is kept."""
+    from mpirt.secure.container import DecryptError
+    from mpirt.secure.h5 import File
 
     try:
-        with h5py.File(path, "r") as f:
+        with File(path, "r") as f:
             return json.loads(f.attrs["meta"]).get("run")
-    except (OSError, KeyError, ValueError, TypeError, AttributeError):
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, DecryptError):
         return None
