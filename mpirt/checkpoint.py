@@ -6,7 +6,9 @@ Format (schema version 1). Root attributes: ``mpirt_format = "mpirt.checkpoint"`
 ``schema_version``, ``spec``, ``position``, ``meta`` (JSON strings), ``world_size``; ``manifest``:
 canonical JSON (sorted keys) mapping every dataset path to ``sha256:dtype:shape`` of its raw bytes,
 and ``"@attrs"`` to the SHA-256 of the attributes above; ``signature`` (when a key is set):
-hex HMAC-SHA256 of the manifest. Groups: ``params/<name>`` one dataset per parameter;
+hex HMAC-SHA256 of the manifest; ``signature_ed25519``, ``signer``, ``signer_key`` (``--sign-key``:
+:mod:`mpirt.secure.sign`). With ``--encrypt`` the file is inside the encrypted container
+(:mod:`mpirt.secure.container`), written through h5py instead of at file offsets. Groups: ``params/<name>`` one dataset per parameter;
 ``optimizer/state/<index>/<key>`` (0-d datasets for scalars) with attribute ``param_groups`` (JSON);
 ``rng/<name>`` uint8 arrays.
 
