@@ -16,9 +16,14 @@ Reads allreduce.json, scaling.json and recovery*.json (bench/results/latest, or 
   reduced while backward runs (mpirt.train.overlap): of the communication W, all but the last bucket's
   can hide behind backward, taken as BWD_SHARE of the compute K (backward costs about twice forward):
   K = (c G / p + h + P(n_dense)) max(1, p / C),  T(p) = K + max(W - BWD_SHARE K, A(p, last)) + A(p, 0),
-  W = A(p, n_dense) + X(p), and for fastText's row-sparse table X(p) = the cheaper of its dense allreduce
-  and the allgather of the rows the batch touches, S = s G bytes with s measured (report.json's wire):
-  Ag(p, S) = log2(p) alpha + (p-1)/p S / B, as the runtime chooses per step (mpirt.train.sparse);
+  W = A(p, n_dense) + X(p), and for fastText's row-sparse table X(p) = its dense allreduce or the
+  allgather of the rows the batch touches, S = s G bytes with s measured (report.json's wire),
+  Ag(p, S) = log2(p) alpha + (p-1)/p S / B, chosen by the runtime's rule (mpirt.train.sparse: the
+  allreduce when DENSE_WEIGHT x the table's bytes < S);
+  when the allgather is chosen, every rank then merges all S gathered bytes (sums the rows that
+  several ranks touched, and applies them): M(p) = mu S max(1, p / C), after backward, so exposed;
+  mu is fitted (least squares on relative error) to the multi-rank points of the row-sparse models,
+  the only term fitted on multi-rank points (the merge is CPU the allgather's bytes do not show);
 - recovery after a SIGKILL:  R(p) = r0 + r1 log2(p) (ULFM's shrink and agreement are trees), per machine.
 
 Checked against every measured point (the table gives the error of each), then used to predict
@@ -147,17 +152,44 @@ def last_bucket(dense_bytes):
     return rest - BUCKET * ((rest - 1) // BUCKET)
 
 
-def step_time(cf, ar, p, global_batch, cores):
+def step_time(cf, ar, p, global_batch, cores, merge=True):
     share = max(1.0, p / cores)
     dense = 4 * (cf["params"] - cf.get("sparse_params", 0))
     pack = ar.get("pack_s_per_byte", 0.0) * dense if p > 1 else 0.0
     compute = (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share
     comm = allreduce_time(ar, p, dense, cores)
-    if cf.get("sparse_params"):  # the runtime takes the cheaper exchange each step
-        comm += min(allreduce_time(ar, p, 4 * cf["sparse_params"], cores),
-                    allgather_time(ar, p, cf["sparse_bytes_per_sample"] * global_batch, cores))
+    merged = 0.0
+    if cf.get("sparse_params"):  # each step, the runtime's rule (mpirt.train.sparse.SparseExchange.choose)
+        from mpirt.train.sparse import DENSE_WEIGHT
+
+        gathered = cf["sparse_bytes_per_sample"] * global_batch
+        if 4 * cf["sparse_params"] * DENSE_WEIGHT < gathered:
+            comm += allreduce_time(ar, p, 4 * cf["sparse_params"], cores)
+        else:
+            comm += allgather_time(ar, p, gathered, cores)
+            if merge and p > 1:
+                merged = cf.get("merge_s_per_byte", 0.0) * gathered * share
     exposed = max(comm - BWD_SHARE * compute, allreduce_time(ar, p, last_bucket(dense), cores))
-    return compute + exposed + allreduce_time(ar, p, 0, cores)  # and the Agree of the step protocol
+    return compute + exposed + merged + allreduce_time(ar, p, 0, cores)  # and the Agree of the step protocol
+
+
+def fit_merge(cf, ar, points):
+    """mu (s per gathered byte) of each row-sparse model, from its multi-rank points: what their step
+    time exceeds the model without the merge by, against the gathered bytes times the core share."""
+    for model, f in cf.items():
+        if not f.get("sparse_params"):
+            continue
+        xs, ys = [], []
+        for pt in points:
+            if pt["model"] != model or pt["ranks"] < 2:
+                continue
+            p, g, cores = pt["ranks"], pt["global_batch"], pt.get("cores") or os.cpu_count()
+            t = g / statistics.median(pt["samples_per_s"])
+            xs.append(f["sparse_bytes_per_sample"] * g * max(1.0, p / cores) / t)
+            ys.append((t - step_time(f, ar, p, g, cores, merge=False)) / t)
+        if xs:
+            x, y = np.array(xs), np.array(ys)
+            f["merge_s_per_byte"] = max(float(x @ y / (x @ x)), 0.0)
 
 
 def throughput(cf, ar, p, global_batch, cores):
@@ -219,6 +251,7 @@ def build(out_dir):
             4 * sum(resnet_like_sizes()))
     points = sc_doc["results"]["points"]
     cf = fit_compute(points)
+    fit_merge(cf, ar, points)
     checks = []
     for p, size, t in ar_points:
         checks.append({"what": "allreduce", "case": f"{p} ranks, {size} B", "measured": t,
