@@ -171,8 +171,6 @@ def _check_signature(path, f, manifest, key, verify):
     """The HMAC with the checkpoint key (a key set: the file must be signed with it), then the
     policy's Ed25519 keys and ``--require-signature`` (:func:`mpirt.secure.sign.verify`); returns
     what vouched for the file."""
-    from dataclasses import replace
-
     from mpirt.secure.policy import current
     from mpirt.secure.sign import verify as verify_signatures
 
@@ -188,12 +186,8 @@ def _check_signature(path, f, manifest, key, verify):
     elif signature is not None and verify and not (current().verify_keys and "signature_ed25519" in f.attrs):
         raise TamperedCheckpointError(f"{path}: signed: give the key (--key-file or {CHECKPOINT_KEY}), "
                                       f"or --no-verify to trust it")
-    policy = current()
-    vouched += verify_signatures(path, "checkpoint", hashlib.sha256(manifest.encode()).hexdigest(), f.attrs,
-                                 replace(policy, require_signature=False), TamperedCheckpointError, check_hmac=False)
-    if policy.require_signature and not vouched:
-        verify_signatures(path, "checkpoint", "", {}, policy, TamperedCheckpointError, check_hmac=False)
-    return vouched
+    return verify_signatures(path, "checkpoint", hashlib.sha256(manifest.encode()).hexdigest(), f.attrs, current(),
+                             TamperedCheckpointError, check_hmac=False, vouched=vouched)
 
 
 def _datasets(path, f, expected):

@@ -290,7 +290,7 @@ def test_encrypted_elastic_run_resume_and_outputs(encrypted, keys, tmp_path):
 
 def test_private_outputs_and_umask(keys, tmp_path):
     data = tmp_path / "d.h5"
-    res = run_cli("prepare", "digits", data, "--private").check()
+    run_cli("prepare", "digits", data, "--private").check()
     assert mode(data) == 0o600
     shared = tmp_path / "shared.h5"
     run_cli("prepare", "digits", shared).check()
@@ -300,7 +300,6 @@ def test_private_outputs_and_umask(keys, tmp_path):
     assert mode(tmp_path / "ck") == 0o700 and mode(tmp_path / "rep") == 0o700
     assert all(mode(p) == 0o600 for p in (tmp_path / "ck").iterdir() if p.name != ".lock")
     assert all(mode(p) == 0o600 for p in (tmp_path / "rep").iterdir())
-    del res
 
 
 def _umask():

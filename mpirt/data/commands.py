@@ -176,7 +176,6 @@ def run_prepare(args):
     from mpirt.data import dense, images, prepare
     from mpirt.errors import DataError
     from mpirt.outputs import os_error_line
-
     from mpirt.secure.policy import configure
 
     configure(args)
@@ -243,10 +242,6 @@ def run_inspect(args):
             protection.lines(args.path, other) + ([f"  {other['note']}"] if "note" in other else [])))
         return 0
     summary = verify(args.path)
-    from mpirt.data.reader import open_dataset
-
-    with open_dataset(args.path) as ds:
-        summary["protection"] = protection.summary(args.path, ds.file, ds.vouched)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

@@ -20,17 +20,22 @@ def verify(path):
     """Check everything in the data set at ``path``.
 
     Returns:
-        dict: summary (feature kind, features, classes, rows, shards and per-class counts per split).
+        dict: summary (feature kind, features, classes, rows, shards and per-class counts per split;
+        ``protection``: encrypted, signed, verified by, as :func:`mpirt.secure.inspect.summary`).
 
     Raises:
         DataError: the first problem found, as one line naming the file.
     """
+    from mpirt.secure.inspect import summary as protection
+
     path = str(path)
     with open_dataset(path) as ds:
         try:
-            return _verify(path, ds)
+            out = _verify(path, ds)
         except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
             raise DataError(f"{path}: damaged data set ({_short(exc)})") from None
+        out["protection"] = protection(path, ds.file, ds.vouched)
+        return out
 
 
 def _verify(path, ds):

@@ -23,7 +23,7 @@ from mpirt.errors import CheckpointError
 from mpirt.jobs.shardjob import ShardJob, file_digest
 from mpirt.outputs import h5_writing, mark
 from mpirt.secure.h5 import File
-from mpirt.secure.sign import provenance, sign_output
+from mpirt.secure.sign import provenance, sign_file
 
 
 def check_compatible(ckpt, dataset):
@@ -186,14 +186,13 @@ class Classify(ShardJob):
                 f.attrs["checkpoints"] = [c.path for c in self.ckpts]
                 f.attrs["checkpoint_signed"] = [bool(c.signed) for c in self.ckpts]
                 f.attrs["sha256"] = digest.hexdigest()
-                f.attrs["data_sha256"] = self.data_sha256
-                for k, v in provenance(self.dataset).items():
+                for k, v in provenance(self.dataset, self.data_sha256).items():
                     f.attrs[k] = v
                 f.attrs["checkpoint_data_sha256"] = [str(c.meta.get("data_sha256")) for c in self.ckpts]
                 f.attrs["checkpoint_sha256"] = [c.digest for c in self.ckpts]
                 f.attrs["checkpoint_verified_by"] = [", ".join(c.vouched) or "nobody" for c in self.ckpts]
                 if accuracy is not None:
                     f.attrs["accuracy"] = accuracy
-                sign_output(f, "predictions")
+                sign_file(f, "predictions")
         return {"rows": n, "accuracy": accuracy, "sha256": digest.hexdigest(), "out": self.out_path,
                 "models": len(self.ckpts)}

@@ -51,7 +51,7 @@ def add_parser(sub):
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ (per-shard results, ledger log)")
     _add_force(p, "classify output")
     add_elastic_options(p)
-    add_flags(p)
+    add_flags(p, key_file=False)
     p.set_defaults(handler="mpirt.jobs.commands:run_classify")
 
 

@@ -15,7 +15,7 @@ from mpirt.data.integrity import dataset_digest
 from mpirt.jobs.shardjob import ShardJob
 from mpirt.outputs import h5_writing, mark
 from mpirt.secure.h5 import File
-from mpirt.secure.sign import provenance, sign_output
+from mpirt.secure.sign import provenance, sign_file
 
 MAX_CELLS = 1 << 30  # class x bucket counters (8 GiB of int64) the reduce may hold
 
@@ -80,7 +80,7 @@ class WordCount(ShardJob):
                 f.attrs["rows"] = rows
                 f.attrs["tokens"] = int(counts.sum())
                 f.attrs["sha256"] = digest
-                for k, v in provenance(self.dataset).items():
+                for k, v in provenance(self.dataset, dataset_digest(self.dataset)).items():
                     f.attrs[k] = v
-                sign_output(f, "wordcount")
+                sign_file(f, "wordcount")
         return {"rows": rows, "tokens": int(counts.sum()), "sha256": digest, "out": self.out_path}

@@ -100,6 +100,7 @@ def read_trailer(path):
             raise DecryptError(f"{path}: encrypted file is truncated or damaged (no valid trailer)")
         f.seek(size - _TAIL.size - n)
         raw = f.read(n)
+    fields["trailer_raw"] = raw  # what the last chunk's tag covers
     try:
         return fields, json.loads(raw)
     except ValueError:
@@ -152,41 +153,34 @@ class EncryptedFile:
             self.size = 0  # plaintext bytes
             self._stored = {}  # chunk index -> plaintext length of its copy on disk
             self._dirty = set()
+            self._head_digest = hashlib.sha256(head).digest()
+            self._aead = AESGCM(_derive(secret, file_id, b"key"))
         else:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fields, self.trailer = read_trailer(self.path)
-            except BaseException:
-                os.close(self._fd)
-                raise
-            head, file_id, self.chunk = fields["raw"], fields["file_id"], fields["chunk"]
-            if _derive(secret, file_id, b"check") != fields["key_check"]:
-                os.close(self._fd)
-                raise DecryptError(f"{self.path}: wrong key (the file was encrypted with another one)")
-            body = os.fstat(self._fd).st_size - HEADER_BYTES - _TAIL.size - self._trailer_bytes_on_disk()
-            step = self.chunk + NONCE + TAG
-            self.n_chunks = -(-body // step)
-            last_len = body - (self.n_chunks - 1) * step - NONCE - TAG if self.n_chunks else -1
-            if self.n_chunks == 0 or last_len < 0:
-                os.close(self._fd)
-                raise DecryptError(f"{self.path}: encrypted file is truncated (no complete last chunk)")
-            self.size = (self.n_chunks - 1) * self.chunk + last_len
-        self._head_digest = hashlib.sha256(head).digest()
-        self._aead = AESGCM(_derive(secret, file_id, b"key"))
-        if mode == "r":
-            # The last chunk, now: its tag covers the trailer and says it is the last, so a cut
-            # or a changed trailer is refused at open, not whenever a reader reaches the end.
-            try:
-                self._load(self.n_chunks - 1)
+                self._open_read(secret, AESGCM)
             except BaseException:
                 os.close(self._fd)
                 raise
 
-    def _trailer_bytes_on_disk(self):
-        size = os.fstat(self._fd).st_size
-        n, _ = _TAIL.unpack(os.pread(self._fd, _TAIL.size, size - _TAIL.size))
-        self._trailer_raw = os.pread(self._fd, n, size - _TAIL.size - n)
-        return n
+    def _open_read(self, secret, AESGCM):
+        fields, self.trailer = read_trailer(self.path)
+        self._trailer_raw = fields["trailer_raw"]
+        file_id, self.chunk = fields["file_id"], fields["chunk"]
+        if _derive(secret, file_id, b"check") != fields["key_check"]:
+            raise DecryptError(f"{self.path}: wrong key (the file was encrypted with another one)")
+        body = os.fstat(self._fd).st_size - HEADER_BYTES - _TAIL.size - len(self._trailer_raw)
+        step = self.chunk + NONCE + TAG
+        self.n_chunks = -(-body // step)
+        last_len = body - (self.n_chunks - 1) * step - NONCE - TAG if self.n_chunks else -1
+        if self.n_chunks == 0 or last_len < 0:
+            raise DecryptError(f"{self.path}: encrypted file is truncated (no complete last chunk)")
+        self.size = (self.n_chunks - 1) * self.chunk + last_len
+        self._head_digest = hashlib.sha256(fields["raw"]).digest()
+        self._aead = AESGCM(_derive(secret, file_id, b"key"))
+        # The last chunk, now: its tag covers the trailer and says it is the last, so a cut or a
+        # changed trailer is refused at open, not whenever a reader reaches the end.
+        self._load(self.n_chunks - 1)
 
     # -- the chunks -------------------------------------------------------------
     def _aad(self, i, last):

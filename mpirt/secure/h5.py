@@ -79,8 +79,8 @@ def create(path, content, **kwargs):
     policy = current()
     if not policy.encrypt:
         return File(path, "w", **kwargs)
-    f = File(path, "w", secret=policy.secret, **kwargs)
-    f._container._trailer = lambda: signed_trailer(content, f._signed)
+    # The trailer is made at close, when the signatures are known (f is bound by then).
+    f = File(path, "w", secret=policy.secret, trailer=lambda: signed_trailer(content, f._signed), **kwargs)
     return f
 
 

@@ -4,7 +4,7 @@ tells (it says so: the trailer is checked against the tags only when the file is
 
 import json
 
-from mpirt.secure.container import DecryptError, is_encrypted, read_trailer
+from mpirt.secure.container import is_encrypted, read_trailer
 from mpirt.secure.sign import describe
 
 KINDS = {"mpirt.dataset": "data set", "mpirt.checkpoint": "checkpoint", "predictions": "classify output",
@@ -68,23 +68,20 @@ def inspect_other(path, policy):
         info = without_key(path)
         info["note"] = "contents not verified: give the key (--key-file or MPIRT_DATA_KEY) to decrypt and check"
         return info
+    from mpirt.errors import DataError
+    from mpirt.secure.sign import h5_digest, verify
+
     try:
-        with File(path, "r") as f:
-            content = content_of(f)
-    except DecryptError:
-        raise
+        f = File(path, "r")
     except OSError:
         return None  # not HDF5: the data-set reader says so in its words
-    if content == "mpirt.dataset" or content is None:
-        return None
-    vouched = []
-    if content == "mpirt.checkpoint":
-        vouched = load(path, key=policy.secret, verify=False).vouched
-    else:
-        from mpirt.errors import DataError
-        from mpirt.secure.sign import h5_digest, verify
-
-        with File(path, "r") as f:
-            vouched = verify(path, content, h5_digest(f), f.attrs, policy, DataError)
+    with f:
+        content = content_of(f)
+        if content == "mpirt.dataset" or content is None:
+            return None
+        if content != "mpirt.checkpoint":
+            return summary(path, f, verify(path, content, h5_digest(f), f.attrs, policy, DataError))
+    # A checkpoint is verified as every loader verifies it (its own key rules, every digest).
+    vouched = load(path, key=policy.secret, verify=False).vouched
     with File(path, "r") as f:
         return summary(path, f, vouched)

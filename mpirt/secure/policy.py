@@ -89,10 +89,12 @@ def configure(args):
     return policy
 
 
-def add_flags(parser, outputs=True, signing=True):
-    """The security flags of a command that reads mpirt files (and with ``outputs``, writes them)."""
+def add_flags(parser, outputs=True, signing=True, key_file=True):
+    """The security flags of a command that reads mpirt files (and with ``outputs``, writes them).
+
+    ``key_file``: add ``--key-file`` (False where the command defines it with its own help)."""
     g = parser.add_argument_group("protection at rest (docs/security.md)")
-    if not any(a.dest == "key_file" for a in parser._actions):
+    if key_file:
         g.add_argument("--key-file", metavar="FILE",
                        help=f"the secret key (0600): decrypts encrypted inputs, checks and makes HMAC signatures "
                             f"(or {DATA_KEY})")

@@ -48,10 +48,12 @@ def describe(attrs):
             "ed25519": _text(signer) if attrs.get("signature_ed25519") is not None else None}
 
 
-def verify(path, kind, digest, attrs, policy, error, hmac_message=None, check_hmac=True):
+def verify(path, kind, digest, attrs, policy, error, check_hmac=True, vouched=()):
     """Check a file's signatures against what this process trusts; return who vouched for it.
 
     - the HMAC, when the file has one and ``policy.secret`` is known (``check_hmac``), must match;
+      a caller that checks it otherwise (checkpoints: with their own key) passes ``check_hmac=False``
+      and what already vouched in ``vouched``;
     - an Ed25519 signature, when public keys are trusted (``--verify-key``), must be valid and by one
       of them; without trusted keys it is not checked (the key it names proves nothing by itself);
     - with ``policy.require_signature``, at least one of those must have been checked.
@@ -65,10 +67,10 @@ def verify(path, kind, digest, attrs, policy, error, hmac_message=None, check_hm
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    vouched = []
+    vouched = list(vouched)
     mac = attrs.get("signature")
     if mac is not None and check_hmac and policy.secret:
-        expect = hmac.new(policy.secret, hmac_message or message(kind, digest), hashlib.sha256).hexdigest()
+        expect = hmac.new(policy.secret, message(kind, digest), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expect, _text(mac)):
             raise error(f"{path}: HMAC signature does not match (tampered, or signed with another key)")
         vouched.append("hmac")
@@ -113,18 +115,19 @@ def h5_digest(f):
     return h.hexdigest()
 
 
-def sign_output(f, kind):
-    """Sign the finished output open in ``f`` (:class:`mpirt.secure.h5.File`) as the policy says."""
+def sign_file(f, kind, digest_of=h5_digest):
+    """Sign the finished file open in ``f`` (:class:`mpirt.secure.h5.File`) as the policy says: HMAC
+    with the secret key, Ed25519 with ``--sign-key``, over ``digest_of(f)``; unsigned without either.
+    Data sets pass :func:`mpirt.data.integrity.manifest_digest`; job outputs are digested whole."""
     from mpirt.secure.policy import current
 
     policy = current()
     if policy.secret or policy.signing_key is not None:
-        f.add_signature(sign(kind, h5_digest(f), policy.secret, policy.signing_key))
+        f.add_signature(sign(kind, digest_of(f), policy.secret, policy.signing_key))
 
 
-def provenance(ds):
-    """What an output records of the data set it came from: its digest, and who signed it."""
-    from mpirt.data.integrity import dataset_digest
-
-    return {"data_sha256": dataset_digest(ds), "data_signer": _text(ds.attrs.get("signer", "")),
+def provenance(ds, data_sha256):
+    """What an output records of the data set it came from: its digest (``data_sha256``, which the
+    caller has computed already: :func:`mpirt.data.integrity.dataset_digest`), and who signed it."""
+    return {"data_sha256": data_sha256, "data_signer": _text(ds.attrs.get("signer", "")),
             "data_verified_by": ", ".join(ds.vouched) or "nobody (not verified)", "data_encrypted": ds.encrypted}

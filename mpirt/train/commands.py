@@ -154,7 +154,7 @@ def add_train_options(p):
     p.add_argument("--bucket-mb", type=flags.number(1 / 1024, 4096), default=16.0, help="gradient bucket size (MiB)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     add_elastic_options(p)
-    add_flags(p)
+    add_flags(p, key_file=False)
 
 
 def config_from_args(args, dataset):
@@ -196,6 +196,7 @@ def config_from_args(args, dataset):
         args.epochs = max(args.epochs, -(-args.steps // per_epoch))
     absolute = {k: os.path.abspath(getattr(args, k)) if getattr(args, k) else None
                 for k in ("checkpoint_dir", "audit", "events", "report")}
+    digest = dataset_digest(dataset)
     return TrainConfig(
         data=os.path.abspath(args.data), spec=spec, epochs=args.epochs, global_batch=args.global_batch,
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -209,8 +210,7 @@ def config_from_args(args, dataset):
         early_stop=args.early_stop, monitor=args.monitor, keep_best=args.keep_best,
         sweep=getattr(args, "sweep", None),
         progress=False if args.no_progress else None, spawn_argv=train_argv(args), verify=not args.no_verify,
-        data_sha256=dataset_digest(dataset), features=hashing_params(dataset), provenance=provenance(dataset),
-        **absolute)
+        data_sha256=digest, features=hashing_params(dataset), provenance=provenance(dataset, digest), **absolute)
 
 
 def exact_micro_batch(args):
@@ -317,13 +317,14 @@ def _run_recsys(args, dataset, group):
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (the checkpoints to go on from)")
     spec = spec_for(args.model, dataset, args.embed_dim, args.hidden, args.table_shards)
+    digest = dataset_digest(dataset)
     cfg = TrainConfig(data=os.path.abspath(args.data), spec=spec, epochs=args.epochs, global_batch=args.global_batch,
                       lr=args.lr, optimizer=args.optimizer, seed=args.seed, keep=args.keep,
                       checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None,
                       resume=args.resume, key=resolve_key(args.key_file), min_ranks=args.min_ranks,
                       report=os.path.abspath(args.report) if args.report else None,
-                      checkpoint_every=args.checkpoint_every, data_sha256=dataset_digest(dataset),
-                      provenance=provenance(dataset))
+                      checkpoint_every=args.checkpoint_every, data_sha256=digest,
+                      provenance=provenance(dataset, digest))
     cfg.faults = group.faults
     summary = run_recsys(cfg, dataset, group)
     if summary is not None:
