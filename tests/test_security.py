@@ -69,6 +69,9 @@ def test_open_key_files_are_refused(keys, encrypted, tmp_path):
     one_line_error(run_cli("prepare", "digits", tmp_path / "d.h5", "--sign-key", signer), 2, str(signer),
                    "group or others")
     assert not (tmp_path / "d.h5").exists()
+    one_line_error(run_cli("prepare", "digits", tmp_path / "d.h5", "--sign-key", keys / "alice.pub"), 2,
+                   "is a public key", "not KEY.pub")
+    assert not (tmp_path / "d.h5").exists()
 
 
 def test_encrypt_needs_a_key(tmp_path):

@@ -107,6 +107,8 @@ def load_private(path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    if os.fspath(path).endswith(".pub"):  # before its mode: chmod 600 on a public key would not help
+        raise UsageError(f"{path}: is a public key; --sign-key takes the private key (KEY, not KEY.pub)")
     data = read_private(path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
