@@ -56,14 +56,20 @@ SAMPLES, LOSS, CORRECT, NONFINITE = SLOTS.SAMPLES, SLOTS.LOSS, SLOTS.CORRECT, SL
 N_STATS = len(SLOTS)
 
 
-def all_finite(t):
-    """Whether every element of ``t`` is finite. min and max propagate NaN and show an inf, and
-    reduce without the bool tensor ``isfinite(t).all()`` allocates: 2 ms instead of 75 ms on 20M
-    floats, which was a third of a 20M-parameter MLP's step."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.detach().reshape(-1))
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+def all_finite(tensors):
+    """Whether every element of every tensor is finite, without ``isfinite(t).all()``'s bool tensor
+    (75 ms on 20M floats, a third of a 20M-parameter MLP's step). Large tensors: aminmax, which
+    propagates NaN and shows an inf (2 ms); small ones: their max-abs in one foreach call, as a
+    model's many small tensors cost a launch each otherwise. Neither sums, so nothing overflows."""
+    small = [t.detach() for t in tensors if 0 < t.numel() < 1 << 16]
+    if small and not bool(torch.isfinite(torch.stack(torch._foreach_norm(small, float("inf")))).all()):
+        return False
+    for t in tensors:
+        if t.numel() >= 1 << 16:
+            lo, hi = torch.aminmax(t.detach().reshape(-1))
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                return False
+    return True
 
 
 class Trainer:
@@ -277,8 +283,8 @@ class Trainer:
         if b > a:
             self.model.train()
             stats[SAMPLES], stats[LOSS], stats[CORRECT] = self._backward(epoch, a, b)
-            stats[NONFINITE] = 0.0 if all(all_finite(p.grad._values() if p.grad.is_sparse else p.grad)
-                                          for p in self.model.parameters() if p.grad is not None) else 1.0
+            stats[NONFINITE] = 0.0 if all_finite([p.grad._values() if p.grad.is_sparse else p.grad
+                                                  for p in self.model.parameters() if p.grad is not None]) else 1.0
         return stats
 
     def _compute_exact(self, step):
