@@ -191,3 +191,19 @@ def test_a_lock_held_by_a_gone_member_is_taken_over_and_any_other_holder_refused
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_element_in_small_and_large_tensors(bad):
+    import torch
+
+    from mpirt.train.trainer import all_finite
+
+    grads = [torch.randn(9), torch.randn(16, 3), torch.randn(1 << 17), torch.zeros(0)]
+    assert all_finite(grads)
+    assert all_finite([torch.full((4,), 3e38), torch.full((1 << 17,), -3e38)])  # max-abs, no sum to overflow
+    for j in range(3):
+        broken = [g.clone() for g in grads]
+        broken[j].view(-1)[-1] = bad
+        assert not all_finite(broken)
+    assert not all_finite([torch.tensor([1.0, bad], dtype=torch.float16)])
