@@ -1,9 +1,13 @@
 """The fused, segmented gradient allreduce.
 
-Gradients are packed (one kernel launch per bucket, :class:`mpirt.kernels.Bucket`) into flat
-float32 buffers, summed across the view, and scattered back multiplied by ``1 / total samples``.
-Why each part:
+Each parameter's gradient is a view of a flat float32 bucket buffer, so backward accumulates
+straight into what MPI sums across the view, and the sums are multiplied by ``1 / total samples``
+in place. Why each part:
 
+- *views, not copies*: packing gradients into a buffer and scattering the sums back copied every
+  gradient twice a step (2 x 80 MB on a 20M-parameter MLP); DDP calls this
+  ``gradient_as_bucket_view``. A gradient that was replaced (``zero_grad(set_to_none=True)``, or
+  by the user) is copied in once and re-bound;
 - *buckets*: one message per tensor costs one latency each (160 tensors: 160 latencies); one
   bucket per ``bucket_bytes`` costs a few;
 - *segments*: on the fault-tolerant tcp path a single large ``MPI_Allreduce`` collapses (FACTS.md:
@@ -14,7 +18,7 @@ Why each part:
 - *compression* (``bf16``/``fp16``): half the bytes on the wire, with error feedback (each rank
   keeps what rounding lost and adds it to its next gradient); the sum runs in a user-defined MPI
   op that adds in float32 and rounds once per pairwise add; the stats then travel in float64;
-- *device tensors*: packed on the device, staged through host memory (the PyPI Open MPI is not
+- *device tensors*: views of a device buffer, staged through host memory (the PyPI Open MPI is not
   CUDA-aware).
 
 Every rank gets bitwise the same sums (each element is reduced once by MPI and broadcast), so
