@@ -199,7 +199,7 @@ def apply_rows(opt, p, ids, rows):
     with torch.no_grad():
         w = p.data
         if group["weight_decay"]:
-            g = g.add(w[idx], alpha=group["weight_decay"])
+            g = g.add(w.index_select(0, idx), alpha=group["weight_decay"])
         if isinstance(opt, torch.optim.Adam):
             _adam_rows(group, state, w, idx, g)
             return
@@ -210,8 +210,8 @@ def apply_rows(opt, p, ids, rows):
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = torch.zeros_like(w)
-            b = buf[idx].mul_(momentum).add_(g, alpha=1 - group["dampening"])
-            buf[idx] = b
+            b = buf.index_select(0, idx).mul_(momentum).add_(g, alpha=1 - group["dampening"])
+            buf.index_copy_(0, idx, b)
             g = g.add(b, alpha=momentum) if group["nesterov"] else b
         w.index_add_(0, idx, g, alpha=-group["lr"])
 
@@ -229,10 +229,10 @@ def _adam_rows(group, state, w, idx, g):
     beta1, beta2 = group["betas"]
     state["step"] += 1
     step = float(state["step"])
-    m = state["exp_avg"][idx].lerp_(g, 1 - beta1)
-    v = state["exp_avg_sq"][idx].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    state["exp_avg"][idx] = m
-    state["exp_avg_sq"][idx] = v
+    m = state["exp_avg"].index_select(0, idx).lerp_(g, 1 - beta1)
+    v = state["exp_avg_sq"].index_select(0, idx).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    state["exp_avg"].index_copy_(0, idx, m)
+    state["exp_avg_sq"].index_copy_(0, idx, v)
     bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
     denom = (v.sqrt() / bias2 ** 0.5).add_(group["eps"])
-    w[idx] = w[idx].addcdiv_(m, denom, value=-group["lr"] / bias1)
+    w.index_copy_(0, idx, w.index_select(0, idx).addcdiv_(m, denom, value=-group["lr"] / bias1))
