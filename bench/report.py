@@ -260,7 +260,9 @@ def train(doc, out_dir):
         b = r["config"]["batch"]
         step, comp, com = (b / m[k] for k in ("mpirt", "compute", "comm"))
         lines += [f"Step {1e3 * step:.1f} ms against compute alone {1e3 * comp:.1f} ms and communication alone "
-                  f"{1e3 * com:.1f} ms: step / max(compute, communication) = {step / max(comp, com):.2f}.", ""]
+                  f"{1e3 * com:.1f} ms: step / max(compute, communication) = {step / max(comp, com):.2f}. "
+                  f"No loop can beat its compute alone, so no loop can be more than DDP's step / compute alone "
+                  f"= {b / m['ddp'] / comp:.2f}x DDP here.", ""]
     return lines + _bars(out_dir, "train.png", [(k, m[k]) for k in ("mpirt", "bare", "ddp")], "samples/s",
                          "elastic step (blue) against a bare mpi4py loop and DDP gloo (grey)")
 
@@ -278,7 +280,8 @@ def text(doc, out_dir):
                      f"{med_['1-' + grad]['loop_s'] / k['loop_s']:.2f}x", f"{med_['1-dense']['loop_s'] / k['loop_s']:.2f}x"])
     lines += [table(rows, ["ranks", "embedding grad", "train loop s", "command s", "MB a step on the wire",
                            "vs 1 rank, same grad", "vs 1 rank, dense"]), "",
-              f"{r['epochs']} epochs, global batch 64, SGD lr 2.0; the train loop is the report's epoch times.", ""]
+              f"{r['epochs']} epochs, global batch 64, {r.get('optimizer', 'SGD lr 2.0')}; test accuracy "
+              f"{r.get('test_accuracy', '?')}; the train loop is the report's epoch times.", ""]
     return lines
 
 

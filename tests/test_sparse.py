@@ -17,9 +17,32 @@ def test_merge_sums_equal_ids():
     uniq, summed = merge_rows(ids, rows)
     assert uniq.tolist() == [2, 5, 9]
     assert np.array_equal(summed[0], rows[1] + rows[4])  # two parts (2 ranks): bitwise a + b
-    assert np.allclose(summed[1], rows[0] + rows[2] + rows[5]) and np.array_equal(summed[2], rows[3])
+    assert np.array_equal(summed[1], (rows[0] + rows[2]) + rows[5])  # one add at a time, in input order
+    assert np.array_equal(summed[2], rows[3])
     again = merge_rows(ids.copy(), rows.copy())
     assert np.array_equal(again[1], summed)  # the same bytes, the same sums: replicas stay equal
+
+
+def test_merge_is_in_input_order_whatever_the_threads():
+    """Replicas with other thread counts (a joiner on another host) must merge to the same bits."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    ids = np.concatenate([np.unique(rng.zipf(1.2, 5000) % 4096) for _ in range(4)]).astype(np.int64)
+    rows = rng.standard_normal((len(ids), 16)).astype(np.float32)
+    uniq = np.unique(ids)
+    sequential = np.zeros((len(uniq), 16), np.float32)
+    for i, at in enumerate(np.searchsorted(uniq, ids)):
+        sequential[at] += rows[i]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            got_ids, got = merge_rows(ids, rows)
+            assert np.array_equal(got_ids, uniq)
+            assert np.array_equal(got.view(np.uint32), sequential.view(np.uint32))
+    finally:
+        torch.set_num_threads(threads)
     assert merge_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.float32))[0].size == 0
 
 

@@ -59,21 +59,36 @@ def local_rows(p):
     dim = p.shape[1]
     if p.grad is None:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    g = p.grad.coalesce()
-    ids = g.indices()[0].cpu().numpy().astype(np.int64, copy=False)
-    rows = np.ascontiguousarray(g.values().detach().cpu().numpy(), dtype=np.float32)
+    g = p.grad.detach()
+    if g.is_coalesced() or g.device.type != "cpu":  # index_add_ is not deterministic on a GPU
+        g = g.coalesce()
+        ids, rows = g.indices()[0], g.values()
+    else:
+        # An embedding's gradient has a row per token (63k on a batch of 64 man pages, 3.7k distinct):
+        # unique + index_add_ sums them in token order in 4.5 ms where coalesce() took 7.6 ms.
+        import torch
+
+        ids, inv = torch.unique(g._indices()[0], sorted=True, return_inverse=True)
+        rows = torch.zeros((len(ids), dim), dtype=g.dtype).index_add_(0, inv, g._values())
+    ids = ids.cpu().numpy().astype(np.int64, copy=False)
+    rows = np.ascontiguousarray(rows.cpu().numpy(), dtype=np.float32)
     return ids, rows.reshape(len(ids), dim)
 
 
 def merge_rows(ids, rows):
-    """Sum the rows of equal ids: (sorted unique ids, summed rows). Deterministic: the same input
-    gives the same bits (a stable sort, then numpy's ``add.reduceat``)."""
+    """Sum the rows of equal ids: (sorted unique ids, summed rows). Deterministic: each sum is taken
+    one add at a time in input order (rank order, after :func:`gather_rows`), whatever the number of
+    threads: torch's CPU ``index_add_`` walks the index in order. 9x faster than the stable sort and
+    numpy ``add.reduceat`` it replaces (which also did not add in input order), the top of a 2-rank
+    fastText step's profile."""
     if len(ids) == 0:
         return ids, rows
-    order = np.argsort(ids, kind="stable")
-    sid = ids[order]
-    starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
-    return sid[starts], np.add.reduceat(rows[order], starts, axis=0)
+    import torch
+
+    uniq, inv = torch.unique(torch.from_numpy(ids), sorted=True, return_inverse=True)
+    src = torch.from_numpy(np.ascontiguousarray(rows))
+    out = torch.zeros((len(uniq), *rows.shape[1:]), dtype=src.dtype).index_add_(0, inv, src)
+    return uniq.numpy(), out.numpy()
 
 
 def gather_rows(ec, ids, rows, counts):
