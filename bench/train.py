@@ -129,5 +129,7 @@ def main(argv):
     step, comp, com = (args.batch / med[k] for k in ("mpirt", "compute", "comm"))
     print(f"step {1e3 * step:.1f} ms; compute alone {1e3 * comp:.1f} ms, communication alone {1e3 * com:.1f} ms: "
           f"step / max(compute, communication) = {step / max(comp, com):.2f} (overlap: < (compute + comm) / max)")
+    print(f"ceiling: no loop beats its compute alone, so none is more than DDP's step / compute alone = "
+          f"{args.batch / med['ddp'] / comp:.2f}x DDP")
     print("wrote", write_results("train", {"config": cfg, "ranks": args.ranks, "samples_per_s": out}))
     return 0
