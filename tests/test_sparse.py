@@ -21,6 +21,7 @@ def test_merge_sums_equal_ids():
     assert np.array_equal(summed[2], rows[3])
     again = merge_rows(ids.copy(), rows.copy())
     assert np.array_equal(again[1], summed)  # the same bytes, the same sums: replicas stay equal
+    assert merge_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.float32))[0].size == 0
 
 
 def test_merge_is_in_input_order_whatever_the_threads():
@@ -43,7 +44,6 @@ def test_merge_is_in_input_order_whatever_the_threads():
             assert np.array_equal(got.view(np.uint32), sequential.view(np.uint32))
     finally:
         torch.set_num_threads(threads)
-    assert merge_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.float32))[0].size == 0
 
 
 def _table(seed=0, rows=6, dim=3):
