@@ -13,6 +13,11 @@ class MpirtError(Exception):
     """Base of every error mpirt raises on purpose."""
 
     exit_code = 1
+    # True where every member raises it after the same committed step (a decision read from the
+    # step's summed stats): the members then end together through MPI_Finalize, so that none exits
+    # first, and has the launcher kill the rest, before the coordinator's save in flight is on disk
+    # and its one line printed.
+    ends_together = False
 
 
 class UsageError(MpirtError):
@@ -37,6 +42,13 @@ class JobError(MpirtError):
     """A job cannot go on (for example fewer ranks than ``--min-ranks``)."""
 
 
+class NotFinite(JobError):
+    """A step's loss or a gradient is NaN or inf: every member saw the same sums and stops before
+    applying it; the last checkpoint written stays the newest."""
+
+    ends_together = True
+
+
 class QuorumLost(JobError):
     """After a change, this side holds no strict majority of the last view (an exact half only with
     its coordinator): another side may be the job, so this one stops and commits nothing.
@@ -56,6 +68,7 @@ class Preempted(MpirtError):
     """
 
     exit_code = 75
+    ends_together = True
 
 
 class Terminated(MpirtError):

@@ -247,12 +247,14 @@ def test_long_runs_on_n_ranks_are_statistically_equivalent_to_one_rank(tmp_path,
 
 def test_a_diverging_run_stops_before_the_step_and_keeps_the_last_good_checkpoint(tmp_path, digits):
     """--lr 1e30: step 0 is applied, step 1's loss is inf; both ranks stop before applying it, with one
-    line, and the checkpoint of step 1 (written after step 0) is the newest, and finite."""
+    line, and the checkpoint of step 1 (written after step 0) is the newest, and finite, with no
+    temporary left behind."""
     from harness import one_line_error
 
     res, run_dir = train(tmp_path, digits, 2, "--lr", "1e30", "--checkpoint-every", "1")
     line = one_line_error(res, 1, "step 1:", "is not finite", "ckpt-00000001.h5")
     assert "--lr" in line
+    assert sorted(os.listdir(run_dir / "ckpt")) == [".lock", "ckpt-00000001.h5", "run.json"], "nothing else left behind"
     params, position = final_params(run_dir)
     assert position["step"] == 1
     assert all(np.isfinite(v).all() for v in params.values())

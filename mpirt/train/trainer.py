@@ -32,7 +32,7 @@ from mpirt.cluster.commit import Slots, StepCommitter
 from mpirt.cluster.group import ElasticGroup
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
-from mpirt.errors import JobError, MpirtError, Preempted, ProcessFailure, UsageError
+from mpirt.errors import JobError, MpirtError, NotFinite, Preempted, ProcessFailure, UsageError
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
 from mpirt.train import lrfind, models, rundir
@@ -364,13 +364,13 @@ class Trainer:
         """Every member saw the same sums: all stop before applying step ``step``, and the last
         checkpoint written stays the newest (a NaN model is never saved)."""
         if not self.group.is_coordinator:
-            raise JobError("")  # the same stop everywhere; the coordinator says it once
+            raise NotFinite("")  # the same stop everywhere; the coordinator says it once
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
         if self.ckpt:
             self.ckpt.wait()  # the save in flight is the last good one
         mine = self.ckpt.paths() if self.ckpt else []
         keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
-        raise JobError(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
+        raise NotFinite(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
                        f"{keep} (try a smaller --lr)")
 
     def _stop_preempted(self, why):
@@ -568,8 +568,9 @@ def run_training(cfg, dataset, group):
         summary = trainer.run()
         failed = False
     except MpirtError as exc:
-        # A requested stop ends together and cleanly on every member: MPI_Finalize as usual.
-        failed = not isinstance(exc, Preempted)
+        # A stop every member decided at the same step (a request, a NaN) ends together and cleanly:
+        # MPI_Finalize as usual, which the others wait in for the coordinator (mpirt.errors).
+        failed = not exc.ends_together
         if trainer.group.ec is not None and trainer.group.is_coordinator and getattr(exc, "reports_status", True):
             status.finished(exc.exit_code)
         raise
