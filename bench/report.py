@@ -320,6 +320,13 @@ def sparse(doc, out_dir):
     lines += [table(rows, ["rows touched per rank", "allgather ms", "allreduce ms", "allreduce / allgather",
                            "auto picks"]), "",
               f"Table {cfg['rows']:,} x {cfg['dim']} float32, {r['ranks']} ranks.", ""]
+    if "apply_ms" in r:
+        a = r["apply_ms"]
+        lines += ["The optimizer's side: one lazy Adam step on the touched rows (mpirt.train.sparse.apply_rows), "
+                  "median ms:", "",
+                  table([[f"{cfg['apply_touched']:,} of {cfg['apply_rows']:,} x {cfg['dim']}",
+                          f"{a['huge']:.2f}", f"{a['ordinary']:.2f}", f"{a['ordinary'] / a['huge']:.2f}x"]],
+                        ["rows updated", "tables in huge pages ms", "ordinary pages ms (baseline)", "speed-up"]), ""]
     return lines
 
 

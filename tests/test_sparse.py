@@ -105,6 +105,39 @@ def test_adam_on_rows_touched_every_step_is_torch_adam():
     again.load_state_dict(opt.state_dict())
 
 
+def test_large_tables_live_in_huge_pages_with_the_same_updates(monkeypatch):
+    """A table of at least MIN_BYTES: the optimizer's moments are made in (and a loaded state moved
+    to) huge-page memory, zero where untouched, and the update is bitwise the one on ordinary memory."""
+    from mpirt.train import hugepages
+
+    rows = hugepages.MIN_BYTES // (4 * 64)
+    p, q = torch.nn.Parameter(torch.zeros(rows, 64)), torch.nn.Parameter(torch.zeros(rows, 64))
+    p.data = hugepages.rehome(p.data)
+    assert hugepages.is_huge(p.data) and not hugepages.is_huge(q.data)
+    opt, ref = torch.optim.Adam([p], lr=0.01), torch.optim.Adam([q], lr=0.01)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        ids = np.unique(rng.integers(0, rows, 500))
+        g = rng.standard_normal((len(ids), 64)).astype(np.float32)
+        apply_rows(opt, p, ids, g)
+        with monkeypatch.context() as m:  # the reference: every table in ordinary memory
+            m.setattr(hugepages, "MIN_BYTES", 1 << 62)
+            apply_rows(ref, q, ids, g)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert hugepages.is_huge(opt.state[p][k])
+        assert ref.state[q][k].untyped_storage().data_ptr() not in hugepages._LIVE
+        assert torch.equal(opt.state[p][k], ref.state[q][k])
+        assert torch.count_nonzero(opt.state[p][k].abs().sum(1)) <= 1500  # untouched rows stay zero
+    assert torch.equal(p.data, q.data)
+    # A state loaded from a checkpoint (ordinary tensors) is moved on the next step, values kept.
+    again = torch.optim.Adam([p], lr=0.01)
+    again.load_state_dict(opt.state_dict())
+    loaded = again.state[p]["exp_avg"].clone()
+    apply_rows(again, p, np.zeros(0, np.int64), np.zeros((0, 64), np.float32))
+    assert hugepages.is_huge(again.state[p]["exp_avg"])
+    assert torch.equal(again.state[p]["exp_avg"], loaded)
+
+
 def test_the_exchange_is_chosen_by_bytes():
     p = _table(rows=1000, dim=4)
     ex = SparseExchange(ec=None, params=[p])

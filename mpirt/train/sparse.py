@@ -218,13 +218,22 @@ def apply_rows(opt, p, ids, rows):
             raise TypeError(f"sparse embedding gradients need SGD or Adam, not {type(opt).__name__}")
         momentum = group["momentum"]
         if momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(w)
+            buf = _table(state, "momentum_buffer", w)
             b = buf.index_select(0, idx).mul_(momentum).add_(g, alpha=1 - group["dampening"])
             buf.index_copy_(0, idx, b)
             g = g.add(b, alpha=momentum) if group["nesterov"] else b
         w.index_add_(0, idx, g, alpha=-group["lr"])
+
+
+def _table(state, name, w):
+    """The optimizer's per-row table ``name`` for ``w``, in huge pages (:mod:`mpirt.train.hugepages`):
+    made zero on first use, moved there once when it came from elsewhere (a checkpoint, a joiner)."""
+    from mpirt.train import hugepages
+
+    t = state.get(name)
+    t = hugepages.zeros_like(w) if t is None else hugepages.rehome(t)
+    state[name] = t
+    return t
 
 
 def _adam_rows(group, state, w, idx, g):
@@ -235,15 +244,14 @@ def _adam_rows(group, state, w, idx, g):
         raise TypeError("sparse embedding gradients do not support Adam's amsgrad")
     if "step" not in state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(w)
-        state["exp_avg_sq"] = torch.zeros_like(w)
+    exp_avg, exp_avg_sq = _table(state, "exp_avg", w), _table(state, "exp_avg_sq", w)
     beta1, beta2 = group["betas"]
     state["step"] += 1
     step = float(state["step"])
-    m = state["exp_avg"].index_select(0, idx).lerp_(g, 1 - beta1)
-    v = state["exp_avg_sq"].index_select(0, idx).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    state["exp_avg"].index_copy_(0, idx, m)
-    state["exp_avg_sq"].index_copy_(0, idx, v)
+    m = exp_avg.index_select(0, idx).lerp_(g, 1 - beta1)
+    v = exp_avg_sq.index_select(0, idx).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    exp_avg.index_copy_(0, idx, m)
+    exp_avg_sq.index_copy_(0, idx, v)
     bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
     denom = (v.sqrt() / bias2 ** 0.5).add_(group["eps"])
     w.index_copy_(0, idx, w.index_select(0, idx).addcdiv_(m, denom, value=-group["lr"] / bias1))

@@ -35,7 +35,7 @@ from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, NotFinite, Preempted, ProcessFailure, UsageError
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
-from mpirt.train import lrfind, models, rundir
+from mpirt.train import hugepages, lrfind, models, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.augment import augment
 from mpirt.train.audit import Audit
@@ -123,6 +123,8 @@ class Trainer:
                 if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
                     m.sparse = True  # a module flag, not state: checkpoints and classify are unchanged
             rows = sparse_params(self.model)
+            for p in rows:  # their scattered rows are updated every step: fewer TLB misses
+                p.data = hugepages.rehome(p.data)
         exact = self.cfg.exact
         self.sparse = SparseExchange(self.group.ec, rows, mode=self.cfg.sparse_exchange) if rows and not exact else None
         dense = [p for p in params if not any(p is q for q in rows)]
