@@ -9,13 +9,15 @@ Reads allreduce.json, scaling.json and recovery*.json (bench/results/latest, or 
   relative error over the (p, size) points of the tcp sweep (mpirt's segmented path) with p <= cores;
   the points with more ranks than cores (oversubscribed: ranks wait for a time slice at every round)
   get an alpha and B of their own, which the predictions at scale (one rank per core) do not use;
-- compute per step of a model from its two 1-rank points (strong and weak batch):  T1(G) = c G + h;
+- compute per step of a model on one core from its two 1-rank, 1-thread points (strong and weak
+  batch):  T1(G) = c G + h; a rank with t > 1 intra-op threads computes s_t times as fast, s_t from
+  the 1-rank runs on every core against those on one core (bench/scaling.py measures both);
 - packing and unpacking the gradient buckets, per byte, from the kernels suite's CPU pack + unpack (else
   from the fused-allreduce figure, mpirt's time over the raw Allreduce):  P(n) = pack n, on p > 1;
 - a step on p ranks sharing C cores, with the step's Agree as a zero-byte collective, its buckets
   reduced while backward runs (mpirt.train.overlap): of the communication W, all but the last bucket's
   can hide behind backward, taken as BWD_SHARE of the compute K (backward costs about twice forward):
-  K = (c G / p + h + P(n_dense)) max(1, p / C),  T(p) = K + max(W - BWD_SHARE K, A(p, last)) + A(p, 0),
+  K = (c G / p + h + P(n_dense)) max(1, p / C) / s_t,  T(p) = K + max(W - BWD_SHARE K, A(p, last)) + A(p, 0),
   W = A(p, n_dense) + X(p), and for fastText's row-sparse table X(p) = its dense allreduce or the
   allgather of the rows the batch touches, S = s G bytes with s measured (report.json's wire),
   Ag(p, S) = log2(p) alpha + (p-1)/p S / B, chosen by the runtime's rule (mpirt.train.sparse: the
@@ -101,12 +103,22 @@ def allreduce_time(fit, p, n, cores=None):
 
 
 # -- training steps ----------------------------------------------------------------------------
+def threads_of(pt):
+    """The intra-op threads of a scaling point's ranks (recorded; else what mpirt launch gives)."""
+    from bench.scaling import threads_of as launch_threads
+
+    return pt.get("threads") or launch_threads(pt["ranks"], pt.get("cores") or os.cpu_count())
+
+
 def fit_compute(points):
-    """Per model: c (s per sample) and h (s per step) from its 1-rank strong and weak points."""
+    """Per model: c (s per sample) and h (s per step) on one core, from its 1-rank points on one core
+    (strong and weak batch; the 1-rank points on every core where a run has no 1-thread points), and the
+    intra-op threads' speed-up s_t from the pairs."""
     fits = {}
     for model in sorted({p["model"] for p in points}):
         ones = [p for p in points if p["model"] == model and p["ranks"] == 1]
-        pts = [(p["global_batch"], p["global_batch"] / statistics.median(p["samples_per_s"])) for p in ones]
+        single = [p for p in ones if threads_of(p) == 1] or ones
+        pts = [(p["global_batch"], p["global_batch"] / statistics.median(p["samples_per_s"])) for p in single]
         if not pts:
             continue
         (g1, t1), (g2, t2) = pts[0], pts[-1]
@@ -115,7 +127,14 @@ def fit_compute(points):
             h = max(t1 - c * g1, 0.0)
         else:
             c, h = statistics.mean(t / g for g, t in pts), 0.0
-        fits[model] = {"c_s_per_sample": c, "h_s_per_step": h, "params": ones[0]["params"]}
+        fits[model] = {"c_s_per_sample": c, "h_s_per_step": h, "params": ones[0]["params"],
+                       "thread_speedup": 1.0, "speedup_threads": 1}
+        pairs = [(statistics.median(p["samples_per_s"]) / statistics.median(q["samples_per_s"]), threads_of(p))
+                 for p in ones if threads_of(p) > 1 for q in single
+                 if q["mode"] == p["mode"] and threads_of(q) == 1]
+        if pairs:
+            fits[model]["thread_speedup"] = statistics.median(x for x, _ in pairs)
+            fits[model]["speedup_threads"] = max(t for _, t in pairs)
         # A row-sparse table (fastText): its size, and the bytes a sample's touched rows put on the
         # wire, from the multi-rank runs' report (the most ranks: each rank's rows are merged per rank,
         # so the gathered rows grow with the ranks towards every sample's own rows).
@@ -127,6 +146,15 @@ def fit_compute(points):
             fits[model]["sparse_params"] = top.get("sparse_params") or _table_params(model, top)
             fits[model]["sparse_bytes_per_sample"] = wire["sparse_bytes_per_step"] / top["global_batch"]
     return fits
+
+
+def speedup(cf, threads):
+    """How many times faster a rank with ``threads`` intra-op threads computes than one with 1: the
+    measured s_t at its t, linear between 1 and t (and no further gain past t)."""
+    t, s = cf.get("speedup_threads", 1), cf.get("thread_speedup", 1.0)
+    if threads <= 1 or t <= 1:
+        return 1.0
+    return 1.0 + (s - 1.0) * (min(threads, t) - 1) / (t - 1)
 
 
 def _table_params(model, point):
@@ -152,11 +180,11 @@ def last_bucket(dense_bytes):
     return rest - BUCKET * ((rest - 1) // BUCKET)
 
 
-def step_time(cf, ar, p, global_batch, cores, merge=True):
+def step_time(cf, ar, p, global_batch, cores, merge=True, threads=1):
     share = max(1.0, p / cores)
     dense = 4 * (cf["params"] - cf.get("sparse_params", 0))
     pack = ar.get("pack_s_per_byte", 0.0) * dense if p > 1 else 0.0
-    compute = (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share
+    compute = (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share / speedup(cf, threads)
     comm = allreduce_time(ar, p, dense, cores)
     merged = 0.0
     if cf.get("sparse_params"):  # each step, the runtime's rule (mpirt.train.sparse.SparseExchange.choose)
@@ -186,14 +214,14 @@ def fit_merge(cf, ar, points):
             p, g, cores = pt["ranks"], pt["global_batch"], pt.get("cores") or os.cpu_count()
             t = g / statistics.median(pt["samples_per_s"])
             xs.append(f["sparse_bytes_per_sample"] * g * max(1.0, p / cores) / t)
-            ys.append((t - step_time(f, ar, p, g, cores, merge=False)) / t)
+            ys.append((t - step_time(f, ar, p, g, cores, merge=False, threads=threads_of(pt))) / t)
         if xs:
             x, y = np.array(xs), np.array(ys)
             f["merge_s_per_byte"] = max(float(x @ y / (x @ x)), 0.0)
 
 
-def throughput(cf, ar, p, global_batch, cores):
-    return global_batch / step_time(cf, ar, p, global_batch, cores)
+def throughput(cf, ar, p, global_batch, cores, threads=1):
+    return global_batch / step_time(cf, ar, p, global_batch, cores, threads=threads)
 
 
 def predict_efficiency(cf, ar, mode, per_rank_batch, ranks):
@@ -259,10 +287,11 @@ def build(out_dir):
     for pt in points:
         if pt["model"] not in cf:
             continue
-        got = statistics.median(pt["samples_per_s"])
-        want = throughput(cf[pt["model"]], ar, pt["ranks"], pt["global_batch"], pt.get("cores") or os.cpu_count())
-        checks.append({"what": "training", "case": f"{pt['model']} {pt['mode']} {pt['ranks']} ranks",
-                       "measured": got, "predicted": want, "unit": "samples/s"})
+        got, threads = statistics.median(pt["samples_per_s"]), threads_of(pt)
+        want = throughput(cf[pt["model"]], ar, pt["ranks"], pt["global_batch"], pt.get("cores") or os.cpu_count(),
+                          threads)
+        checks.append({"what": "training", "case": f"{pt['model']} {pt['mode']} {pt['ranks']} ranks x {threads} "
+                       f"thread{'s' if threads > 1 else ''}", "measured": got, "predicted": want, "unit": "samples/s"})
     rec = {}
     for label, m in recovery_points(out_dir).items():
         # Fitted on the points with a core per rank when there are two or more (oversubscribed ranks
@@ -278,6 +307,7 @@ def build(out_dir):
     for c in checks:
         c["error"] = c["predicted"] / c["measured"] - 1 if c["measured"] else None
     weak_batch = {pt["model"]: pt["global_batch"] for pt in points if pt["mode"] == "weak" and pt["ranks"] == 1}
+    # At scale one rank per core, one thread a rank: efficiency against 1 rank on one core.
     predictions = {f"{m} {mode}": predict_efficiency(cf[m], ar, mode, weak_batch.get(m, 64), PREDICT)
                    for m in cf for mode in ("strong", "weak")}
     # Recovery at scale from the machine with the most cores (its points are not oversubscribed).
@@ -296,9 +326,12 @@ def plot(model, out_dir):
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    measured = {}
+    measured, threads = {}, {}
     for pt in model["measured_points"]:
+        if pt.get("one_core"):
+            continue
         measured.setdefault((pt["model"], pt["mode"]), {})[pt["ranks"]] = statistics.median(pt["samples_per_s"])
+        threads[(pt["model"], pt["mode"], pt["ranks"])] = threads_of(pt)
     for i, key in enumerate(sorted(model["efficiency_predicted"])):
         color = f"C{i}"
         m, mode = key.split()
@@ -310,8 +343,9 @@ def plot(model, out_dir):
             ax.plot(ranks, [pts[p] / (p * pts[1]) for p in ranks], "o", color=color, label=f"{key}: measured")
             g = {p: next(x["global_batch"] for x in model["measured_points"]
                          if x["model"] == m and x["mode"] == mode and x["ranks"] == p) for p in ranks}
-            fitted = [throughput(cf, model["allreduce"], p, g[p], cores) /
-                      (p * throughput(cf, model["allreduce"], 1, g[1], cores)) for p in ranks]
+            t = {p: threads[(m, mode, p)] for p in ranks}
+            fitted = [throughput(cf, model["allreduce"], p, g[p], cores, t[p]) /
+                      (p * throughput(cf, model["allreduce"], 1, g[1], cores, t[1])) for p in ranks]
             ax.plot(ranks, fitted, ":", color=color)
         weak_b = next((x["global_batch"] for x in model["measured_points"]
                        if x["model"] == m and x["mode"] == "weak" and x["ranks"] == 1), 64)
@@ -364,8 +398,8 @@ def print_model(model):
     a = model["allreduce"]
     print(f"allreduce: {_ar_text(a)}")
     for m, cf in model["compute"].items():
-        print(f"{m}: {cf['c_s_per_sample'] * 1e6:.1f} us per sample, {cf['h_s_per_step'] * 1e3:.2f} ms per step, "
-              f"{cf['params']:,} parameters")
+        print(f"{m}: {cf['c_s_per_sample'] * 1e6:.1f} us per sample, {cf['h_s_per_step'] * 1e3:.2f} ms per step "
+              f"on one core, {cf['thread_speedup']:.2f}x on {cf['speedup_threads']} threads, {cf['params']:,} parameters")
     rows = [[c["what"], c["case"], f"{c['measured']:.4g}", f"{c['predicted']:.4g}", c["unit"],
              f"{100 * c['error']:+.0f}%"] for c in model["checks"]]
     print(table(rows, ["what", "case", "measured", "model", "unit", "model error"]))

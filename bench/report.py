@@ -132,26 +132,28 @@ def recovery(doc, out_dir):
 
 
 def scaling(doc, out_dir):
-    from bench.scaling import efficiency
+    from bench.scaling import HEADERS, efficiency, rows_of
 
     pts = doc["results"]["points"]
     lines = _header(doc, "scaling: strong and weak scaling of `mpirt train` (digits CNN, fastText)")
-    rows = efficiency(pts)
-    lines += ["Samples/s (median of the timed epochs) and efficiency against the 1-rank run of the same series "
-              "(the baseline, same run):", "",
-              table([[m, mode, n, next(p["global_batch"] for p in pts if (p["model"], p["mode"], p["ranks"]) ==
-                                       (m, mode, n)), f"{thr:,.0f}", "-" if eff is None else f"{100 * eff:.0f}%"]
-                     for m, mode, n, thr, eff in rows],
-                    ["model", "scaling", "ranks", "global batch", "samples/s", "efficiency"]), ""]
+    lines += ["Samples/s (median of the timed epochs); efficiency against the 1-rank run of the same series on "
+              "every core (its intra-op threads), and per core against the 1-rank run on one core "
+              "(OMP_NUM_THREADS=1): samples/s / (min(ranks, cores) x that run's). Both baselines are from the "
+              "same run.", "", table(rows_of(pts), HEADERS), ""]
+    rows = [r for r in efficiency(pts) if not (r["ranks"] == 1 and r["threads"] == 1 and r["efficiency"] is None)]
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    series = sorted({(m, mode) for m, mode, *_ in rows})
+    series = sorted({(r["model"], r["mode"]) for r in rows})
     for i, (m, mode) in enumerate(series):
-        xs = [(n, thr, eff) for mm, md, n, thr, eff in rows if (mm, md) == (m, mode)]
-        a1.plot([x[0] for x in xs], [x[1] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
-        a2.plot([x[0] for x in xs], [x[2] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
+        xs = [r for r in rows if (r["model"], r["mode"]) == (m, mode)]
+        a1.plot([x["ranks"] for x in xs], [x["samples_per_s"] for x in xs], "o-", color=f"C{i}", label=f"{m} {mode}")
+        a2.plot([x["ranks"] for x in xs], [x["efficiency"] for x in xs], "o-", color=f"C{i}",
+                label=f"{m} {mode}: vs 1 rank")
+        if all(x["per_core"] is not None for x in xs):
+            a2.plot([x["ranks"] for x in xs], [x["per_core"] for x in xs], "s--", color=f"C{i}",
+                    label=f"{m} {mode}: per core")
     log2_axes(a1, "ranks", "samples/s")
-    log2_axes(a2, "ranks", "efficiency")
+    log2_axes(a2, "ranks", "efficiency", legend=6)
     a2.set_ylim(0, 1.1)
     lines += [_img(save_png(fig, out_dir, "scaling.png")), ""]
     return lines
@@ -165,7 +167,8 @@ def model(doc, out_dir):
 
     lines += [f"Fitted: allreduce {_ar_text(a)}; pack/unpack {a.get('pack_s_per_byte', 0) * 1e9:.2f} ns/byte; "
               + "; ".join(
-                  f"{m}: {c['c_s_per_sample'] * 1e6:.1f} us/sample + {c['h_s_per_step'] * 1e3:.2f} ms/step, "
+                  f"{m}: {c['c_s_per_sample'] * 1e6:.1f} us/sample + {c['h_s_per_step'] * 1e3:.2f} ms/step on one "
+                  f"core, {c.get('thread_speedup', 1.0):.2f}x on {c.get('speedup_threads', 1)} threads, "
                   f"{c['params']:,} parameters" for m, c in r["compute"].items()) + "; recovery " + "; ".join(
                   f"{k}: {v['r0_ms']:.1f} + {v['r1_ms_per_doubling']:.1f} log2(p) ms" for k, v in r["recovery"].items()),
               "", "Every measured point against the model:", "",

@@ -7,6 +7,13 @@ the per-epoch samples/s of its report, the first epoch left out (warm-up); valid
 - strong: the same global batch at every N (the 1-rank run is the baseline);
 - weak: the same batch per rank (global = per-rank x N; the 1-rank run of that batch is the baseline).
 Efficiency = samples/s at N / (N x samples/s at 1). The 1-rank runs are the baselines of the same run.
+
+``mpirt launch`` gives each rank its share of the cores as intra-op threads, so on C cores the 1-rank run
+already computes on all C, and "N x the 1-rank run" asks N ranks to beat C cores' work N times over.
+The efficiency per core is the textbook one: samples/s at N / (cores used x samples/s of 1 rank on one
+core), cores used = min(N x threads a rank, C); the 1-rank, 1-thread runs (OMP_NUM_THREADS=1) are its
+baseline, measured in the same run. On 1 rank it is how well the intra-op threads use the cores
+(bench/model.py fits compute from the 1-thread runs and the threads' speed-up from the pair).
 ``--tag`` names the result file (``scaling-TAG.json``): Slurm's array (scripts/slurm/scaling.sbatch) writes
 one per rank count, and ``--merge`` folds them into ``scaling.json``.
 """
@@ -45,13 +52,21 @@ def prepare(tmp, model):
     return out
 
 
-def measure(data, model, n, global_batch, epochs):
-    """samples/s of each epoch of one real training job on ``n`` ranks."""
+def threads_of(n, cores):
+    """The intra-op threads ``mpirt launch`` gives each of ``n`` ranks on ``cores`` (mpirt/comm/launch.py)."""
+    return max(cores // n, 1)
+
+
+def measure(data, model, n, global_batch, epochs, threads=None):
+    """samples/s of each epoch of one real training job on ``n`` ranks (``threads``: OMP_NUM_THREADS)."""
+    env = _env()
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "mpirt", "launch", "-n", str(n), "--", "mpirt", "train", "--data", data,
                *MODELS[model][1], "--epochs", str(epochs), "--global-batch", str(global_batch), "--lr", "0.05",
                "--report", os.path.join(tmp, "report"), "--no-progress"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=_env())
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
         if res.returncode != 0:
             raise SystemExit(f"scaling: {model} on {n} ranks failed: {res.stderr[-2000:]}")
         with open(os.path.join(tmp, "report", "report.json")) as f:
@@ -63,36 +78,68 @@ def measure(data, model, n, global_batch, epochs):
 
 
 def run(ranks, models, epochs):
-    points = []
+    points, cores = [], os.cpu_count()
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             data = prepare(tmp, model)
             _, _, strong_batch, weak_batch, more = MODELS[model]
             for n in ranks:
                 for mode, batch in (("strong", strong_batch), ("weak", weak_batch * n)):
-                    per_epoch, n_params, wire = measure(data, model, n, batch, epochs * more)
-                    points.append({"model": model, "mode": mode, "ranks": n, "global_batch": batch,
-                                   "params": n_params, "cores": os.cpu_count(), "wire": wire,
-                                   "samples_per_s": per_epoch[1:] or per_epoch, "first_epoch": per_epoch[0]})
-                    print(f"{model} {mode} n={n} batch={batch}: {statistics.median(points[-1]['samples_per_s']):,.0f}"
-                          " samples/s", flush=True)
+                    # The 1-rank run on one core (the per-core baseline) beside the one on every core.
+                    for threads in ([1, None] if n == 1 and cores > 1 else [None]):
+                        per_epoch, n_params, wire = measure(data, model, n, batch, epochs * more, threads)
+                        points.append({"model": model, "mode": mode, "ranks": n, "global_batch": batch,
+                                       "params": n_params, "cores": cores, "wire": wire,
+                                       "threads": threads or threads_of(n, cores), "one_core": threads == 1,
+                                       "samples_per_s": per_epoch[1:] or per_epoch, "first_epoch": per_epoch[0]})
+                        print(f"{model} {mode} n={n} batch={batch} threads={points[-1]['threads']}: "
+                              f"{statistics.median(points[-1]['samples_per_s']):,.0f} samples/s", flush=True)
     return points
 
 
 def efficiency(points):
-    """Rows of (model, mode, ranks, samples/s, efficiency) against the 1-rank point of the same series."""
-    med = {(p["model"], p["mode"], p["ranks"]): statistics.median(p["samples_per_s"]) for p in points}
+    """One dict per point: model, mode, ranks, threads, samples/s, ``efficiency`` against the 1-rank
+    run of the same series (None for the 1-thread runs), and ``per_core`` against the 1-rank 1-thread
+    run (None where the run has none)."""
+    med, one = {}, {}
+    for p in points:
+        key = (p["model"], p["mode"])
+        thr = statistics.median(p["samples_per_s"])
+        if p.get("one_core"):
+            one[key] = thr
+        else:
+            med[key + (p["ranks"],)] = (thr, p)
     rows = []
-    for (model, mode, n), thr in sorted(med.items()):
-        base = med.get((model, mode, 1))
-        rows.append((model, mode, n, thr, thr / (n * base) if base else None))
+    for (model, mode, n), (thr, p) in sorted(med.items()):
+        base, base1 = med.get((model, mode, 1), (None,))[0], one.get((model, mode))
+        cores = p.get("cores") or os.cpu_count()
+        threads = p.get("threads", threads_of(n, cores))
+        row = {"model": model, "mode": mode, "ranks": n, "threads": threads,
+               "global_batch": p["global_batch"], "samples_per_s": thr,
+               "efficiency": thr / (n * base) if base else None,
+               "per_core": thr / (min(n * threads, cores) * base1) if base1 else None}
+        if n == 1 and base1:
+            rows.append(dict(row, threads=1, samples_per_s=base1, efficiency=None, per_core=1.0))
+        rows.append(row)
     return rows
 
 
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def rows_of(points):
+    """The table of :func:`efficiency`, as printed and in RESULTS.md."""
+    return [[r["model"], r["mode"], r["ranks"], r["threads"], r["global_batch"], f"{r['samples_per_s']:,.0f}",
+             _pct(r["efficiency"]), _pct(r["per_core"])] for r in efficiency(points)]
+
+
+HEADERS = ["model", "scaling", "ranks", "threads a rank", "global batch", "samples/s",
+           "efficiency vs 1 rank on every core", "efficiency per core vs 1 rank on one core"]
+
+
 def print_tables(points):
-    rows = [[m, mode, n, f"{thr:,.0f}", "-" if eff is None else f"{100 * eff:.0f}%"]
-            for m, mode, n, thr, eff in efficiency(points)]
-    print(table(rows, ["model", "scaling", "ranks", "samples/s", "efficiency vs 1 rank"]))
+    print(table(rows_of(points), HEADERS))
 
 
 def merge():
