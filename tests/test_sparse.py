@@ -138,6 +138,73 @@ def test_large_tables_live_in_huge_pages_with_the_same_updates(monkeypatch):
     assert torch.equal(again.state[p]["exp_avg"], loaded)
 
 
+def _bags(rng, n_bags=12, vocab=4096):
+    lens = rng.integers(0, 300, n_bags)  # an empty bag among them is likely
+    lens[3] = 0
+    ids = torch.from_numpy(rng.zipf(1.3, int(lens.sum())) % vocab)
+    return ids, torch.from_numpy(np.r_[0, np.cumsum(lens)])
+
+
+def test_fasttext_gradient_has_a_row_per_distinct_token():
+    """BagMean against EmbeddingBag: the same means (to float rounding: it scales, then sums), and a
+    sparse gradient whose rows are already summed per token id (local_rows takes it as it is), equal
+    to EmbeddingBag's per-token rows merged."""
+    from mpirt.train.models import FastText
+    from mpirt.train.sparse import local_rows
+
+    torch.manual_seed(0)
+    model = FastText(4096, 16, 3)
+    model.embed.sparse = True
+    ids, offsets = _bags(np.random.default_rng(3))
+    logits = model(ids, offsets)
+    torch.testing.assert_close(logits, model.fc(model.embed(ids, offsets[:-1])), rtol=1e-5, atol=1e-7)
+    logits.square().sum().backward()
+    assert model.embed.weight.grad._nnz() == len(np.unique(ids.numpy()))
+    got_ids, got = local_rows(model.embed.weight)
+    assert np.array_equal(got_ids, np.unique(ids.numpy()))
+    model.embed.weight.grad = None
+    model.fc(model.embed(ids, offsets[:-1])).square().sum().backward()  # a row per token
+    g = model.embed.weight.grad
+    assert g._nnz() == len(ids)
+    want_ids, want = merge_rows(g._indices()[0].numpy(), g._values().numpy())
+    assert np.array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
+    # Dense mode: the same rows in a dense gradient.
+    model.embed.sparse = False
+    model.embed.weight.grad = None
+    model(ids, offsets).square().sum().backward()
+    assert np.array_equal(model.embed.weight.grad[torch.from_numpy(got_ids)].numpy(), got)
+    assert int(torch.count_nonzero(model.embed.weight.grad.abs().sum(1))) <= len(got_ids)
+    # No token at all: zeros, and no gradient rows.
+    empty = model(torch.zeros(0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    assert torch.equal(empty, model.fc(torch.zeros(3, 16)))
+
+
+def test_fasttext_means_and_gradient_are_the_same_bits_on_any_number_of_threads():
+    """--exact needs a micro-batch's gradient to be the same bits on every rank (they all run it on
+    one thread); the default mode on 1 rank x 2 threads against 2 ranks x 1 wants it close."""
+    from mpirt.train.models import FastText
+
+    torch.manual_seed(1)
+    model = FastText(1 << 16, 32, 4)
+    model.embed.sparse = True
+    ids, offsets = _bags(np.random.default_rng(4), n_bags=64, vocab=1 << 16)
+    seen = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            model.zero_grad(set_to_none=True)
+            out = model(ids, offsets)
+            out.square().sum().backward()
+            seen.append((out.detach().clone(), model.embed.weight.grad._values().clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for out, rows in seen[1:]:
+        assert torch.equal(out.view(torch.int32), seen[0][0].view(torch.int32))
+        assert torch.equal(rows.view(torch.int32), seen[0][1].view(torch.int32))
+
+
 def test_the_exchange_is_chosen_by_bytes():
     p = _table(rows=1000, dim=4)
     ex = SparseExchange(ec=None, params=[p])

@@ -366,20 +366,20 @@ class Trainer:
         """Every member saw the same sums: all stop before applying step ``step``, and the last
         checkpoint written stays the newest (a NaN model is never saved)."""
         if not self.group.is_coordinator:
-            raise NotFinite("")  # the same stop everywhere; the coordinator says it once
+            raise self._end_together(NotFinite(""))  # the same stop everywhere; the coordinator says it once
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
         if self.ckpt:
             self.ckpt.wait()  # the save in flight is the last good one
         mine = self.ckpt.paths() if self.ckpt else []
         keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
-        raise NotFinite(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying it; "
-                       f"{keep} (try a smaller --lr)")
+        raise self._end_together(NotFinite(f"step {step}: {what} is not finite (NaN or inf), so training stopped "
+                                           f"before applying it; {keep} (try a smaller --lr)"))
 
     def _stop_preempted(self, why):
         """Every member saw the request in the same step's stats: save, then all stop (exit 75)."""
         group = self.group
         if not group.is_coordinator:
-            raise Preempted("")
+            raise self._end_together(Preempted(""))
         path = None
         if self.ckpt:  # unless _report_step just saved this very step
             path = self.saved[1] if self.saved and self.saved[0] == self.step else self.save_checkpoint()
@@ -390,8 +390,19 @@ class Trainer:
             self.reporter.event(f"stopped {why} after step {self.step}")
         where = f"checkpoint {path} written; run again with --resume to go on" if path else (
             "no --checkpoint-dir, so nothing was saved")
-        raise Preempted(f"stopped {why} after step {self.step} of "
-                        f"{self.schedule.total_steps}: {where}")
+        raise self._end_together(Preempted(f"stopped {why} after step {self.step} of "
+                                           f"{self.schedule.total_steps}: {where}"))
+
+    def _end_together(self, exc):
+        """``exc``, once every member is here: the others wait while the coordinator finishes its
+        save (any length: MPI_Finalize would wait FINALIZE_GRACE seconds at most, and a member killed
+        there has the launcher kill the coordinator mid-save). A wait that fails (the coordinator died
+        saving; its last finished checkpoint stands) ends this member at once, without Finalize."""
+        try:
+            self.group.ec.agree()
+        except ProcessFailure:
+            exc.ends_together = False
+        return exc
 
     def _report_step(self, step, totals):
         epoch, a, b = self.schedule.locate(step)
