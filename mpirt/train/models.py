@@ -148,11 +148,7 @@ class Dense(nn.Module):
 
 
 class FastText(nn.Module):
-    """Mean of hashed-token embeddings, then a linear layer (Joulin et al. 2016).
-
-    The table is an ``nn.EmbeddingBag`` (its weight, its ``sparse`` flag); the bags are averaged by
-    :class:`BagMean`, whose sparse gradient has one row per distinct token.
-    """
+    """Mean of hashed-token embeddings (EmbeddingBag), then a linear layer (Joulin et al. 2016)."""
 
     def __init__(self, n_buckets, dim, n_classes):
         super().__init__()
@@ -161,65 +157,7 @@ class FastText(nn.Module):
         nn.init.uniform_(self.embed.weight, -1.0 / dim, 1.0 / dim)
 
     def forward(self, ids, offsets):
-        return self.fc(BagMean.apply(self.embed.weight, ids, offsets, self.embed.sparse))
-
-
-class BagMean(torch.autograd.Function):
-    """The mean of each bag's rows of ``weight`` (bag ``b``: ids ``offsets[b]:offsets[b+1]``), as
-    two sparse matrix products over the bag's distinct tokens.
-
-    A batch of 64 man pages has 68k tokens and 5k distinct ones. EmbeddingBag's sparse gradient has
-    a row per token (17 MB), which the exchange then merges per id (mpirt.train.sparse); here the
-    ids are sorted once (stable, so each id's tokens stay in batch order) and backward is
-    ``A^T @ grad``, with ``A`` the bags x distinct-tokens matrix of 1/len weights: one row per
-    distinct token, each summed in token order, deterministic on any number of threads. Forward,
-    embedding, backward and merge took 11 ms on that batch against 5.4 ms here (1 thread).
-    """
-
-    @staticmethod
-    def forward(ctx, weight, ids, offsets, sparse):
-        ids, offsets = ids.long(), offsets.long()
-        ctx.shape, ctx.sparse, ctx.n_bags = weight.shape, sparse, len(offsets) - 1
-        if len(ids) == 0:  # every bag empty: EmbeddingBag's mean of nothing is zeros
-            ctx.save_for_backward(ids, ids, ids, weight.new_zeros(0))
-            return weight.new_zeros((ctx.n_bags, weight.shape[1]))
-        order = torch.sort(ids, stable=True)
-        first = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
-        first[1:] = order.values[1:] != order.values[:-1]
-        uniq = order.values[first]
-        slot = torch.cumsum(first, 0) - 1  # each sorted token's distinct-token index
-        col = torch.empty_like(slot).scatter_(0, order.indices, slot)  # the same, in batch order
-        lens = offsets[1:] - offsets[:-1]
-        bag = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)
-        scale = (1.0 / lens.clamp(min=1).to(weight.dtype))[bag]
-        bags = _csr_mm(offsets, col, scale, (len(lens), len(uniq)), weight.index_select(0, uniq))
-        ctx.save_for_backward(uniq, slot, bag[order.indices], scale[order.indices])
-        return bags
-
-    @staticmethod
-    def backward(ctx, grad):
-        uniq, slot, bag, scale = ctx.saved_tensors
-        crow = torch.zeros(len(uniq) + 1, dtype=torch.int64, device=grad.device)
-        if len(uniq):
-            crow[1:] = torch.cumsum(torch.bincount(slot, minlength=len(uniq)), 0)
-        rows = _csr_mm(crow, bag, scale, (len(uniq), ctx.n_bags), grad.contiguous())
-        if ctx.sparse:
-            g = torch.sparse_coo_tensor(uniq[None], rows, ctx.shape, is_coalesced=True)
-        else:
-            g = torch.zeros(ctx.shape, dtype=rows.dtype, device=rows.device).index_copy_(0, uniq, rows)
-        return g, None, None, None
-
-
-def _csr_mm(crow, col, values, shape, dense):
-    """``CSR(crow, col, values) @ dense``, without invariant checks (the indices are built above) or
-    torch's "beta" warning, which would be a user's first line of every fastText run."""
-    import warnings
-
-    if shape[0] == 0 or shape[1] == 0:
-        return dense.new_zeros((shape[0], dense.shape[1]))
-    with warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants(False):
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse.mm(torch.sparse_csr_tensor(crow, col, values, size=shape), dense)
+        return self.fc(self.embed(ids, offsets[:-1]))
 
 
 def inputs(model_name, batch, device="cpu"):

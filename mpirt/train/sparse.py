@@ -65,14 +65,9 @@ def local_rows(p):
         ids = g.indices()[0].cpu().numpy().astype(np.int64, copy=False)
         rows = np.ascontiguousarray(g.values().cpu().numpy(), dtype=np.float32)
         return ids, rows.reshape(len(ids), dim)
-    ids, rows = g._indices()[0].numpy(), g._values().numpy().astype(np.float32, copy=False)
-    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
-        # Already one row per id, in order: fastText looks each distinct token up once (models.FastText).
-        return ids.astype(np.int64, copy=False), np.ascontiguousarray(rows).reshape(len(ids), dim)
-    # An embedding looked up per token has a gradient row per token (63k on a batch of 64 man pages,
-    # 3.7k distinct), and micro-batches append theirs: merge_rows sums them in token order in 4.5 ms
-    # where coalesce() took 7.6 ms.
-    ids, rows = merge_rows(ids, rows)
+    # An embedding's gradient has a row per token (63k on a batch of 64 man pages, 3.7k distinct):
+    # merge_rows sums them in token order in 4.5 ms where coalesce() took 7.6 ms.
+    ids, rows = merge_rows(g._indices()[0].numpy(), g._values().numpy().astype(np.float32, copy=False))
     return ids, rows.reshape(len(ids), dim)
 
 
