@@ -2,8 +2,10 @@
 
 A sparse optimizer step reads and writes a few thousand scattered rows of the embedding table and of
 each moment table (fastText: 5k rows of three 268 MB tables a step). With 4 KiB pages nearly every
-row is a TLB miss; in 2 MiB pages a lazy Adam step on 5k rows of a 1M x 64 table is ~1.6x faster
-(``python -m bench sparse``, its "apply" table). Linux gives huge pages to
+row is a TLB miss; in 2 MiB pages a lazy Adam step on 5k rows of a 1M x 64 table was 1.2x to 1.9x
+faster, and fastText's epochs 8% (1 rank) and 17% (2 ranks) faster after the first, which pays for
+faulting the tables in (slowly on a VM that backs fresh memory lazily: ``python -m bench sparse``'s
+apply table; bench/results/sparse-tables-2core.md). Linux gives huge pages to
 memory that asks for them (``madvise(MADV_HUGEPAGE)``) when transparent huge pages are in "madvise"
 mode, the default of most distributions. Only these long-lived tables ask: advising every allocation
 (torch's ``THP_MEM_ALLOC_ENABLE``) made the per-step gradient buffers slower to fault in.
