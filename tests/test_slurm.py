@@ -233,7 +233,11 @@ def test_scaling_script_runs_one_array_task_per_rank_count_and_merges(slurm, tmp
     assert "task 1: 1 rank(s)" in logs and "task 2: 2 rank(s)" in logs, logs
     assert sorted(p.name for p in out.glob("scaling-*.json")) == ["scaling-n1.json", "scaling-n2.json"]
     doc = json.loads((out / "scaling.json").read_text())
-    got = sorted((p["mode"], p["ranks"]) for p in doc["results"]["points"])
+    points = doc["results"]["points"]
+    got = sorted((p["mode"], p["ranks"]) for p in points if not p["one_core"])
     assert got == [("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)]
+    # The per-core baseline: each 1-rank point again on one core (OMP_NUM_THREADS=1), on a multi-core node.
+    one = sorted((p["mode"], p["ranks"], p["threads"]) for p in points if p["one_core"])
+    assert one == ([("strong", 1, 1), ("weak", 1, 1)] if points[0]["cores"] > 1 else [])
     assert all(min(p["samples_per_s"]) > 0 and p["model"] == "cnn" for p in doc["results"]["points"])
     assert doc["machine"]["git"] and doc["machine"]["cpus"]
