@@ -399,7 +399,8 @@ def print_model(model):
     print(f"allreduce: {_ar_text(a)}")
     for m, cf in model["compute"].items():
         print(f"{m}: {cf['c_s_per_sample'] * 1e6:.1f} us per sample, {cf['h_s_per_step'] * 1e3:.2f} ms per step "
-              f"on one core, {cf['thread_speedup']:.2f}x on {cf['speedup_threads']} threads, {cf['params']:,} parameters")
+              f"on one core, {cf['thread_speedup']:.2f}x on {cf['speedup_threads']} threads, "
+              f"{cf['params']:,} parameters")
     rows = [[c["what"], c["case"], f"{c['measured']:.4g}", f"{c['predicted']:.4g}", c["unit"],
              f"{100 * c['error']:+.0f}%"] for c in model["checks"]]
     print(table(rows, ["what", "case", "measured", "model", "unit", "model error"]))

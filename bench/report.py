@@ -135,11 +135,11 @@ def scaling(doc, out_dir):
     from bench.scaling import HEADERS, efficiency, rows_of
 
     pts = doc["results"]["points"]
-    lines = _header(doc, "scaling: strong and weak scaling of `mpirt train` (digits CNN, fastText)")
+    lines = _header(doc, "scaling: strong and weak scaling of `mpirt train` (digits CNN, a 20M MLP, fastText)")
     lines += ["Samples/s (median of the timed epochs); efficiency against the 1-rank run of the same series on "
               "every core (its intra-op threads), and per core against the 1-rank run on one core "
-              "(OMP_NUM_THREADS=1): samples/s / (min(ranks, cores) x that run's). Both baselines are from the "
-              "same run.", "", table(rows_of(pts), HEADERS), ""]
+              "(OMP_NUM_THREADS=1): samples/s / (min(ranks x threads, cores) x that run's). Both baselines are "
+              "from the same run.", "", table(rows_of(pts), HEADERS), ""]
     rows = [r for r in efficiency(pts) if not (r["ranks"] == 1 and r["threads"] == 1 and r["efficiency"] is None)]
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
