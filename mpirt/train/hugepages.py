@@ -31,10 +31,9 @@ def zeros_like(t):
     """
     import torch
 
-    nbytes = t.numel() * t.element_size()
-    if (t.device.type != "cpu" or nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE")
-            or t.dtype not in (torch.float32, torch.float64, torch.float16)):
+    if not _placeable(t):
         return torch.zeros_like(t)
+    nbytes = t.numel() * t.element_size()
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
@@ -50,10 +49,19 @@ def zeros_like(t):
     return out
 
 
+def _placeable(t):
+    """Whether :func:`zeros_like` puts a tensor like ``t`` in an advised mapping: a large CPU float
+    tensor on a system with MADV_HUGEPAGE."""
+    import torch
+
+    return (t.device.type == "cpu" and t.numel() * t.element_size() >= MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE")
+            and t.dtype in (torch.float32, torch.float64, torch.float16))
+
+
 def is_huge(t):
-    """Whether ``t`` needs no move: it came from :func:`zeros_like`, or it is small or not on the CPU."""
-    return (t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES
-            or t.untyped_storage().data_ptr() in _LIVE)
+    """Whether ``t`` needs no move: it came from :func:`zeros_like`, or zeros_like would not place it
+    (so :func:`rehome`, called every step, never copies a table it cannot move)."""
+    return not _placeable(t) or t.untyped_storage().data_ptr() in _LIVE
 
 
 def rehome(t):
