@@ -46,6 +46,43 @@ def test_merge_is_in_input_order_whatever_the_threads():
         torch.set_num_threads(threads)
 
 
+def test_bag_gradient_comes_summed_and_is_torchs_merged():
+    """fastText's bag (mpirt.train.bagrows): backward gives one row per distinct id, bitwise torch's
+    per-token gradient summed by local_rows, on 1 and 2 threads; an empty bag, a token twice in a
+    bag, and the forward are torch's."""
+    from mpirt.train.bagrows import bag_mean
+    from mpirt.train.sparse import local_rows
+
+    rng = np.random.default_rng(3)
+    lens = rng.integers(1, 300, 12)
+    lens[4] = 0
+    ids = torch.from_numpy((rng.zipf(1.3, int(lens.sum())) % 5000).astype(np.int64))
+    ids[1] = ids[0]  # the same token twice in the first bag
+    offsets = torch.from_numpy(np.r_[0, np.cumsum(lens)[:-1]]).long()
+    gout = torch.from_numpy(rng.standard_normal((12, 8)).astype(np.float32))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = {}
+            for ours in (False, True):
+                bag = torch.nn.EmbeddingBag(5000, 8, mode="mean", sparse=True)
+                with torch.no_grad():
+                    bag.weight.copy_(torch.from_numpy(rng.standard_normal((5000, 8)).astype(np.float32)) if not got
+                                     else got[False][2])
+                out = bag_mean(bag, ids, offsets) if ours else bag(ids, offsets)
+                out.backward(gout)
+                # torch's gradient: a row per token; ours: a row per distinct id
+                assert bag.weight.grad._nnz() == (len(np.unique(ids.numpy())) if ours else len(ids))
+                got[ours] = (*local_rows(bag.weight), bag.weight.detach().clone(), out.detach())
+            (ids0, rows0, _, out0), (ids1, rows1, _, out1) = got[False], got[True]
+            assert np.array_equal(ids0, ids1) and np.array_equal(ids1, np.unique(ids.numpy()))
+            assert np.array_equal(rows0.view(np.uint32), rows1.view(np.uint32))
+            assert torch.equal(out0, out1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _table(seed=0, rows=6, dim=3):
     g = torch.Generator().manual_seed(seed)
     return torch.nn.Parameter(torch.randn(rows, dim, generator=g))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mpirt.config import MAX_PARAMS as MAX_PARAMS_ENV
+from mpirt.train.bagrows import bag_mean
 
 MODELS = ("linear", "mlp", "fasttext", "cnn", "resnet", "vgg")
 DENSE_MODELS = ("linear", "mlp", "cnn", "resnet", "vgg")
@@ -157,7 +158,7 @@ class FastText(nn.Module):
         nn.init.uniform_(self.embed.weight, -1.0 / dim, 1.0 / dim)
 
     def forward(self, ids, offsets):
-        return self.fc(self.embed(ids, offsets[:-1]))
+        return self.fc(bag_mean(self.embed, ids, offsets[:-1]))
 
 
 def inputs(model_name, batch, device="cpu"):
