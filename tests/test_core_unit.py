@@ -207,3 +207,41 @@ def test_all_finite_finds_one_bad_element_in_small_and_large_tensors(bad):
         broken[j].view(-1)[-1] = bad
         assert not all_finite(broken)
     assert not all_finite([torch.tensor([1.0, bad], dtype=torch.float16)])
+
+
+def test_the_dense_optimizer_is_fused_and_a_resumed_one_keeps_the_kernel_it_started_with():
+    """mpirt.train.optim: torch's fused SGD and Adam on the CPU; a state written by an unfused
+    optimizer (an older mpirt's checkpoint) brings its param_groups back, and with them its kernel,
+    so the resumed run goes on bit for bit as the unfused one would."""
+    import torch
+
+    from mpirt.train import optim
+
+    def params():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(50, 7, generator=g)), torch.nn.Parameter(torch.randn(7, generator=g))]
+
+    def steps(opt, ps, n, g):
+        for _ in range(n):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    for kind, ref in (("adam", lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True)),
+                      ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True))):
+        ps, qs = params(), params()
+        opt = optim.build(kind, ps, lr=0.1, momentum=0.9)
+        assert opt.param_groups[0]["fused"] is True
+        steps(opt, ps, 3, torch.Generator().manual_seed(1))
+        steps(ref(qs), qs, 3, torch.Generator().manual_seed(1))
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    ps, qs = params(), params()
+    old, ref = torch.optim.Adam(ps, lr=0.1), torch.optim.Adam(qs, lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    steps(old, ps, 2, g)
+    steps(ref, qs, 4, torch.Generator().manual_seed(2))
+    resumed = optim.build("adam", ps, lr=0.1)
+    resumed.load_state_dict(old.state_dict())
+    assert not resumed.param_groups[0]["fused"]
+    steps(resumed, ps, 2, g)  # the gradients of ref's steps 3 and 4
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))

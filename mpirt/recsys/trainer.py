@@ -31,6 +31,7 @@ from mpirt.log import get_logger
 from mpirt.recsys import placement as plc
 from mpirt.recsys.model import Dense, init_rows
 from mpirt.recsys.tables import ShardedTables, alltoall_obj
+from mpirt.train import optim
 from mpirt.train.order import Orders, Schedule
 from mpirt.secure.policy import makedirs as private_makedirs
 
@@ -61,8 +62,7 @@ class RecTrainer:
         torch.manual_seed(cfg.seed)
         self.dense = Dense(self.spec)
         params = list(self.dense.parameters())
-        self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
-                    else torch.optim.SGD(params, lr=cfg.lr))
+        self.opt = optim.build(cfg.optimizer, params, lr=cfg.lr)
         from mpirt.train.allreduce import GradAllreduce
 
         # No overlap: the tables' exchanges use the communicator on this thread during the step.

@@ -35,7 +35,7 @@ from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, NotFinite, Preempted, ProcessFailure, UsageError
 from mpirt.kernels.torch_loss import cross_entropy
 from mpirt.log import get_logger
-from mpirt.train import hugepages, lrfind, models, rundir
+from mpirt.train import hugepages, lrfind, models, optim, rundir
 from mpirt.train.allreduce import GradAllreduce
 from mpirt.train.augment import augment
 from mpirt.train.audit import Audit
@@ -111,11 +111,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = models.build(self.spec).to(self.device)
         params = list(self.model.parameters())
-        if self.cfg.optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        else:
-            self.opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                       weight_decay=self.cfg.weight_decay)
+        self.opt = optim.build(self.cfg.optimizer, params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
         self.opt.zero_grad(set_to_none=False)
         rows = []
         if self.cfg.embedding_grad == "sparse":
