@@ -184,7 +184,10 @@ def step_time(cf, ar, p, global_batch, cores, merge=True, threads=1):
     share = max(1.0, p / cores)
     dense = 4 * (cf["params"] - cf.get("sparse_params", 0))
     pack = ar.get("pack_s_per_byte", 0.0) * dense if p > 1 else 0.0
-    compute = (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share / speedup(cf, threads)
+    # Intra-op threads speed a rank up only on cores of their own: ranks that oversubscribe the cores
+    # (unbound, one thread per core each) share them, which ``share`` counts.
+    own = threads if p * threads <= cores else 1
+    compute = (cf["c_s_per_sample"] * global_batch / p + cf["h_s_per_step"] + pack) * share / speedup(cf, own)
     comm = allreduce_time(ar, p, dense, cores)
     merged = 0.0
     if cf.get("sparse_params"):  # each step, the runtime's rule (mpirt.train.sparse.SparseExchange.choose)

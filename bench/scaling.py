@@ -53,8 +53,10 @@ def prepare(tmp, model):
 
 
 def threads_of(n, cores):
-    """The intra-op threads ``mpirt launch`` gives each of ``n`` ranks on ``cores`` (mpirt/comm/launch.py)."""
-    return max(cores // n, 1)
+    """The intra-op threads a rank had, for points recorded before report.json said
+    (``intra_op_threads``): ``mpirt launch``'s share of the cores. Ranks that oversubscribe the cores are
+    not bound, so torch took one thread per core: the reason the report now says."""
+    return cores if n > cores else max(cores // n, 1)
 
 
 def measure(data, model, n, global_batch, epochs, threads=None):
@@ -74,7 +76,8 @@ def measure(data, model, n, global_batch, epochs, threads=None):
     from mpirt.train.models import build
 
     n_params = sum(p.numel() for p in build(report["spec"]).parameters())
-    return [e["samples_per_s"] for e in report["epochs"]], n_params, report.get("wire", {})
+    return ([e["samples_per_s"] for e in report["epochs"]], n_params, report.get("wire", {}),
+            report.get("intra_op_threads") or threads or threads_of(n, os.cpu_count()))
 
 
 def run(ranks, models, epochs):
@@ -87,10 +90,10 @@ def run(ranks, models, epochs):
                 for mode, batch in (("strong", strong_batch), ("weak", weak_batch * n)):
                     # The 1-rank run on one core (the per-core baseline) beside the one on every core.
                     for threads in ([1, None] if n == 1 and cores > 1 else [None]):
-                        per_epoch, n_params, wire = measure(data, model, n, batch, epochs * more, threads)
+                        per_epoch, n_params, wire, used = measure(data, model, n, batch, epochs * more, threads)
                         points.append({"model": model, "mode": mode, "ranks": n, "global_batch": batch,
                                        "params": n_params, "cores": cores, "wire": wire,
-                                       "threads": threads or threads_of(n, cores), "one_core": threads == 1,
+                                       "threads": used, "one_core": threads == 1,
                                        "samples_per_s": per_epoch[1:] or per_epoch, "first_epoch": per_epoch[0]})
                         print(f"{model} {mode} n={n} batch={batch} threads={points[-1]['threads']}: "
                               f"{statistics.median(points[-1]['samples_per_s']):,.0f} samples/s", flush=True)

@@ -529,6 +529,7 @@ class Trainer:
                  else None,
                  "lr": [self.lr_at(s) for s in range(self.schedule.total_steps)],
                  "ranks_at_end": group.size, "spec": self.spec, "wire": self._wire(),
+                 "intra_op_threads": torch.get_num_threads(),  # torch's threads a rank (bench scaling)
                  "checkpoints": self.ckpt.stats() if self.ckpt else None, "provenance": self.cfg.provenance}
         images = None
         if test and self.cfg.report and len(self.dataset.feature_shape or ()) >= 2:
