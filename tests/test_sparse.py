@@ -125,10 +125,12 @@ def test_momentum_and_weight_decay_move_touched_rows_only():
     assert not torch.equal(p.data[[3]], moved[[3]])
 
 
-def test_adam_on_rows_touched_every_step_is_torch_adam():
+@pytest.mark.parametrize("fused", [False, True], ids=["one-tensor", "fused"])
+def test_adam_on_rows_touched_every_step_is_torch_adam(fused):
+    """Bit for bit the dense optimizer's update, by its own kernel (mpirt train's is fused)."""
     p, q = _table(), _table()
-    opt = torch.optim.Adam([p], lr=0.01, weight_decay=0.01)
-    dense = torch.optim.Adam([q], lr=0.01, weight_decay=0.01)
+    opt = torch.optim.Adam([p], lr=0.01, weight_decay=0.01, fused=fused)
+    dense = torch.optim.Adam([q], lr=0.01, weight_decay=0.01, fused=fused)
     rng = np.random.default_rng(1)
     for _ in range(5):
         rows = rng.standard_normal((6, 3)).astype(np.float32)
@@ -138,7 +140,7 @@ def test_adam_on_rows_touched_every_step_is_torch_adam():
     assert torch.equal(p.data, q.data)
     assert float(opt.state[p]["step"]) == 5.0
     # And the state travels as torch's: a fresh optimizer loads it.
-    again = torch.optim.Adam([_table()], lr=0.01)
+    again = torch.optim.Adam([_table()], lr=0.01, fused=fused)
     again.load_state_dict(opt.state_dict())
 
 
