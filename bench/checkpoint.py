@@ -14,8 +14,9 @@
 2. ``mpirt train`` of a 20M-parameter MLP (784 features, ``--hidden 4096``, SGD with momentum: a
    160 MB checkpoint) on one rank for ``--train-steps`` steps: without checkpoints, with
    ``--checkpoint-every 5 --checkpoint-sync``, with ``--checkpoint-every 5`` (background), and the
-   same into a directory in /dev/shm (tmpfs: the save without the disk), interleaved in each repeat. Time: from the job's first view to its ``finish`` event (the
-   training loop, the last save and the test evaluation; not Python's and MPI's start-up).
+   same into a directory in /dev/shm (tmpfs: the save without the disk), interleaved in each repeat.
+   Time: from the job's first view to its ``finish`` event (the training loop, the last save and the
+   test evaluation; not Python's and MPI's start-up).
 """
 
 import argparse

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 def bag_mean(module, ids, offsets):
     """``module(ids, offsets)`` for an ``nn.EmbeddingBag``; with summed sparse rows where it applies."""
     w = module.weight
-    if (not module.sparse or module.mode != "mean" or module.padding_idx is not None or module.max_norm is not None
-            or module.include_last_offset or w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad)):
+    plain = (module.mode != "mean" or module.padding_idx is not None or module.max_norm is not None
+             or module.include_last_offset)
+    if plain or not module.sparse or w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad):
         return module(ids, offsets)
     return _BagMean.apply(w, ids, offsets)
 
