@@ -101,6 +101,7 @@ class Trainer:
         self.epochs = []  # the epochs reported so far
         self.eval_sources = {}
         self.curve = []  # mpirt lr-find: (step, lr, mean loss) of every committed step, on every member
+        self.ended_together = False  # run() ended in an Agree that every member reached
         # --early-stop / --keep-best: the best epoch by --monitor so far, and epochs since; kept by
         # every member (the val figures are the same on all), carried to joiners and checkpoints.
         self.early = {"best": None, "best_epoch": None, "best_step": None, "since": 0, "stopped": None,
@@ -249,7 +250,9 @@ class Trainer:
             except ProcessFailure as exc:
                 log.info("%s at step %d failed (%s): recovering", phase, self.step, exc)
                 self._recover()
-        return self._finish()
+        summary = self._finish()
+        self.ended_together = self._all_here()
+        return summary
 
     def _phase(self):
         """What every member does next: "step", "val" or "test" (an evaluation), or None (done)."""
@@ -391,15 +394,27 @@ class Trainer:
                                            f"{self.schedule.total_steps}: {where}"))
 
     def _end_together(self, exc):
-        """``exc``, once every member is here: the others wait while the coordinator finishes its
-        save (any length: MPI_Finalize would wait FINALIZE_GRACE seconds at most, and a member killed
-        there has the launcher kill the coordinator mid-save). A wait that fails (the coordinator died
-        saving; its last finished checkpoint stands) ends this member at once, without Finalize."""
+        """``exc``, once every member is here (:meth:`_all_here`); if one failed on the way, ``exc``
+        ends this member at once, without Finalize."""
+        if not self._all_here():
+            exc.ends_together = False
+        return exc
+
+    def _all_here(self):
+        """Wait until every member is here; False if one failed on the way (the coordinator died
+        writing: its last finished checkpoint stands).
+
+        At the end of a job (done, or a stop) the others wait so while the coordinator writes its
+        last checkpoint and the report, of any length. In MPI_Finalize they would wait FINALIZE_GRACE
+        seconds at most: a member killed there has the launcher kill the coordinator mid-save, and
+        its failure, seen by the coordinator's progress thread while it wrote the report, crashed
+        Open MPI's failure handler (``ompi_errhandler_proc_failed_internal``; the Slurm scaling test,
+        2026-12-02, two jobs sharing 2 cores)."""
         try:
             self.group.ec.agree()
         except ProcessFailure:
-            exc.ends_together = False
-        return exc
+            return False
+        return True
 
     def _report_step(self, step, totals):
         epoch, a, b = self.schedule.locate(step)
@@ -577,7 +592,7 @@ def run_training(cfg, dataset, group):
     failed = True
     try:
         summary = trainer.run()
-        failed = False
+        failed = not trainer.ended_together  # a member failed at the very end: no Finalize
     except MpirtError as exc:
         # A stop every member decided at the same step (a request, a NaN) ends together and cleanly:
         # MPI_Finalize as usual, which the others wait in for the coordinator (mpirt.errors).
