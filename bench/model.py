@@ -105,9 +105,9 @@ def allreduce_time(fit, p, n, cores=None):
 # -- training steps ----------------------------------------------------------------------------
 def threads_of(pt):
     """The intra-op threads of a scaling point's ranks (recorded; else what mpirt launch gives)."""
-    from bench.scaling import threads_of as launch_threads
+    from mpirt.comm.launch import threads_per_rank
 
-    return pt.get("threads") or launch_threads(pt["ranks"], pt.get("cores") or os.cpu_count())
+    return pt.get("threads") or threads_per_rank(pt["ranks"], pt.get("cores") or os.cpu_count())
 
 
 def fit_compute(points):

@@ -28,6 +28,7 @@ import sys
 import tempfile
 
 from bench.common import OUT_DIR, mpi_env, table, write_results
+from mpirt.comm.launch import threads_per_rank
 
 MODELS = {
     # model -> (prepare args, train args, strong global batch, weak per-rank batch, epochs x --epochs)
@@ -52,13 +53,6 @@ def prepare(tmp, model):
     return out
 
 
-def threads_of(n, cores):
-    """The intra-op threads a rank had, for points recorded before report.json said
-    (``intra_op_threads``): ``mpirt launch``'s share of the cores. Ranks that oversubscribe the cores
-    are not bound, and torch still starts one thread under mpirun (measured: 4 ranks on 2 cores)."""
-    return max(cores // n, 1)
-
-
 def measure(data, model, n, global_batch, epochs, threads=None):
     """samples/s of each epoch of one real training job on ``n`` ranks (``threads``: OMP_NUM_THREADS)."""
     env = _env()
@@ -77,7 +71,7 @@ def measure(data, model, n, global_batch, epochs, threads=None):
 
     n_params = sum(p.numel() for p in build(report["spec"]).parameters())
     return ([e["samples_per_s"] for e in report["epochs"]], n_params, report.get("wire", {}),
-            report.get("intra_op_threads") or threads or threads_of(n, os.cpu_count()))
+            report.get("intra_op_threads") or threads or threads_per_rank(n, os.cpu_count()))
 
 
 def run(ranks, models, epochs):
@@ -116,7 +110,7 @@ def efficiency(points):
     for (model, mode, n), (thr, p) in sorted(med.items()):
         base, base1 = med.get((model, mode, 1), (None,))[0], one.get((model, mode))
         cores = p.get("cores") or os.cpu_count()
-        threads = p.get("threads", threads_of(n, cores))
+        threads = p.get("threads", threads_per_rank(n, cores))
         row = {"model": model, "mode": mode, "ranks": n, "threads": threads,
                "global_batch": p["global_batch"], "samples_per_s": thr,
                "efficiency": thr / (n * base) if base else None,
