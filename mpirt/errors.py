@@ -14,8 +14,8 @@ class MpirtError(Exception):
 
     exit_code = 1
     # True where every member raises it after the same committed step (a decision read from the
-    # step's summed stats): the members then end together, waiting for the coordinator's save and
-    # then through MPI_Finalize, so that none exits first, and has the launcher kill the rest,
+    # step's summed stats): the members then end as a finished job does (ElasticGroup.end), waiting
+    # for the coordinator's save, so that none exits first, and has the launcher kill the rest,
     # before the coordinator's save in flight is on disk and its one line printed.
     ends_together = False
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mpirt.cluster.commit import PROTOCOL, Slots, StepCommitter
+from mpirt.cluster.group import run_job
 from mpirt.comm.fake import FakeWorld, group_of
 from mpirt.comm.faults import FaultPlan
 from mpirt.errors import ProcessFailure, QuorumLost
@@ -166,10 +167,7 @@ def _farm_member(ec, parts, specs, out):
 
     group = group_of(ec, faults=FaultPlan(specs, environ={}), events_path=str(parts / "events.jsonl"))
     farm = Farm(_Squares(), parts_dir=str(parts), group=group)
-    try:
-        summary = farm.run()
-    finally:
-        farm.close(False)
+    summary = run_job(group, farm.run, farm.parts.release)
     if summary is not None:
         out["summary"], out["view"] = summary, group.view
 

@@ -33,7 +33,7 @@ import os
 import time
 
 from mpirt.cluster.farmworker import TAG_REPLY, TAG_REQ, FarmWorker, Units
-from mpirt.cluster.group import ElasticGroup, Leaving, Preempt
+from mpirt.cluster.group import ElasticGroup, Leaving, Preempt, run_job
 from mpirt.cluster.ledger import BATCH_S, CommitStore, ShardLedger, batch_size
 from mpirt.cluster.parts import PartsDir, check_not_link
 from mpirt.comm import faults as faultlib
@@ -314,11 +314,6 @@ class Farm:
             for src in parked:
                 self.ec.comm.send(("stop", why) if why else ("stop",), dest=src, tag=TAG_REPLY)
 
-    def close(self, failed=False):
-        self.parts.release()
-        self.group.close(failed)
-
-
 def _by_member(leased):
     """{member: [shards]} of a ledger's leases (what the workers hold when the coordinator fails)."""
     held = {}
@@ -336,8 +331,8 @@ def run_shard_job(job, **options):
     Returns the reduce summary on the process that finished as coordinator, None elsewhere.
     """
     farm = Farm(job, **options)
-    failed = True
-    try:
+
+    def work():
         summary = farm.run()
         if summary is not None and farm.remove_parts:
             # Under the lock still: released first, a new job could claim the directory as we empty it.
@@ -345,14 +340,6 @@ def run_shard_job(job, **options):
                 farm.parts.remove()
             except OSError as exc:  # the output is written: a leftover directory is not a failure
                 log.warning("could not remove %s: %s", farm.parts.dir, exc)
-        failed = False
-    except (JobError, Preempted) as exc:
-        failed = not isinstance(exc, Preempted)  # a requested stop ends cleanly everywhere
-        if farm.ec is not None and farm.ec.rank == 0 and getattr(exc, "reports_status", True):
-            status.finished(exc.exit_code)
-        raise
-    finally:
-        farm.close(failed)
-    if summary is not None:
-        status.finished(0)
-    return summary
+        return summary
+
+    return run_job(farm.group, work, farm.parts.release)

@@ -16,7 +16,7 @@ from mpirt.cluster.membership import EventsLog, View, has_quorum, hosts_lost
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
 from mpirt.comm.elastic import ElasticComm, kill_local, require_min
-from mpirt.errors import ProcessFailure, QuorumLost
+from mpirt.errors import MpirtError, ProcessFailure, QuorumLost
 from mpirt.log import get_logger, set_identity
 
 log = get_logger("mpirt.group")
@@ -264,6 +264,24 @@ class ElasticGroup:
         # Not MPI_Finalize: the others treat the exit as a departure and shrink past it.
         os._exit(0)
 
+    def end(self, failed=False):
+        """The end of a job, on every member: wait until every member is here, then :meth:`close`.
+
+        The others wait here while the coordinator writes its last checkpoint, its report or the
+        output, of any length. In MPI_Finalize they would wait FINALIZE_GRACE seconds at most: a
+        member killed there has the launcher kill the coordinator mid-save, and its failure, seen by
+        the coordinator's progress thread while it wrote the report, crashed Open MPI's failure
+        handler (``ompi_errhandler_proc_failed_internal``; the Slurm scaling test, 2026-12-02, two
+        jobs sharing 2 cores). A member that failed on the way (the coordinator died writing: what it
+        finished stands) makes this a failed end: no Finalize.
+        """
+        if not failed and self.ec is not None and self.ec.size > 1:
+            try:
+                failed = not self.ec.agree()
+            except ProcessFailure:
+                failed = True
+        self.close(failed)
+
     def close(self, failed=False):
         """Leave MPI alone from now on; ``failed``: the job is stopping on an error (no Finalize)."""
         if failed:
@@ -281,3 +299,31 @@ class ElasticGroup:
         if self.ec is not None:
             self.ec.close()
 
+
+def run_job(group, work, release=None):
+    """Run a job to its end on the started ``group``: ``work()``, then ``release()`` (the job's own
+    files and threads), then :meth:`ElasticGroup.end`, whatever happened. The job's status (for
+    ``mpirt launch``) comes from the coordinator: 0 with a summary, else the error's exit code.
+
+    Returns ``work()``'s summary (the final coordinator's; None elsewhere). A stop every member
+    decided at the same point (``ends_together``: a request, a NaN) ends like a finished job;
+    any other error ends this member without Finalize.
+    """
+    failed, summary = True, None
+    try:
+        summary = work()
+        failed = False
+    except MpirtError as exc:
+        failed = not exc.ends_together
+        if group.ec is not None and group.is_coordinator and getattr(exc, "reports_status", True):
+            status.finished(exc.exit_code)
+        raise
+    finally:
+        try:
+            if release is not None:
+                release()
+        finally:
+            group.end(failed)
+    if summary is not None:
+        status.finished(0)
+    return summary

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mpirt.cluster.commit import Slots, StepCommitter
-from mpirt.cluster.group import Leaving
+from mpirt.cluster.group import Leaving, run_job
 from mpirt.errors import JobError, ProcessFailure, UsageError
 from mpirt.log import get_logger
 from mpirt.recsys import placement as plc
@@ -436,25 +436,11 @@ class RecTrainer:
 
 def run_recsys(cfg, dataset, group):
     """Run on a started group; the summary on the final coordinator, else None (as run_training)."""
-    from mpirt.comm import status
-    from mpirt.errors import MpirtError
-
     trainer = RecTrainer(cfg, dataset, group)
     t0 = time.perf_counter()
-    failed = True
-    try:
-        out = trainer.run()
-        failed = False
-    except MpirtError as exc:
-        if group.ec is not None and group.is_coordinator and getattr(exc, "reports_status", True):
-            status.finished(exc.exit_code)
-        raise
-    finally:
-        trainer.reducer.close()
-        group.close(failed)
+    out = run_job(group, trainer.run, trainer.reducer.close)
     if out is not None:
         out["seconds"] = time.perf_counter() - t0
-        status.finished(0)
     return out
 
 

@@ -29,7 +29,7 @@ import torch
 
 from mpirt.checkpoint import BEST
 from mpirt.cluster.commit import Slots, StepCommitter
-from mpirt.cluster.group import ElasticGroup
+from mpirt.cluster.group import ElasticGroup, run_job
 from mpirt.comm import faults as faultlib
 from mpirt.comm import lifeline, status
 from mpirt.errors import JobError, MpirtError, NotFinite, Preempted, ProcessFailure, UsageError
@@ -101,7 +101,6 @@ class Trainer:
         self.epochs = []  # the epochs reported so far
         self.eval_sources = {}
         self.curve = []  # mpirt lr-find: (step, lr, mean loss) of every committed step, on every member
-        self.ended_together = False  # run() ended in an Agree that every member reached
         # --early-stop / --keep-best: the best epoch by --monitor so far, and epochs since; kept by
         # every member (the val figures are the same on all), carried to joiners and checkpoints.
         self.early = {"best": None, "best_epoch": None, "best_step": None, "since": 0, "stopped": None,
@@ -250,9 +249,7 @@ class Trainer:
             except ProcessFailure as exc:
                 log.info("%s at step %d failed (%s): recovering", phase, self.step, exc)
                 self._recover()
-        summary = self._finish()
-        self.ended_together = self._all_here()
-        return summary
+        return self._finish()
 
     def _phase(self):
         """What every member does next: "step", "val" or "test" (an evaluation), or None (done)."""
@@ -366,20 +363,20 @@ class Trainer:
         """Every member saw the same sums: all stop before applying step ``step``, and the last
         checkpoint written stays the newest (a NaN model is never saved)."""
         if not self.group.is_coordinator:
-            raise self._end_together(NotFinite(""))  # the same stop everywhere; the coordinator says it once
+            raise NotFinite("")  # the same stop everywhere; the coordinator says it once
         what = "the loss" if not np.isfinite(totals[LOSS]) else "a gradient"
         if self.ckpt:
             self.ckpt.wait()  # the save in flight is the last good one
         mine = self.ckpt.paths() if self.ckpt else []
         keep = f"the last good checkpoint is {mine[-1]}" if mine else "nothing was saved"
-        raise self._end_together(NotFinite(f"step {step}: {what} is not finite (NaN or inf), so training stopped "
-                                           f"before applying it; {keep} (try a smaller --lr)"))
+        raise NotFinite(f"step {step}: {what} is not finite (NaN or inf), so training stopped before applying "
+                        f"it; {keep} (try a smaller --lr)")
 
     def _stop_preempted(self, why):
         """Every member saw the request in the same step's stats: save, then all stop (exit 75)."""
         group = self.group
         if not group.is_coordinator:
-            raise self._end_together(Preempted(""))
+            raise Preempted("")
         path = None
         if self.ckpt:  # unless _report_step just saved this very step
             path = self.saved[1] if self.saved and self.saved[0] == self.step else self.save_checkpoint()
@@ -390,31 +387,7 @@ class Trainer:
             self.reporter.event(f"stopped {why} after step {self.step}")
         where = f"checkpoint {path} written; run again with --resume to go on" if path else (
             "no --checkpoint-dir, so nothing was saved")
-        raise self._end_together(Preempted(f"stopped {why} after step {self.step} of "
-                                           f"{self.schedule.total_steps}: {where}"))
-
-    def _end_together(self, exc):
-        """``exc``, once every member is here (:meth:`_all_here`); if one failed on the way, ``exc``
-        ends this member at once, without Finalize."""
-        if not self._all_here():
-            exc.ends_together = False
-        return exc
-
-    def _all_here(self):
-        """Wait until every member is here; False if one failed on the way (the coordinator died
-        writing: its last finished checkpoint stands).
-
-        At the end of a job (done, or a stop) the others wait so while the coordinator writes its
-        last checkpoint and the report, of any length. In MPI_Finalize they would wait FINALIZE_GRACE
-        seconds at most: a member killed there has the launcher kill the coordinator mid-save, and
-        its failure, seen by the coordinator's progress thread while it wrote the report, crashed
-        Open MPI's failure handler (``ompi_errhandler_proc_failed_internal``; the Slurm scaling test,
-        2026-12-02, two jobs sharing 2 cores)."""
-        try:
-            self.group.ec.agree()
-        except ProcessFailure:
-            return False
-        return True
+        raise Preempted(f"stopped {why} after step {self.step} of {self.schedule.total_steps}: {where}")
 
     def _report_step(self, step, totals):
         epoch, a, b = self.schedule.locate(step)
@@ -568,7 +541,8 @@ class Trainer:
                        sparse_exchanges={"allgather": c["allgather"], "allreduce": c["allreduce"]})
         return out
 
-    def close(self, failed=False):
+    def release(self):
+        """The job's own files and threads; the group ends after (mpirt.cluster.group.run_job)."""
         if self.reporter:
             self.reporter.close()
         if self.audit:
@@ -576,7 +550,6 @@ class Trainer:
         if self.ckpt:
             self.ckpt.close()
         self.reducer.close() if hasattr(self, "reducer") else None
-        self.group.close(failed)
 
 
 def start_group(events=None, faults=None, min_ranks=1, spawn_argv=()):
@@ -589,19 +562,4 @@ def start_group(events=None, faults=None, min_ranks=1, spawn_argv=()):
 def run_training(cfg, dataset, group):
     """Run a training job on a started group; the summary on the final coordinator, else None."""
     trainer = Trainer(cfg, dataset, group)
-    failed = True
-    try:
-        summary = trainer.run()
-        failed = not trainer.ended_together  # a member failed at the very end: no Finalize
-    except MpirtError as exc:
-        # A stop every member decided at the same step (a request, a NaN) ends together and cleanly:
-        # MPI_Finalize as usual, which the others wait in for the coordinator (mpirt.errors).
-        failed = not exc.ends_together
-        if trainer.group.ec is not None and trainer.group.is_coordinator and getattr(exc, "reports_status", True):
-            status.finished(exc.exit_code)
-        raise
-    finally:
-        trainer.close(failed)
-    if summary is not None:
-        status.finished(0)
-    return summary
+    return run_job(group, trainer.run, trainer.release)
