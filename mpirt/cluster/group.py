@@ -78,6 +78,7 @@ class ElasticGroup:
         # replace a directory lock one of them still holds (mpirt.dirlock), never anyone else's.
         self.gone = set()
         self._said_no_growth = False
+        self.closed = False
         self.strike = faultlib.strike  # how a due fault strikes (a fake world strikes in its threads)
 
     @property
@@ -283,7 +284,11 @@ class ElasticGroup:
         self.close(failed)
 
     def close(self, failed=False):
-        """Leave MPI alone from now on; ``failed``: the job is stopping on an error (no Finalize)."""
+        """Leave MPI alone from now on; ``failed``: the job is stopping on an error (no Finalize).
+        Only the first call counts: a job that ended (:meth:`end`) stays ended as it was."""
+        if self.closed:
+            return
+        self.closed = True
         if failed:
             from mpirt.comm import mpi
 
