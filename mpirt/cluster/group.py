@@ -269,12 +269,12 @@ class ElasticGroup:
         """The end of a job, on every member: wait until every member is here, then :meth:`close`.
 
         The others wait here while the coordinator writes its last checkpoint, its report or the
-        output, of any length. In MPI_Finalize they would wait FINALIZE_GRACE seconds at most: a
-        member killed there has the launcher kill the coordinator mid-save, and its failure, seen by
-        the coordinator's progress thread while it wrote the report, crashed Open MPI's failure
-        handler (``ompi_errhandler_proc_failed_internal``; the Slurm scaling test, 2026-12-02, two
-        jobs sharing 2 cores). A member that failed on the way (the coordinator died writing: what it
-        finished stands) makes this a failed end: no Finalize.
+        output, of any length, instead of in MPI_Finalize, which ends a process after FINALIZE_GRACE
+        seconds (mpirt.comm.mpi). Members that had gone on to Finalize and exit while the coordinator
+        wrote its report were seen crashing the coordinator's progress thread in Open MPI's failure
+        handler (``ompi_errhandler_proc_failed_internal``; the Slurm scaling test, 3 runs in 15 with
+        two jobs sharing 2 cores, 2026-12-02). A member that failed on the way (the coordinator died
+        writing: what it finished stands) makes this a failed end: no Finalize.
         """
         if not failed and self.ec is not None and self.ec.size > 1:
             try:
